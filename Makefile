@@ -1,0 +1,30 @@
+# The README's commands. Everything installs itself into .venv on first use (idempotent).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ddpmctl-installed
+# A CPU build of torch (this pin lies on the project's machines' disk; an unpinned torch pulls a CUDA build).
+TORCH_PIN ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: install test demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests
+
+demo: install
+	OMP_NUM_THREADS=2 bash examples/demo.sh $(VENV)/bin/ddpmctl $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

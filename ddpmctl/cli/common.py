@@ -1,0 +1,73 @@
+"""What every command shares: the one-line error contract, consoles, ``--device`` and ``--json`` output."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+
+from ddpmctl.errors import DdpmctlError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+console = Console(stderr=True)  # progress, tables meant for people
+out_console = Console()  # stdout: tables and results
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one error line on stderr and return the Exit to raise."""
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def usage_error(message: str) -> typer.Exit:
+    """A bad option value or combination: one line, exit 2 (like typer's own parameter errors)."""
+    return fail(message, code=2)
+
+
+def guarded(func: F) -> F:
+    """Turn a library DdpmctlError into one line + exit 1, Ctrl-C into one line + exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except DdpmctlError as err:
+            raise fail(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
+        except KeyboardInterrupt:
+            raise fail("interrupted", code=130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_device(spec: str) -> "torch.device":  # noqa: F821
+    """``auto`` (CUDA when available) | ``cpu`` | ``cuda`` | ``cuda:N``."""
+    import torch
+
+    spec = spec.strip().lower()
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise usage_error(f"--device {spec}: CUDA is not available on this machine (use --device cpu)")
+        index = int(spec[5:]) if ":" in spec else 0
+        if index >= torch.cuda.device_count():
+            raise usage_error(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return torch.device("cuda", index)
+    raise usage_error(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}")
+
+
+def print_json(payload: Any) -> None:
+    """Machine-readable output on stdout (one JSON document)."""
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto = CUDA when available).")

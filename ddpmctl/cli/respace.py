@@ -1,0 +1,10 @@
+"""`ddpmctl respace` (under construction)."""
+
+from __future__ import annotations
+
+from ddpmctl.cli.common import fail
+
+
+def respace_command() -> None:
+    """(under construction)"""
+    raise fail("not implemented yet")

@@ -1,0 +1,10 @@
+"""`ddpmctl samplers` (under construction)."""
+
+from __future__ import annotations
+
+from ddpmctl.cli.common import fail
+
+
+def samplers_command() -> None:
+    """(under construction)"""
+    raise fail("not implemented yet")

@@ -1,0 +1,268 @@
+"""Pydantic models of every configuration: the single source of defaults.
+
+Flags (cli/) -> a frozen model with ``extra="forbid"`` -> keyword arguments of one library function. A checkpoint
+stores the :class:`CheckpointConfig` that rebuilds its network and diffusion, so no flag has to be repeated.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ddpmctl.diffusion import GaussianDiffusion
+    from ddpmctl.unet import UNetModel
+
+Schedule = Literal["linear", "cosine"]
+MeanType = Literal["eps", "x0", "v"]
+VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
+LossType = Literal["mse", "rescaled_mse", "kl", "rescaled_kl"]
+LossName = Literal["hybrid", "simple", "vlb"]
+TimestepSamplerName = Literal["uniform", "loss-second-moment"]
+Precision = Literal["fp32", "bf16"]
+ColorMode = Literal["auto", "rgb", "gray"]
+StudentParam = Literal["v", "x", "both"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Frozen):
+    """Everything that rebuilds the IDDPM U-Net (``ddpmctl.unet.UNetModel``)."""
+
+    image_size: int = Field(ge=4)
+    in_channels: int = Field(3, ge=1, le=4)
+    model_channels: int = Field(128, ge=1)
+    out_channels: int = Field(6, ge=1)
+    num_res_blocks: int = Field(3, ge=1)
+    attention_resolutions: tuple[int, ...] = (16, 8)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_heads: int = Field(4, ge=1)
+    use_scale_shift_norm: bool = True
+    num_classes: int | None = Field(None, ge=1)
+    # The training chain's length T: the network scales original indices to t * 1000 / T itself.
+    num_timesteps: int = Field(4000, ge=1)
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _mult_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(m < 1 for m in v):
+            raise ValueError("channel_mult must be a non-empty list of positive integers")
+        return v
+
+    def build(self) -> UNetModel:
+        from ddpmctl.unet import UNetModel
+
+        return UNetModel(self)
+
+
+class DiffusionConfig(_Frozen):
+    """Everything that rebuilds the :class:`~ddpmctl.diffusion.GaussianDiffusion` a checkpoint samples with."""
+
+    schedule: Schedule = "cosine"
+    timesteps: int = Field(4000, ge=1, le=100_000)
+    mean_type: MeanType = "eps"
+    var_type: VarType = "learned_range"
+    loss_type: LossType = "rescaled_mse"
+    # Sorted original indices of a respaced chain (None: the full chain of ``timesteps`` steps).
+    use_timesteps: tuple[int, ...] | None = None
+
+    @field_validator("use_timesteps")
+    @classmethod
+    def _sorted_unique(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is None:
+            return v
+        if not v or list(v) != sorted(set(v)) or v[0] < 0:
+            raise ValueError("use_timesteps must be a non-empty, strictly increasing list of indices >= 0")
+        return v
+
+    @model_validator(mode="after")
+    def _in_range(self) -> DiffusionConfig:
+        if self.use_timesteps is not None and self.use_timesteps[-1] >= self.timesteps:
+            raise ValueError(f"use_timesteps reaches {self.use_timesteps[-1]} but timesteps is {self.timesteps}")
+        return self
+
+    @property
+    def learned_sigma(self) -> bool:
+        return self.var_type in ("learned", "learned_range")
+
+    def build(self) -> GaussianDiffusion:
+        """The full-chain diffusion, respaced onto ``use_timesteps`` when that is set."""
+        from ddpmctl.diffusion import GaussianDiffusion
+        from ddpmctl.respace import respace
+        from ddpmctl.schedules import beta_schedule
+
+        base = GaussianDiffusion(
+            beta_schedule(self.schedule, self.timesteps),
+            mean_type=self.mean_type,
+            var_type=self.var_type,
+            loss_type=self.loss_type,
+        )
+        if self.use_timesteps is None:
+            return base
+        return respace(base, set(self.use_timesteps))
+
+
+class DataInfo(_Frozen):
+    """What a model was trained on (kept in checkpoints so eval-nll can find the held-out split)."""
+
+    source: str
+    image_size: int
+    channels: int
+    num_images: int = 0
+    class_names: tuple[str, ...] | None = None
+
+
+class StudentConfig(_Frozen):
+    """A progressively distilled student: its step grid (original indices, ascending) and output head."""
+
+    param: StudentParam = "v"
+    steps: tuple[int, ...]
+    teacher_steps: int
+
+
+class CheckpointConfig(_Frozen):
+    """The ``config`` metadata of a checkpoint: rebuilds network + diffusion exactly."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    data: DataInfo | None = None
+    student: StudentConfig | None = None
+
+
+LOSS_TYPES: dict[str, LossType] = {"hybrid": "rescaled_mse", "simple": "mse", "vlb": "rescaled_kl"}
+
+
+def default_model_shape(image_size: int) -> dict[str, object]:
+    """Model defaults that scale with the image size, as improved-diffusion's ``create_model`` does."""
+    if image_size >= 256:
+        mult: tuple[int, ...] = (1, 1, 2, 2, 4, 4)
+    elif image_size >= 128:
+        mult = (1, 1, 2, 3, 4)
+    elif image_size >= 64:
+        mult = (1, 2, 3, 4)
+    elif image_size >= 32:
+        mult = (1, 2, 2, 2)
+    elif image_size >= 16:
+        mult = (1, 2, 2)
+    else:
+        mult = (1, 2)
+    if image_size >= 32:
+        channels, blocks = 128, 3
+        attention = tuple(r for r in (32, 16, 8) if r < image_size)
+    else:
+        # Tiny images (e.g. builtin:digits at 8x8): a small, fast network with attention at the bottom.
+        channels, blocks = 64, 2
+        attention = (image_size // 2,)
+    return {"channel_mult": mult, "model_channels": channels, "num_res_blocks": blocks,
+            "attention_resolutions": attention}
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+
+
+def parse_duration(text: str) -> float:
+    """'90' / '90s' / '10m' / '1.5h' / '2d' -> seconds."""
+    match = _DURATION.match(text)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a duration (e.g. 90s, 10m, 2h)")
+    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2) or "s"]
+    seconds = float(match.group(1)) * scale
+    if seconds <= 0:
+        raise ValueError(f"duration {text!r} must be positive")
+    return seconds
+
+
+class TrainConfig(_Frozen):
+    """A training run, as resolved from ``--config FILE.toml`` and flags (flags win). Saved in the run folder."""
+
+    data: str
+    out: str | None = None
+    image_size: int | None = Field(None, ge=4, le=1024)
+    color: ColorMode = "auto"
+    class_cond: bool = False
+    flip: bool = True
+    skip_bad_images: bool = False
+
+    schedule: Schedule = "cosine"
+    timesteps: int = Field(4000, ge=2, le=100_000)
+    mean_type: MeanType = "eps"
+    var_type: VarType = "learned_range"
+    loss: LossName = "hybrid"
+    timestep_sampler: TimestepSamplerName = "uniform"
+
+    model_channels: int | None = Field(None, ge=8, le=4096)
+    channel_mult: tuple[int, ...] | None = None
+    res_blocks: int | None = Field(None, ge=1, le=16)
+    attention_resolutions: tuple[int, ...] | None = None
+    heads: int = Field(4, ge=1, le=64)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(1e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    ema: float = Field(0.9999, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    max_time: float | None = Field(None, gt=0.0, description="seconds")
+    save_every: int = Field(1000, ge=1)
+    keep: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    precision: Precision = "fp32"
+    seed: int = Field(0, ge=0)
+    nan_policy: Literal["stop", "skip"] = "stop"
+
+    @field_validator("channel_mult", "attention_resolutions")
+    @classmethod
+    def _positive_ints(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and any(x < 1 for x in v):
+            raise ValueError("must be positive integers")
+        return v
+
+    @field_validator("max_time", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> object:
+        return parse_duration(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> TrainConfig:
+        learned = self.var_type in ("learned", "learned_range")
+        if self.loss == "hybrid" and not learned:
+            raise ValueError("--loss hybrid trains a learned variance: use --var-type learned-range "
+                             "(or learned), or --loss simple for a fixed variance")
+        if self.loss == "vlb" and not learned:
+            raise ValueError("--loss vlb needs a learned variance (--var-type learned-range or learned)")
+        if self.max_steps is None and self.max_time is None:
+            raise ValueError("give --max-steps or --max-time (or both) so training knows when to stop")
+        return self
+
+    @property
+    def loss_type(self) -> LossType:
+        return LOSS_TYPES[self.loss]
+
+    def make_diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(schedule=self.schedule, timesteps=self.timesteps, mean_type=self.mean_type,
+                               var_type=self.var_type, loss_type=self.loss_type)
+
+    def make_model_config(self, *, image_size: int, channels: int, num_classes: int | None) -> ModelConfig:
+        """The U-Net for this run: explicit options first, then the size-scaled defaults."""
+        shape = default_model_shape(image_size)
+        learned = self.var_type in ("learned", "learned_range")
+        return ModelConfig(
+            image_size=image_size,
+            in_channels=channels,
+            model_channels=self.model_channels or shape["model_channels"],
+            out_channels=channels * (2 if learned else 1),
+            num_res_blocks=self.res_blocks or shape["num_res_blocks"],
+            attention_resolutions=(self.attention_resolutions if self.attention_resolutions is not None
+                                   else shape["attention_resolutions"]),
+            dropout=self.dropout,
+            channel_mult=self.channel_mult or shape["channel_mult"],
+            num_heads=self.heads,
+            num_classes=num_classes if self.class_cond else None,
+            num_timesteps=self.timesteps,
+        )
