@@ -82,6 +82,7 @@ class DiffusionConfig(_Frozen):
 
     @model_validator(mode="after")
     def _in_range(self) -> DiffusionConfig:
+        _check_linear_length(self.schedule, self.timesteps)
         if self.use_timesteps is not None and self.use_timesteps[-1] >= self.timesteps:
             raise ValueError(f"use_timesteps reaches {self.use_timesteps[-1]} but timesteps is {self.timesteps}")
         return self
@@ -105,6 +106,13 @@ class DiffusionConfig(_Frozen):
         if self.use_timesteps is None:
             return base
         return respace(base, set(self.use_timesteps))
+
+
+def _check_linear_length(schedule: str, timesteps: int) -> None:
+    # The linear schedule ends at beta = 0.02 * 1000 / T, which reaches 1 (abar = 0) for T <= 20.
+    if schedule == "linear" and timesteps <= 20:
+        raise ValueError(f"the linear schedule needs at least 21 timesteps (got {timesteps}): "
+                         "its last beta 0.02 * 1000 / T must stay below 1")
 
 
 class DataInfo(_Frozen):
@@ -230,6 +238,7 @@ class TrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
+        _check_linear_length(self.schedule, self.timesteps)
         learned = self.var_type in ("learned", "learned_range")
         if self.loss == "hybrid" and not learned:
             raise ValueError("--loss hybrid trains a learned variance: use --var-type learned-range "
