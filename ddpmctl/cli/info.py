@@ -1,10 +1,105 @@
-"""`ddpmctl info` (under construction)."""
+"""`ddpmctl info CKPT`: what a checkpoint holds (kind, config, lineage, sizes), as a table or JSON."""
 
 from __future__ import annotations
 
-from ddpmctl.cli.common import fail
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from ddpmctl.checkpoint import CheckpointInfo, file_sha256, read_checkpoint_info
+from ddpmctl.cli.common import guarded, out_console, print_json
 
 
-def info_command() -> None:
-    """(under construction)"""
-    raise fail("not implemented yet")
+def _steps_summary(steps: tuple[int, ...]) -> str:
+    """'50 steps (0..3999)' for a timestep subsequence of original indices."""
+    return f"{len(steps)} steps ({steps[0]}..{steps[-1]})"
+
+
+def _lineage_entry(entry: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+                     for key, value in entry.items()) or "(empty)"
+
+
+def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
+    """Everything ``info`` shows, as one JSON-ready object (``--json``)."""
+    config = info.config
+    return {
+        "path": str(info.path),
+        "sha256": sha256,
+        "file_size": info.file_size,
+        "format": info.format,
+        "kind": info.kind,
+        "created_with": info.created_with,
+        "num_parameters": info.num_parameters,
+        "num_tensors": info.num_tensors,
+        "config": config.model_dump(mode="json"),
+        "lineage": info.lineage,
+        "tensors": {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in info.tensors},
+    }
+
+
+def info_table(info: CheckpointInfo, sha256: str) -> Table:
+    """The rich table ``info`` prints: one row per fact, one row per lineage entry."""
+    model, diffusion, data, student = (info.config.model, info.config.diffusion, info.config.data,
+                                       info.config.student)
+    table = Table(title=Text(str(info.path)), show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    rows: list[tuple[str, str]] = [
+        ("kind", info.kind),
+        ("format", info.format),
+        ("created with", f"ddpmctl {info.created_with}"),
+        ("sha256", sha256),
+        ("parameters", f"{info.num_parameters:,}"),
+        ("tensors", str(info.num_tensors)),
+        ("image size", f"{model.image_size}x{model.image_size}"),
+        ("channels", f"{model.in_channels} in, {model.out_channels} out"),
+        ("network", f"{model.model_channels} ch, mult {','.join(map(str, model.channel_mult))}, "
+                    f"{model.num_res_blocks} res blocks, attention at "
+                    f"{','.join(map(str, model.attention_resolutions)) or 'none'}, {model.num_heads} heads, "
+                    f"dropout {model.dropout}"),
+        ("schedule", diffusion.schedule),
+        ("T", str(diffusion.timesteps)),
+        ("mean type", diffusion.mean_type),
+        ("var type", diffusion.var_type),
+        ("loss type", diffusion.loss_type),
+    ]
+    if diffusion.use_timesteps is not None:
+        rows.append(("respaced steps", _steps_summary(diffusion.use_timesteps)))
+    if student is not None:
+        rows.append(("student grid", f"{_steps_summary(student.steps)}, param {student.param}, "
+                                     f"teacher {student.teacher_steps} steps"))
+    if model.num_classes is None:
+        rows.append(("classes", "unconditional"))
+    else:
+        names = data.class_names if data is not None and data.class_names else None
+        rows.append(("classes", f"{model.num_classes}" + (f" ({', '.join(names)})" if names else "")))
+    if data is not None:
+        rows.append(("data", f"{data.source} ({data.num_images} images, {data.image_size}px, "
+                             f"{data.channels} channel(s))"))
+    for index, entry in enumerate(info.lineage, start=1):
+        rows.append((f"lineage {index}", _lineage_entry(entry)))
+    if not info.lineage:
+        rows.append(("lineage", "(none)"))
+    for name, value in rows:
+        # Untrusted strings (path, data source, lineage) as plain Text: never parsed as rich markup.
+        table.add_row(Text(name), Text(value))
+    return table
+
+
+@guarded
+def info_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts."""
+    info = read_checkpoint_info(checkpoint)
+    sha256 = file_sha256(checkpoint)
+    if json_output:
+        print_json(info_payload(info, sha256))
+        return
+    out_console.print(info_table(info, sha256))
