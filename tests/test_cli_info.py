@@ -15,8 +15,8 @@ from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig, StudentConfig
 
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=10, num_classes=3)
-DIFFUSION = DiffusionConfig(schedule="linear", timesteps=10, use_timesteps=(0, 3, 6, 9))
+                    attention_resolutions=(4,), out_channels=2, num_timesteps=40, num_classes=3)
+DIFFUSION = DiffusionConfig(schedule="linear", timesteps=40, use_timesteps=(0, 13, 26, 39))
 # A data source with rich markup in it must be printed literally, never interpreted.
 CONFIG = CheckpointConfig(model=MODEL, diffusion=DIFFUSION,
                           data=DataInfo(source="data/[bold]cats[/nope]", image_size=8, channels=1, num_images=42,
@@ -44,8 +44,8 @@ def test_table(respaced: Path, state: dict[str, torch.Tensor]) -> None:
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())  # the table may wrap long cells
     for expected in ("respaced", "ddpmctl/1", "ddpmctl 0.1.0", f"{sum(v.numel() for v in state.values()):,}",
-                     f"tensors │ {len(state)}", "8x8", "1 in, 2 out", "linear", "T │ 10", "eps", "learned_range",
-                     "4 steps (0..9)", "3 (cat, dog, owl)", "data/[bold]cats[/nope]", "42 images",
+                     f"tensors │ {len(state)}", "8x8", "1 in, 2 out", "linear", "T │ 40", "eps", "learned_range",
+                     "4 steps (0..39)", "3 (cat, dog, owl)", "data/[bold]cats[/nope]", "42 images",
                      "lineage 1 │ op=train, step=300", "lineage 2 │ op=respace"):
         assert expected in out, (expected, result.stdout)
 
