@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: install
 	OMP_NUM_THREADS=2 bash examples/demo.sh $(VENV)/bin/ddpmctl $(DEMO_DIR)

@@ -1,10 +1,195 @@
-"""`ddpmctl eval-nll` (under construction)."""
+"""`ddpmctl eval-nll CKPT`: bits/dim through the variational bound (IDDPM Table 1-2), exact or Monte-Carlo."""
 
 from __future__ import annotations
 
-from ddpmctl.cli.common import fail
+import math
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from ddpmctl.cli.common import DeviceOption, console, guarded, out_console, print_json, resolve_device, usage_error
+
+DEFAULT_MC_TERMS = 64
 
 
-def eval_nll_command() -> None:
-    """(under construction)"""
-    raise fail("not implemented yet")
+def _finite(value: float) -> float | None:
+    """JSON has no NaN: a standard error that does not exist (one image, one draw) is null."""
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    # The prior is often ~1e-6 bits/dim: show that it is tiny rather than a bare 0.0000.
+    return f"{value:.1e}" if 0 < abs(value) < 5e-5 else f"{value:.4f}"
+
+
+def _span(span: tuple[int, int] | None) -> str:
+    if span is None:
+        return ""
+    return str(span[0]) if span[0] == span[1] else f"{span[0]}..{span[1]}"
+
+
+def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, seed: int) -> dict[str, Any]:
+    """Every number the table shows, as one JSON-ready object (``--json``)."""
+    return {
+        "checkpoint": checkpoint,
+        "data": data,
+        "split": split,
+        "estimator": result.estimator,
+        "num_images": result.num_images,
+        "num_terms": result.num_terms,
+        "terms_per_image": result.terms_per_image,
+        "mc_terms": result.mc_terms,
+        "pilot_images": result.pilot_images,
+        "seed": seed,
+        "bits_per_dim": result.mean,
+        "stderr": _finite(result.stderr),
+        "breakdown": [
+            {"term": name, "t_range": list(span) if span is not None else None, "bits_per_dim": mean,
+             "stderr": _finite(stderr)}
+            for name, span, mean, stderr in result.breakdown()
+        ],
+    }
+
+
+def result_line(result: Any) -> str:
+    """'bits/dim: 1.2345 ± 0.0123 (N images, T terms)'."""
+    how = f"{result.num_terms} terms"
+    if result.estimator == "mc":
+        how += f"; mc, {result.mc_terms} sampled per image"
+    return f"bits/dim: {_fmt(result.mean)} ± {_fmt(result.stderr)} ({result.num_images} images, {how})"
+
+
+def breakdown_table(result: Any) -> Table:
+    """Prior, L_0, KL by quartile of t and the total: mean bits/dim over images, its standard error and share."""
+    table = Table(title="variational bound, bits/dim", title_justify="left")
+    table.add_column("term", style="bold")
+    table.add_column("t", justify="right")
+    table.add_column("bits/dim", justify="right")
+    table.add_column("± s.e.", justify="right")
+    table.add_column("share", justify="right")
+    total = result.mean
+    rows = result.breakdown()
+    for index, (name, span, mean, stderr) in enumerate(rows):
+        share = f"{100 * mean / total:.1f}%" if total else ""
+        # A rule above the total row.
+        table.add_row(name, _span(span), _fmt(mean), _fmt(stderr), share, end_section=index == len(rows) - 2)
+    return table
+
+
+def _resolve_data(config: Any, data: str | None, split: str | None) -> tuple[str, str | None]:
+    """(source, split): --data, else the held-out split of the built-in dataset the checkpoint was trained on."""
+    if data is not None:
+        source = data
+    elif config.data is None:
+        raise usage_error("the checkpoint does not record what it was trained on: pass --data DIR (or builtin:NAME)")
+    elif not config.data.source.startswith("builtin:"):
+        raise usage_error(f"the checkpoint was trained on {config.data.source}, which has no held-out split: "
+                          "pass --data DIR")
+    else:
+        source = config.data.source
+    if source.startswith("builtin:"):
+        return source, split or "test"
+    if split is not None:
+        raise usage_error("--split applies to builtin: datasets; a folder given with --data is evaluated whole")
+    return source, None
+
+
+@guarded
+def eval_nll_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    data: Annotated[Optional[str], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
+        "--data", help="Image folder or builtin:NAME (default: the held-out split of the checkpoint's built-in "
+                       "training set).")] = None,
+    split: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--split", help="test | train, for builtin: datasets (default test).")] = None,
+    num_images: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        "--num-images", "-n", help="Evaluate the first N images (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", "-b", help="(image, timestep) pairs per network call.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise (and of the mc draws).")] = 0,
+    estimator: Annotated[str, typer.Option(
+        "--estimator", help="exact: every term of the bound; mc: importance-sampled KL terms.")] = "exact",
+    terms: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        "--terms", help=f"mc: KL terms sampled per image (default {DEFAULT_MC_TERMS}).")] = None,
+    pilot_images: Annotated[int, typer.Option(
+        "--pilot-images", help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
+    device: str = DeviceOption,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
+) -> None:
+    """Bits/dim of held-out images through the variational bound (prior + L_0 + KL terms), with error bars."""
+    if estimator not in ("exact", "mc"):
+        raise usage_error(f"--estimator must be exact or mc, not {estimator!r}")
+    if terms is not None and estimator != "mc":
+        raise usage_error("--terms is for --estimator mc (the exact estimator evaluates every term)")
+    if estimator == "mc" and terms is None:
+        terms = DEFAULT_MC_TERMS
+    if terms is not None and terms < 1:
+        raise usage_error(f"--terms must be at least 1, got {terms}")
+    if num_images is not None and num_images < 1:
+        raise usage_error(f"--num-images must be at least 1, got {num_images}")
+    if batch_size < 1:
+        raise usage_error(f"--batch-size must be at least 1, got {batch_size}")
+    if pilot_images < 1:
+        raise usage_error(f"--pilot-images must be at least 1, got {pilot_images}")
+    if seed < 0:
+        raise usage_error(f"--seed must be >= 0, got {seed}")
+    if split is not None and split not in ("test", "train"):
+        raise usage_error(f"--split must be test or train, not {split!r}")
+    torch_device = resolve_device(device)
+
+    from ddpmctl.checkpoint import load_checkpoint
+    from ddpmctl.data import load_dataset
+    from ddpmctl.errors import DataError
+    from ddpmctl.nll import evaluate_nll
+
+    loaded = load_checkpoint(checkpoint, device=torch_device)
+    model_config = loaded.config.model
+    source, data_split = _resolve_data(loaded.config, data, split)
+    if model_config.in_channels not in (1, 3):
+        raise DataError(f"the model takes {model_config.in_channels}-channel images; datasets are 1 or 3 channels")
+
+    def note(message: str) -> None:
+        if not quiet:
+            console.print(f"note: {message}", markup=False, highlight=False)
+
+    dataset = load_dataset(source, image_size=model_config.image_size,
+                           color="gray" if model_config.in_channels == 1 else "rgb",
+                           class_cond=bool(model_config.num_classes), split=data_split or "train", on_warning=note)
+    if dataset.channels != model_config.in_channels or dataset.image_size != model_config.image_size:
+        raise DataError(f"{source} gives {dataset.channels}-channel {dataset.image_size}px images but the model takes "
+                        f"{model_config.in_channels}-channel {model_config.image_size}px")
+    if model_config.num_classes and dataset.num_classes != model_config.num_classes:
+        raise DataError(f"the model is conditioned on {model_config.num_classes} classes but {source} has "
+                        f"{dataset.num_classes}")
+    count = len(dataset)
+    if num_images is not None and num_images > count:
+        note(f"--num-images {num_images}: {source} has {count} images, evaluating all of them")
+    count = min(count, num_images or count)
+    images = dataset.images[:count]
+    labels = dataset.labels[:count] if dataset.labels is not None else None
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), console=console, disable=quiet, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def on_progress(event: Any) -> None:
+        if event.phase not in tasks:
+            label = "pilot terms" if event.phase == "pilot" else "terms"
+            tasks[event.phase] = progress.add_task(label, total=event.total)
+        progress.update(tasks[event.phase], completed=event.done)
+
+    with progress:
+        result = evaluate_nll(loaded, images, labels, batch_size=batch_size, estimator=estimator, terms=terms,
+                              seed=seed, pilot_images=pilot_images, callback=on_progress)
+
+    if json_output:
+        print_json(nll_payload(result, checkpoint=str(checkpoint), data=source, split=data_split, seed=seed))
+        return
+    out_console.print(result_line(result), markup=False, highlight=False, soft_wrap=True)
+    out_console.print(breakdown_table(result))

@@ -1,0 +1,148 @@
+"""`ddpmctl eval-nll CKPT` through typer's CliRunner: default data, table vs JSON, mc, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
+from ddpmctl.cli.app import app
+from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
+from ddpmctl.data import load_dataset
+from ddpmctl.images import save_png
+from ddpmctl.nll import evaluate_nll
+
+T = 10
+MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(4,), out_channels=2, num_timesteps=T)
+DIGITS = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=1437)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _save(path: Path, *, data: DataInfo | None = DIGITS, model: ModelConfig = MODEL) -> Path:
+    torch.manual_seed(0)
+    network = model.build()
+    with torch.no_grad():  # give the zero-initialised output layers weights, so the terms depend on the input
+        for p in network.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.05)
+    config = CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T), data=data)
+    return save_checkpoint(path, network.state_dict(), config, kind="model", lineage=[])
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save(tmp_path_factory.mktemp("nll") / "digits.safetensors")
+
+
+def _run(*args: str):
+    return CliRunner().invoke(app, ["eval-nll", *args])
+
+
+def test_default_data_is_the_held_out_split_and_json_matches_the_library(digits_ckpt: Path) -> None:
+    result = _run(str(digits_ckpt), "-n", "5", "--device", "cpu", "--json", "--quiet", "--seed", "2")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["data"] == "builtin:digits" and payload["split"] == "test"
+    assert payload["num_images"] == 5 and payload["num_terms"] == T and payload["estimator"] == "exact"
+    test_images = load_dataset("builtin:digits", split="test").images[:5]
+    expected = evaluate_nll(load_checkpoint(digits_ckpt), test_images, seed=2)
+    assert payload["bits_per_dim"] == pytest.approx(expected.mean, rel=1e-6)
+    assert payload["stderr"] == pytest.approx(expected.stderr, rel=1e-6)
+    rows = {row["term"]: row for row in payload["breakdown"]}
+    assert list(rows) == ["prior", "L_0", "KL q1", "KL q2", "KL q3", "KL q4", "total"]
+    assert rows["total"]["bits_per_dim"] == pytest.approx(
+        sum(rows[k]["bits_per_dim"] for k in ("prior", "L_0", "KL q1", "KL q2", "KL q3", "KL q4")), rel=1e-9)
+    assert rows["KL q1"]["t_range"] == [1, 2] and rows["KL q4"]["t_range"] == [8, 9]
+
+
+def test_table_and_json_agree(digits_ckpt: Path) -> None:
+    table = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7")
+    as_json = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "16", "--json", "--quiet")
+    assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
+    payload = json.loads(as_json.stdout)
+    line = re.search(r"bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+) images, (\d+) terms\)", table.stdout)
+    assert line, table.stdout
+    assert float(line.group(1)) == round(payload["bits_per_dim"], 4)
+    assert float(line.group(2)) == round(payload["stderr"], 4)
+    assert (int(line.group(3)), int(line.group(4))) == (4, T)
+    for row in payload["breakdown"]:
+        if row["term"] == "prior":
+            continue  # printed in scientific notation (it is ~1e-6)
+        cells = re.search(rf"{re.escape(row['term'])}\s+│[^│]*│\s+(\d+\.\d{{4}})\s+│\s+(\d+\.\d{{4}})", table.stdout)
+        assert cells, (row["term"], table.stdout)
+        assert float(cells.group(1)) == round(row["bits_per_dim"], 4)
+        assert float(cells.group(2)) == round(row["stderr"], 4)
+    assert "terms" in table.stderr  # the progress bar goes to stderr
+
+
+def test_mc_estimator(digits_ckpt: Path) -> None:
+    result = _run(str(digits_ckpt), "-n", "3", "--device", "cpu", "--estimator", "mc", "--terms", "3",
+                  "--pilot-images", "2", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["estimator"] == "mc" and payload["mc_terms"] == 3 and payload["terms_per_image"] == 4
+    assert payload["pilot_images"] == 2 and payload["num_terms"] == T
+    line = _run(str(digits_ckpt), "-n", "3", "--device", "cpu", "--estimator", "mc", "--terms", "3", "--quiet")
+    assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image)" in line.stdout
+
+
+def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(3):
+        save_png(folder / f"{k}.png", torch.full((1, 8, 8), 40 * k, dtype=torch.uint8))
+    result = _run(str(digits_ckpt), "--data", str(folder), "--device", "cpu", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["num_images"] == 3
+    split = _run(str(digits_ckpt), "--data", str(folder), "--split", "test", "--device", "cpu")
+    assert split.exit_code == 2 and "--split applies to builtin" in split.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--terms", "4"], "--terms is for --estimator mc"),
+        (["--num-images", "0"], "--num-images must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--estimator", "mc", "--terms", "0"], "--terms must be at least 1"),
+        (["--estimator", "bogus"], "--estimator must be exact or mc"),
+        (["--split", "val"], "--split must be test or train"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(digits_ckpt: Path, args: list[str], message: str) -> None:
+    result = _run(str(digits_ckpt), "--device", "cpu", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_data_errors(tmp_path: Path) -> None:
+    no_info = _save(tmp_path / "none.safetensors", data=None)
+    result = _run(str(no_info), "--device", "cpu")
+    assert result.exit_code == 2 and "does not record what it was trained on: pass --data" in result.stderr
+    folder = DataInfo(source="/data/cats", image_size=8, channels=1)
+    trained_on_folder = _save(tmp_path / "folder.safetensors", data=folder)
+    result = _run(str(trained_on_folder), "--device", "cpu")
+    assert result.exit_code == 2
+    assert "the checkpoint was trained on /data/cats, which has no held-out split: pass --data DIR" in result.stderr
+    missing = _run(str(tmp_path / "absent.safetensors"), "--device", "cpu")
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: ")
+    assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_class_count_mismatch_is_one_line(tmp_path: Path) -> None:
+    conditional = _save(tmp_path / "c.safetensors", model=MODEL.model_copy(update={"num_classes": 3}))
+    result = _run(str(conditional), "--device", "cpu", "-n", "2")
+    assert result.exit_code == 1 and "conditioned on 3 classes but builtin:digits has 10" in result.stderr
