@@ -21,21 +21,31 @@ from ddpmctl.errors import (
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "beta_schedule": "ddpmctl.schedules",
-    "GaussianDiffusion": "ddpmctl.diffusion",
-    "respace": "ddpmctl.respace",
-    "space_timesteps": "ddpmctl.respace",
-    "CheckpointConfig": "ddpmctl.config",
-    "DiffusionConfig": "ddpmctl.config",
-    "ModelConfig": "ddpmctl.config",
-    "StudentConfig": "ddpmctl.config",
-    "LoadedCheckpoint": "ddpmctl.checkpoint",
-    "load_checkpoint": "ddpmctl.checkpoint",
-    "save_checkpoint": "ddpmctl.checkpoint",
-    "Sampler": "ddpmctl.samplers",
-    "SampleRNG": "ddpmctl.samplers",
-    "StepInfo": "ddpmctl.samplers",
+# public name -> (module, attribute). ``respace`` is exported as ``respace_diffusion``: the bare name would be
+# shadowed by the ``ddpmctl.respace`` submodule once anything has imported it.
+_LAZY: dict[str, tuple[str, str]] = {
+    "beta_schedule": ("ddpmctl.schedules", "beta_schedule"),
+    "GaussianDiffusion": ("ddpmctl.diffusion", "GaussianDiffusion"),
+    "respace_diffusion": ("ddpmctl.respace", "respace"),
+    "space_timesteps": ("ddpmctl.respace", "space_timesteps"),
+    "CheckpointConfig": ("ddpmctl.config", "CheckpointConfig"),
+    "DiffusionConfig": ("ddpmctl.config", "DiffusionConfig"),
+    "ModelConfig": ("ddpmctl.config", "ModelConfig"),
+    "StudentConfig": ("ddpmctl.config", "StudentConfig"),
+    "LoadedCheckpoint": ("ddpmctl.checkpoint", "LoadedCheckpoint"),
+    "CheckpointInfo": ("ddpmctl.checkpoint", "CheckpointInfo"),
+    "load_checkpoint": ("ddpmctl.checkpoint", "load_checkpoint"),
+    "read_checkpoint_info": ("ddpmctl.checkpoint", "read_checkpoint_info"),
+    "save_checkpoint": ("ddpmctl.checkpoint", "save_checkpoint"),
+    "Sampler": ("ddpmctl.samplers", "Sampler"),
+    "SamplerOptions": ("ddpmctl.samplers", "SamplerOptions"),
+    "SampleRNG": ("ddpmctl.samplers", "SampleRNG"),
+    "SampleProgress": ("ddpmctl.samplers", "SampleProgress"),
+    "StepInfo": ("ddpmctl.samplers", "StepInfo"),
+    "available_samplers": ("ddpmctl.samplers", "available_samplers"),
+    "get_sampler": ("ddpmctl.samplers", "get_sampler"),
+    "choose_timesteps": ("ddpmctl.samplers", "choose_timesteps"),
+    "student_predict_xstart": ("ddpmctl.distill", "student_predict_xstart"),
 }
 
 __all__ = [
@@ -52,9 +62,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    target = _LAZY.get(name)
+    if target is None:
         raise AttributeError(f"module 'ddpmctl' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, attribute = target
+    value = getattr(importlib.import_module(module), attribute)
     globals()[name] = value
     return value

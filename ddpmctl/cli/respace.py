@@ -1,10 +1,79 @@
-"""`ddpmctl respace` (under construction)."""
+"""`ddpmctl respace CKPT --steps K --out FILE`: the same weights on a K-step chain (IDDPM Sec. 4), kind "respaced"."""
 
 from __future__ import annotations
 
-from ddpmctl.cli.common import fail
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+
+from ddpmctl.cli.common import guarded, out_console, print_json, usage_error
+from ddpmctl.errors import CheckpointError, SamplerError
 
 
-def respace_command() -> None:
-    """(under construction)"""
-    raise fail("not implemented yet")
+def respaced_config(config: Any, steps: int, spacing: Literal["even", "ddim"]) -> Any:
+    """The parent's config with ``use_timesteps`` = K of its chain's steps, as ORIGINAL indices (composes)."""
+    from ddpmctl.config import CheckpointConfig
+    from ddpmctl.samplers import choose_timesteps
+
+    diffusion = config.diffusion
+    chain = diffusion.use_timesteps if diffusion.use_timesteps is not None else tuple(range(diffusion.timesteps))
+    own = choose_timesteps(len(chain), steps, spacing)  # indices into the parent's chain
+    original = tuple(sorted(chain[k] for k in own))
+    payload = config.model_dump()
+    payload["diffusion"]["use_timesteps"] = original
+    return CheckpointConfig.model_validate(payload)
+
+
+@guarded
+def respace_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    steps: Annotated[int, typer.Option("--steps", help="Steps of the new chain (1..the parent's).",
+                                       show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="The checkpoint file to write.", show_default=False)],
+    spacing: Annotated[str, typer.Option(
+        "--spacing", help="even: K evenly spaced steps (IDDPM); ddim: DDIM's stride range(0, T, i).")] = "even",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
+) -> None:
+    """Write a checkpoint that samples in K steps: same weights, the diffusion respaced (learned variances rescale)."""
+    from ddpmctl.checkpoint import file_sha256, load_tensors, read_checkpoint_info, save_checkpoint
+
+    if spacing not in ("even", "ddim"):
+        raise usage_error(f"--spacing must be even or ddim, not {spacing!r}")
+    if steps < 1:
+        raise usage_error(f"--steps must be at least 1, not {steps}")
+    info = read_checkpoint_info(checkpoint)  # validated: a foreign or broken file fails here in one line
+    if info.kind == "student":
+        raise SamplerError(f"{checkpoint.name} is a distilled student: its step grid is fixed and cannot be respaced")
+    config = respaced_config(info.config, steps, spacing)  # type: ignore[arg-type]
+    if out.exists() and out.is_dir():
+        raise CheckpointError(f"--out {out} is a folder: give a file name such as {out / 'respaced.safetensors'}")
+    if out.exists() and out.resolve() == checkpoint.resolve():
+        raise CheckpointError(f"--out {out} is the input checkpoint: write the respaced one elsewhere")
+    if out.exists() and not force:
+        raise CheckpointError(f"--out {out} exists: use --force to overwrite it")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"cannot write --out {out}: folder {out.parent} does not exist")
+
+    tensors, _ = load_tensors(checkpoint)  # the weights exactly as stored (no dtype round trip)
+    sha256 = file_sha256(checkpoint)
+    parent_chain = info.config.diffusion.use_timesteps
+    parent_steps = len(parent_chain) if parent_chain is not None else info.config.diffusion.timesteps
+    lineage = [*info.lineage, {"op": "respace", "from": checkpoint.name, "sha256": sha256, "steps": steps,
+                               "spacing": spacing}]
+    try:
+        save_checkpoint(out, tensors, config, kind="respaced", lineage=lineage)
+    except OSError as err:
+        raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
+
+    use = config.diffusion.use_timesteps or ()
+    summary = {"out": str(out), "from": str(checkpoint), "kind": "respaced", "steps": len(use),
+               "parent_steps": parent_steps, "timesteps": config.diffusion.timesteps, "spacing": spacing,
+               "use_timesteps": list(use)}
+    if json_output:
+        print_json(summary)
+    elif not quiet:
+        out_console.print(f"wrote {out}: {len(use)} of {parent_steps} steps ({spacing} spacing, original indices "
+                          f"{use[0]}..{use[-1]}) from {checkpoint.name}", highlight=False, soft_wrap=True)

@@ -1,10 +1,55 @@
-"""`ddpmctl samplers` (under construction)."""
+"""`ddpmctl samplers`: installed sampler plugins, their options with defaults, providing package; broken ones too."""
 
 from __future__ import annotations
 
-from ddpmctl.cli.common import fail
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ddpmctl.cli.common import guarded, out_console, print_json
 
 
-def samplers_command() -> None:
-    """(under construction)"""
-    raise fail("not implemented yet")
+def samplers_payload() -> list[dict[str, Any]]:
+    """One row per entry point of ``ddpmctl.samplers``: usable ones with options, broken ones with their error."""
+    from ddpmctl.samplers import available_samplers, describe_options
+
+    rows = []
+    for name, entry in available_samplers().items():
+        row: dict[str, Any] = {"name": name, "entry_point": entry.value, "package": entry.package,
+                               "ok": entry.ok}
+        if entry.cls is not None:
+            row["description"] = entry.cls.description
+            row["options"] = describe_options(entry.cls)
+        else:
+            row["error"] = entry.error
+        rows.append(row)
+    return rows
+
+
+def _format_default(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+@guarded
+def samplers_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
+) -> None:
+    """List the installed sampler plugins (entry-point group ddpmctl.samplers) and their -o options."""
+    rows = samplers_payload()
+    if json_output:
+        print_json(rows)
+        return
+    table = Table(show_lines=True)
+    table.add_column("name", style="bold", no_wrap=True)
+    table.add_column("description", overflow="fold")  # errors are shown whole, never cut with an ellipsis
+    table.add_column("options (-o key=value)", overflow="fold")
+    table.add_column("package", overflow="fold")
+    for row in rows:
+        if row["ok"]:
+            options = "\n".join(f"{o['name']}={_format_default(o['default'])} ({o['type']})"
+                                for o in row["options"]) or "-"
+            table.add_row(row["name"], row["description"], options, row["package"] or "-")
+        else:
+            table.add_row(row["name"], f"[red]broken: {row['error']}[/red]", "-", row["package"] or "-")
+    out_console.print(table)

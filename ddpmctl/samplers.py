@@ -1,0 +1,375 @@
+"""The sampler plugin contract (base class, options, per-image RNG, step callback), the registry and the driver.
+
+A sampler is one small class around one loop (k-diffusion's ``sampling.py`` habit): it receives a loaded
+checkpoint (network + diffusion), the initial noise ``x_T``, a step count and a :class:`SampleRNG`, reports every
+network step through a callback and returns images in [-1, 1]. Plugins are registered under the entry-point group
+``ddpmctl.samplers`` (one entry point = one class, its name = the CLI name); discovery is cached and a plugin that
+fails to load is recorded with its error instead of breaking the others (xarray's ``backends/plugins.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ddpmctl.errors import SamplerError, UnknownSamplerError
+from ddpmctl.images import model_to_uint8
+from ddpmctl.respace import space_timesteps
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ddpmctl.checkpoint import LoadedCheckpoint
+
+ENTRY_POINT_GROUP = "ddpmctl.samplers"
+
+# Independent streams derived from one user seed: image noise and class labels never share a generator.
+_NOISE_STREAM = 0
+_LABEL_STREAM = 1
+
+
+def derive_seed(seed: int, index: int, stream: int = _NOISE_STREAM) -> int:
+    """A 63-bit seed for image ``index`` of a run seeded with ``seed`` (numpy SeedSequence: well mixed, portable)."""
+    if seed < 0 or index < 0:
+        raise ValueError("seed and index must be >= 0")
+    state = np.random.SeedSequence([seed, index, stream]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class SampleRNG:
+    """One torch.Generator per image, so image i's initial noise and every per-step noise depend only on (seed, i).
+
+    Draws happen on CPU generators and are moved to ``device`` afterwards, so an image never depends on the batch
+    it was sampled in, the batch size, the device or the number of devices.
+    """
+
+    def __init__(self, seed: int, indices: Iterable[int], device: torch.device | str = "cpu") -> None:
+        self.seed = int(seed)
+        self.indices = [int(i) for i in indices]
+        if not self.indices:
+            raise ValueError("SampleRNG needs at least one image index")
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, i))
+                           for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def randn(self, shape_per_image: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Standard normal noise of shape [N, *shape_per_image], row i drawn from image i's own generator."""
+        rows = [torch.randn(tuple(shape_per_image), generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise shaped like ``x`` ([N, ...] with N = the number of images), on x's device and dtype."""
+        if x.shape[0] != len(self.generators):
+            raise ValueError(f"randn_like: batch of {x.shape[0]} but this SampleRNG serves {len(self)} images")
+        dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+        rows = [torch.randn(tuple(x.shape[1:]), generator=g, dtype=dtype) for g in self.generators]
+        return torch.stack(rows).to(x.device)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """What a sampler reports after each network step (``index`` 0..total-1 in sampling order)."""
+
+    index: int
+    total: int
+    t: int  # the original training-chain timestep of this step
+    x: torch.Tensor  # the sample after the step
+    pred_xstart: torch.Tensor | None  # the model's (clipped) x_0 estimate at this step, when the sampler has one
+
+
+StepCallback = Callable[[StepInfo], None]
+
+
+class SamplerOptions(BaseModel):
+    """Base of every sampler's ``Options``: frozen, unknown keys rejected (so ``-o typo=1`` is an error)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Sampler:
+    """Base class of sampler plugins (DESIGN.md "Sampler plugins").
+
+    Subclasses set ``name`` (= the entry-point name), a one-line ``description``, an ``Options`` model derived
+    from ``Sampler.Options``, and implement :meth:`num_steps` and :meth:`sample`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[SamplerOptions]] = SamplerOptions
+    # Checkpoint kinds it samples (check_sampler builds exact checkpoints of the first kind listed).
+    checkpoint_kinds: ClassVar[tuple[str, ...]] = ("model", "respaced")
+
+    def __init__(self, options: SamplerOptions | None = None) -> None:
+        if options is None:
+            options = self.Options()
+        elif not isinstance(options, self.Options):
+            raise TypeError(f"{type(self).__name__} expects {self.Options.__qualname__}, not {type(options)!r}")
+        self.options = options
+
+    def num_steps(self, checkpoint: LoadedCheckpoint, steps: int | None) -> int:
+        """Validate ``steps`` for this checkpoint (SamplerError, one line) and return the network steps taken."""
+        raise NotImplementedError
+
+    def sample(self, checkpoint: LoadedCheckpoint, x_T: torch.Tensor, *, steps: int | None, rng: SampleRNG,
+               callback: StepCallback | None = None, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """Turn the noise ``x_T`` [N, C, H, W] into images in [-1, 1] of the same shape."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class SamplerEntry:
+    """One entry point of the ``ddpmctl.samplers`` group: the loaded class, or why it could not be used."""
+
+    name: str
+    value: str  # "module:Class" as registered
+    package: str | None  # the distribution providing it (None for hand-made entry points)
+    cls: type[Sampler] | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.cls is not None
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The installed entry points of the sampler group (tests replace this to fake plugins)."""
+    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
+
+
+def _package_of(ep: importlib.metadata.EntryPoint) -> str | None:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return None
+    try:
+        return f"{dist.name} {dist.version}"
+    except Exception:  # a half-broken distribution must not break discovery
+        return None
+
+
+def _load(ep: importlib.metadata.EntryPoint) -> SamplerEntry:
+    """Import one entry point and check it is a proper Sampler; never raises."""
+    base = {"name": ep.name, "value": ep.value, "package": _package_of(ep)}
+    try:
+        obj = ep.load()
+    except Exception as err:  # any import-time failure of a third-party module is that plugin's problem only
+        return SamplerEntry(**base, error=f"cannot import {ep.value}: {type(err).__name__}: {err}")
+    if not (isinstance(obj, type) and issubclass(obj, Sampler)):
+        return SamplerEntry(**base, error=f"{ep.value} is not a ddpmctl.Sampler subclass")
+    if obj.name != ep.name:
+        return SamplerEntry(**base, error=f"{ep.value} calls itself {obj.name!r} but is registered as {ep.name!r}")
+    if not (isinstance(obj.Options, type) and issubclass(obj.Options, BaseModel)):
+        return SamplerEntry(**base, error=f"{ep.value}.Options is not a pydantic model")
+    try:
+        obj.Options()
+    except ValidationError as err:
+        return SamplerEntry(**base, error=f"{ep.value}.Options has options without defaults: "
+                                          f"{_first_problem(err)}")
+    return SamplerEntry(**base, cls=obj)
+
+
+@functools.cache
+def available_samplers() -> dict[str, SamplerEntry]:
+    """Every entry point of the group, by name (sorted), loaded once; broken ones carry their error."""
+    found: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for ep in _entry_points():
+        same = found.setdefault(ep.name, [])
+        # An editable install can list one entry point twice (source tree + site-packages): same value, keep one.
+        if all(other.value != ep.value for other in same):
+            same.append(ep)
+    entries: dict[str, SamplerEntry] = {}
+    for name in sorted(found):
+        eps = found[name]
+        if len(eps) > 1:
+            where = ", ".join(f"{ep.value} ({_package_of(ep) or '?'})" for ep in eps)
+            entries[name] = SamplerEntry(name=name, value=eps[0].value, package=_package_of(eps[0]),
+                                         error=f"registered more than once: {where}")
+        else:
+            entries[name] = _load(eps[0])
+    return entries
+
+
+def reset_registry() -> None:
+    """Forget the cached discovery (for tests and after installing a plugin in-process)."""
+    available_samplers.cache_clear()
+
+
+def get_sampler(name: str) -> type[Sampler]:
+    """The sampler class registered as ``name``; UnknownSamplerError lists the installed ones."""
+    entries = available_samplers()
+    entry = entries.get(name)
+    if entry is None:
+        usable = sorted(n for n, e in entries.items() if e.ok)
+        listing = ", ".join(usable) if usable else "none"
+        raise UnknownSamplerError(f"unknown sampler {name!r}; installed samplers: {listing}")
+    if entry.cls is None:
+        raise SamplerError(f"sampler {name!r} is installed but broken: {entry.error}")
+    return entry.cls
+
+
+def _first_problem(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ())) or "value"
+    return f"{where}: {first.get('msg', 'invalid')}"
+
+
+def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
+    """``["eta=0.5", "spacing=ddim"]`` -> ``cls.Options``; one-line SamplerError for anything wrong (llm's -o)."""
+    fields = cls.Options.model_fields
+    known = ", ".join(fields) if fields else "none"
+    values: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise SamplerError(f"option {item!r} must look like key=value (options of {cls.name}: {known})")
+        if key not in fields:
+            raise SamplerError(f"sampler {cls.name!r} has no option {key!r} (its options: {known})")
+        if key in values:
+            raise SamplerError(f"option {key!r} given twice")
+        values[key] = value.strip()
+    try:
+        return cls.Options.model_validate(values)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = str(first.get("loc", ("?",))[0])
+        raw = values.get(key, "")
+        raise SamplerError(f"option {key}={raw}: {first.get('msg', 'invalid value')}") from None
+
+
+def describe_options(cls: type[Sampler]) -> list[dict[str, Any]]:
+    """The options of a sampler as rows (name, type, default, description) for ``ddpmctl samplers``."""
+    rows = []
+    for key, info in cls.Options.model_fields.items():
+        annotation = info.annotation
+        if getattr(annotation, "__origin__", None) is Literal:
+            type_name = "|".join(str(a) for a in annotation.__args__)
+        else:
+            type_name = getattr(annotation, "__name__", str(annotation))
+        rows.append({"name": key, "type": type_name, "default": info.get_default(call_default_factory=True),
+                     "description": info.description or ""})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The batching driver used by `ddpmctl sample`
+
+
+@dataclass(frozen=True)
+class SampleProgress:
+    """Progress of :func:`generate`: images finished so far and the step reached in the current batch."""
+
+    images_done: int
+    num: int
+    step: int  # steps finished in the current batch (0 right after a batch completes and before the next)
+    steps: int
+    batch_start: int
+    batch_size: int
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> torch.Tensor:
+    """Class labels drawn per image from (seed, i) on a stream separate from the noise (int64 [N], CPU)."""
+    return torch.tensor([
+        int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
+            derive_seed(seed, i, _LABEL_STREAM))))
+        for i in indices
+    ], dtype=torch.int64)
+
+
+def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_size: int, seed: int,
+             steps: int | None, class_label: int | None = None,
+             callback: Callable[[SampleProgress], None] | None = None,
+             output: Literal["float", "uint8"] = "float") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample ``num`` images in batches; image i depends only on (seed, i), never on ``batch_size``.
+
+    Returns (images [num, C, H, W] on the CPU: float in [-1, 1] or uint8, labels int64 [num] or None). For a
+    class-conditional checkpoint the labels are ``class_label`` for every image, or drawn per image from (seed, i).
+    """
+    if num < 1:
+        raise SamplerError(f"--num must be at least 1, not {num}")
+    if batch_size < 1:
+        raise SamplerError(f"--batch-size must be at least 1, not {batch_size}")
+    if seed < 0:
+        raise SamplerError(f"--seed must be >= 0, not {seed}")
+    total_steps = sampler.num_steps(checkpoint, steps)  # validates before any network call
+
+    model_config = checkpoint.config.model
+    num_classes = model_config.num_classes
+    if class_label is not None:
+        if num_classes is None:
+            raise SamplerError(f"{checkpoint.path.name} is not class-conditional: drop --class")
+        if not 0 <= class_label < num_classes:
+            raise SamplerError(f"--class {class_label} is out of range: the model has classes 0..{num_classes - 1}")
+    labels = None
+    if num_classes is not None:
+        labels = (torch.full((num,), class_label, dtype=torch.int64) if class_label is not None
+                  else draw_labels(seed, range(num), num_classes))
+
+    device = _model_device(checkpoint.model)
+    shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
+    out_dtype = torch.uint8 if output == "uint8" else torch.float32
+    images = torch.empty((num, *shape), dtype=out_dtype)
+    for start in range(0, num, batch_size):
+        stop = min(start + batch_size, num)
+        rng = SampleRNG(seed, range(start, stop), device)
+        x_T = rng.randn(shape)
+        model_kwargs = {"y": labels[start:stop].to(device)} if labels is not None else None
+
+        def on_step(info: StepInfo, start: int = start, stop: int = stop) -> None:
+            if callback is not None:
+                callback(SampleProgress(images_done=start, num=num, step=info.index + 1, steps=total_steps,
+                                        batch_start=start, batch_size=stop - start))
+
+        with torch.no_grad():
+            x = sampler.sample(checkpoint, x_T, steps=steps, rng=rng, callback=on_step, model_kwargs=model_kwargs)
+        x = x.detach().float().cpu()
+        if output == "uint8":
+            images[start:stop] = model_to_uint8(x)
+        else:
+            images[start:stop] = x
+        if callback is not None:
+            callback(SampleProgress(images_done=stop, num=num, step=0, steps=total_steps,
+                                    batch_start=stop, batch_size=0))
+    return images, labels
+
+
+def step_counts_with_ddim_stride(total: int) -> list[int]:
+    """Every K the "ddimK" stride rule (range(0, total, i), convention 13) can give on a chain of ``total``."""
+    return sorted({len(range(0, total, stride)) for stride in range(1, total + 1)})
+
+
+def choose_timesteps(total: int, steps: int, spacing: Literal["even", "ddim"]) -> set[int]:
+    """K indices of a ``total``-step chain by the reference's rules; SamplerError (nearby K for "ddim") otherwise."""
+    if not 1 <= steps <= total:
+        raise SamplerError(f"--steps must be between 1 and the chain's {total} steps, not {steps}")
+    if spacing == "even":
+        return space_timesteps(total, str(steps))
+    try:
+        return space_timesteps(total, f"ddim{steps}")
+    except ValueError:
+        counts = step_counts_with_ddim_stride(total)
+        nearby = [c for c in counts if c < steps][-2:] + [c for c in counts if c > steps][:2]
+        raise SamplerError(f"spacing ddim cannot give exactly {steps} steps on a {total}-step chain "
+                           f"(possible nearby: {', '.join(map(str, nearby))}); pick one or use even spacing") from None

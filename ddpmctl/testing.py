@@ -1,0 +1,267 @@
+"""Contract checks shipped to sampler-plugin authors (scikit-learn's ``check_estimator`` habit).
+
+``check_sampler(MySampler)`` runs a sampler against exact denoisers in closed form: for data that is one fixed
+image x*, eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t) and a correct sampler returns x*; for Gaussian
+data N(m, s^2) (elementwise) E[x_0 | x_t] is linear in x_t, which gives seed-dependent samples to check
+reproducibility and batch independence. It raises AssertionError with a message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+
+import ddpmctl
+from ddpmctl.checkpoint import LoadedCheckpoint
+from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
+from ddpmctl.samplers import Sampler, SampleRNG, StepInfo
+
+__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "exact_checkpoint", "student_grid", "check_sampler"]
+
+
+class ExactPointDenoiser(torch.nn.Module):
+    """The exact eps-predictor for data that is one image x* (per class when ``x_star`` is [K, C, H, W] and y given).
+
+    Takes ``(x, t, y=None)`` with ORIGINAL training-chain indices t, like the U-Net; outputs C channels, or 2C with
+    a constant v channel when ``learned_sigma`` (the variance is irrelevant to the point-mass limit).
+    """
+
+    def __init__(self, x_star: torch.Tensor, alphas_cumprod: torch.Tensor, *, learned_sigma: bool = False,
+                 class_cond: bool = False, head: str = "eps") -> None:
+        super().__init__()
+        self.register_buffer("x_star", x_star.to(torch.float64))
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
+        self.learned_sigma = learned_sigma
+        self.class_cond = class_cond
+        self.head = head  # "eps" (a trained model) or "x" (a distilled student with an x head)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
+        if self.class_cond:
+            if y is None:
+                raise AssertionError("the sampler did not pass model_kwargs (y) on to the network")
+            x_star = self.x_star[y]
+        else:
+            x_star = self.x_star
+        if self.head == "x":
+            eps = x_star.expand_as(x).to(x.dtype)
+        else:
+            # float64 inside: at the top of a cosine chain sqrt(1/abar) is ~1e4 and float32 would lose x*.
+            eps = ((x.to(torch.float64) - abar.sqrt() * x_star) / (1.0 - abar).sqrt()).to(x.dtype)
+        if self.learned_sigma:
+            eps = torch.cat([eps, torch.zeros_like(eps)], dim=1)
+        return eps
+
+
+class ExactGaussianDenoiser(torch.nn.Module):
+    """The exact eps-predictor for data x_0 ~ N(mean, std^2) elementwise (Bayes' rule for a linear Gaussian).
+
+    E[x_0 | x_t] = m + sqrt(abar) s^2 / (abar s^2 + 1 - abar) * (x_t - sqrt(abar) m); eps is re-derived from it.
+    With ``learned_sigma`` the v channel encodes (learned_range, convention 5) the exact reverse variance of the
+    original chain, Var[x_{t-1} | x_t] = beta_tilde_t + coef1_t^2 Var[x_0 | x_t], which makes ancestral sampling on
+    that chain exact for this data; ``betas`` (the original chain's) is then required.
+    """
+
+    def __init__(self, mean: float, std: float, alphas_cumprod: torch.Tensor, *, betas: torch.Tensor | None = None,
+                 learned_sigma: bool = False, head: str = "eps") -> None:
+        super().__init__()
+        self.mean, self.std = float(mean), float(std)
+        self.head = head  # "eps" (a trained model) or "x" (a distilled student with an x head)
+        abar = alphas_cumprod.to(torch.float64)
+        self.register_buffer("alphas_cumprod", abar)
+        self.learned_sigma = learned_sigma
+        if learned_sigma:
+            if betas is None:
+                raise ValueError("learned_sigma needs the chain's betas to encode the exact variance")
+            betas = betas.to(torch.float64)
+            abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+            beta_tilde = betas * (1.0 - abar_prev) / (1.0 - abar)
+            log_tilde_clipped = torch.log(torch.cat([beta_tilde[1:2], beta_tilde[1:]]))
+            coef1 = betas * abar_prev.sqrt() / (1.0 - abar)
+            s2 = self.std ** 2
+            var_x0 = s2 * (1.0 - abar) / (abar * s2 + 1.0 - abar)
+            log_exact = torch.log(beta_tilde + coef1 ** 2 * var_x0)
+            span = torch.log(betas) - log_tilde_clipped
+            frac = torch.where(span.abs() > 1e-12, (log_exact - log_tilde_clipped) / span, torch.zeros_like(span))
+            # k = 0 adds no noise, so its value is irrelevant; keep it finite.
+            frac[0] = 0.0
+            self.register_buffer("v", 2.0 * frac - 1.0)
+
+    def posterior_mean_x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
+        s2 = self.std ** 2
+        gain = abar.sqrt() * s2 / (abar * s2 + 1.0 - abar)
+        return self.mean + gain * (x.to(torch.float64) - abar.sqrt() * self.mean)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        abar = self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
+        x0 = self.posterior_mean_x0(x, t)
+        if self.head == "x":
+            return x0.to(x.dtype)
+        eps = ((x.to(torch.float64) - abar.sqrt() * x0) / (1.0 - abar).sqrt()).to(x.dtype)
+        if self.learned_sigma:
+            v = self.v[t].view(-1, *([1] * (x.dim() - 1))).to(x.dtype).expand_as(eps)
+            eps = torch.cat([eps, v], dim=1)
+        return eps
+
+
+def student_grid(timesteps: int, steps: int) -> tuple[int, ...]:
+    """A distilled student's grid: k_i = round(i T / N) - 1, i = 1..N (PAPERS.md, progressive distillation)."""
+    return tuple(round(i * timesteps / steps) - 1 for i in range(1, steps + 1))
+
+
+def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, diffusion: DiffusionConfig,
+                     num_classes: int | None = None, kind: str = "model",
+                     student_steps: int = 8) -> LoadedCheckpoint:
+    """Wrap a closed-form denoiser as a LoadedCheckpoint (no file behind it) so samplers can run on it.
+
+    ``kind="student"`` describes an x-head student on a ``student_steps`` grid (give it a denoiser with head "x").
+    """
+    student = None
+    if kind == "student":
+        student = StudentConfig(param="x", steps=student_grid(diffusion.timesteps, student_steps),
+                                teacher_steps=2 * student_steps)
+    config = CheckpointConfig(
+        model=ModelConfig(image_size=image_size, in_channels=channels,
+                          out_channels=channels * (2 if diffusion.learned_sigma else 1),
+                          num_classes=num_classes, num_timesteps=diffusion.timesteps),
+        diffusion=diffusion,
+        student=student,
+    )
+    return LoadedCheckpoint(path=Path("exact-denoiser.safetensors"), config=config, kind=kind, lineage=[],
+                            created_with=ddpmctl.__version__, model=model.eval(), diffusion=diffusion.build(),
+                            num_parameters=0, sha256="0" * 64)
+
+
+def _full_chain(diffusion: DiffusionConfig) -> Any:
+    return diffusion.model_copy(update={"use_timesteps": None}).build()
+
+
+def _point_checkpoint(var_type: str, x_star: torch.Tensor, *, kind: str, class_cond: bool = False,
+                      timesteps: int = 100) -> LoadedCheckpoint:
+    dconf = DiffusionConfig(schedule="cosine", timesteps=timesteps, mean_type="eps", var_type=var_type,
+                            loss_type="rescaled_mse" if var_type.startswith("learned") else "mse")
+    model = ExactPointDenoiser(x_star, _full_chain(dconf).alphas_cumprod, learned_sigma=dconf.learned_sigma,
+                               class_cond=class_cond, head="x" if kind == "student" else "eps")
+    channels, size = x_star.shape[-3], x_star.shape[-1]
+    return exact_checkpoint(model, channels=channels, image_size=size, diffusion=dconf, kind=kind,
+                            num_classes=x_star.shape[0] if class_cond else None)
+
+
+def _gaussian_checkpoint(mean: float, std: float, *, kind: str, channels: int, image_size: int,
+                         timesteps: int = 100) -> LoadedCheckpoint:
+    dconf = DiffusionConfig(schedule="cosine", timesteps=timesteps, mean_type="eps", var_type="learned_range")
+    full = _full_chain(dconf)
+    model = ExactGaussianDenoiser(mean, std, full.alphas_cumprod, betas=full.betas, learned_sigma=True,
+                                  head="x" if kind == "student" else "eps")
+    return exact_checkpoint(model, channels=channels, image_size=image_size, diffusion=dconf, kind=kind)
+
+
+def _run(sampler: Sampler, ckpt: LoadedCheckpoint, *, seed: int, indices: Sequence[int], steps: int | None,
+         model_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[StepInfo], torch.Tensor]:
+    shape = (ckpt.config.model.in_channels, ckpt.config.model.image_size, ckpt.config.model.image_size)
+    rng = SampleRNG(seed, indices, "cpu")
+    x_T = rng.randn(shape)
+    x_T_copy = x_T.clone()
+    seen: list[StepInfo] = []
+    out = sampler.sample(ckpt, x_T, steps=steps, rng=rng, callback=seen.append, model_kwargs=model_kwargs)
+    name = type(sampler).__name__
+    assert isinstance(out, torch.Tensor), f"{name}.sample returned {type(out).__name__}, not a Tensor"
+    assert out.shape == x_T.shape, f"{name}.sample returned shape {tuple(out.shape)} for x_T {tuple(x_T.shape)}"
+    assert out.dtype.is_floating_point, f"{name}.sample returned dtype {out.dtype}"
+    assert torch.isfinite(out).all(), f"{name}.sample returned non-finite values"
+    assert torch.equal(x_T, x_T_copy), f"{name}.sample modified x_T in place"
+    return out, seen, x_T
+
+
+def _check_metadata(cls: type[Sampler]) -> None:
+    assert isinstance(cls, type) and issubclass(cls, Sampler), f"{cls!r} is not a ddpmctl.Sampler subclass"
+    name = cls.__name__
+    assert isinstance(cls.name, str) and re.fullmatch(r"[a-z][a-z0-9_-]*", cls.name or ""), (
+        f"{name}.name must be a lowercase CLI name such as 'ddim' (= the entry-point name), not {cls.name!r}")
+    assert isinstance(cls.description, str) and cls.description.strip(), f"{name}.description is empty"
+    assert "\n" not in cls.description.strip(), f"{name}.description must be one line"
+    assert isinstance(cls.Options, type) and issubclass(cls.Options, BaseModel), (
+        f"{name}.Options must be a pydantic model (derive it from Sampler.Options)")
+    try:
+        defaults = cls.Options()
+    except ValidationError as err:
+        raise AssertionError(f"{name}.Options() must work with defaults only: {err.errors()[0]['msg']}") from None
+    try:
+        cls.Options(**{"no_such_option_for_check_sampler": 1})
+    except ValidationError:
+        pass
+    else:
+        raise AssertionError(f"{name}.Options accepts unknown keys: set extra='forbid' (derive from Sampler.Options)")
+    for key in cls.Options.model_fields:
+        try:
+            setattr(defaults, key, getattr(defaults, key))
+        except (ValidationError, TypeError, AttributeError):
+            continue
+        raise AssertionError(f"{name}.Options must be frozen (option {key!r} could be reassigned)")
+
+
+def check_sampler(cls: type[Sampler], *, steps: int | None = None, options: BaseModel | None = None,
+                  atol: float = 2e-3) -> None:
+    """Run the sampler contract on ``cls``; AssertionError names the first broken promise.
+
+    ``steps`` is passed to the sampler as the user's ``--steps`` (None: its default) on chains of T = 100 steps;
+    ``options`` overrides the default ``cls.Options()``.
+    """
+    _check_metadata(cls)
+    name = cls.__name__
+    sampler = cls(options)
+    kinds = getattr(cls, "checkpoint_kinds", ("model",))
+    assert kinds and all(k in ("model", "respaced", "student") for k in kinds), (
+        f"{name}.checkpoint_kinds must list model, respaced and/or student, not {kinds!r}")
+    kind = kinds[0]
+    torch.manual_seed(12345)
+    x_star = torch.linspace(-0.9, 0.9, 3 * 4 * 4, dtype=torch.float64).reshape(3, 4, 4)
+    x_star = x_star[:, torch.randperm(4)]  # not separable per row, so a channel or pixel mix-up shows
+
+    # 1. The point-mass limit: every sampler must return x*, with fixed (C) and learned (2C) variance outputs.
+    for var_type in ("fixed_small", "learned_range"):
+        ckpt = _point_checkpoint(var_type, x_star, kind=kind)
+        n = sampler.num_steps(ckpt, steps)
+        assert isinstance(n, int) and n >= 1, f"{name}.num_steps returned {n!r}, not a positive int"
+        out, seen, _ = _run(sampler, ckpt, seed=1, indices=range(4), steps=steps)
+        err = float((out.to(torch.float64) - x_star).abs().max())
+        assert err <= atol, (f"{name} does not recover the single data point x* of an exact denoiser "
+                             f"({var_type}): max error {err:.3g} > {atol}")
+        # 2. The callback sees every network step, in order.
+        assert len(seen) == n, f"{name} called the callback {len(seen)} times but num_steps said {n}"
+        assert all(isinstance(s, StepInfo) for s in seen), f"{name} passed something other than StepInfo"
+        assert [s.index for s in seen] == list(range(n)), f"{name}: StepInfo.index must run 0..{n - 1} in order"
+        assert all(s.total == n for s in seen), f"{name}: StepInfo.total must be {n}"
+        assert all(s.x.shape == out.shape for s in seen), f"{name}: StepInfo.x must have the batch's shape"
+
+    # 3. model_kwargs reach the network: a class-conditional point mass per class.
+    classes = torch.stack([x_star, -x_star, x_star.flip(-1)])
+    ckpt = _point_checkpoint("fixed_small", classes, kind=kind, class_cond=True)
+    y = torch.tensor([1, 0, 2, 1])
+    out, _, _ = _run(sampler, ckpt, seed=2, indices=range(4), steps=steps, model_kwargs={"y": y})
+    err = float((out.to(torch.float64) - classes[y]).abs().max())
+    assert err <= atol, f"{name} ignores model_kwargs (class labels y): max error {err:.3g}"
+
+    # 4. Randomness comes only from the SampleRNG: reproducible, seed-dependent, independent of the batch.
+    ckpt = _gaussian_checkpoint(0.1, 0.3, kind=kind, channels=3, image_size=4)
+    torch.manual_seed(1)
+    first, seen_a, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
+    torch.manual_seed(2)  # the global RNG must not matter
+    again, seen_b, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
+    assert torch.equal(first, again), f"{name}: the same seed gave different samples (is torch's global RNG used?)"
+    assert all(torch.equal(a.x, b.x) for a, b in zip(seen_a, seen_b)), (
+        f"{name}: the same seed gave different intermediate states")
+    other, _, _ = _run(sampler, ckpt, seed=8, indices=range(4), steps=steps)
+    assert not torch.allclose(first, other), f"{name}: different seeds gave the same samples"
+    part, _, _ = _run(sampler, ckpt, seed=7, indices=[2, 3], steps=steps)
+    assert torch.allclose(part, first[2:], atol=1e-5, rtol=0), (
+        f"{name}: image i changed with the batch it was sampled in: draw noise only via rng.randn_like / rng.randn")
+    spread = float(first.std())
+    assert math.isfinite(spread) and spread > 0, f"{name}: samples of Gaussian data have no spread"

@@ -1,0 +1,224 @@
+"""`ddpmctl sample`, `ddpmctl respace`, `ddpmctl samplers` through typer's CliRunner (tiny U-Net checkpoints)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
+from ddpmctl.cli.app import app
+from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
+
+T = 40
+MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                    attention_resolutions=(4,), out_channels=2, num_timesteps=T)
+DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_range")
+
+
+def _state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
+    # The U-Net zero-initialises its output layer; perturb every weight so the network really shapes the samples.
+    net = model_config.build()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return dict(net.state_dict())
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = CheckpointConfig(model=MODEL, diffusion=DIFFUSION)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "model.safetensors", _state(MODEL), config,
+                           kind="model", lineage=[{"op": "train", "step": 1}])
+
+
+@pytest.fixture(scope="module")
+def class_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = MODEL.model_copy(update={"num_classes": 3})
+    config = CheckpointConfig(model=model, diffusion=DIFFUSION,
+                              data=DataInfo(source="x", image_size=8, channels=1, class_names=("cat", "dog", "owl")))
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "cond.safetensors", _state(model), config,
+                           kind="model", lineage=[])
+
+
+def _invoke(*args: str) -> object:
+    return CliRunner().invoke(app, list(args))
+
+
+def _sample(ckpt: Path, out: Path, *extra: str) -> object:
+    result = _invoke("sample", str(ckpt), "--out", str(out), "--device", "cpu", "--quiet", *extra)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _npz(out: Path) -> dict[str, np.ndarray]:
+    with np.load(out / "samples.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def test_sample_writes_pngs_grid_npz(ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    result = _invoke("sample", str(ckpt), "--out", str(out), "--device", "cpu", "--sampler", "ddim", "--steps", "5",
+                     "--num", "6", "--batch-size", "4", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["num"] == 6 and summary["steps"] == 5 and summary["sampler"] == "ddim"
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"{i:06d}.png" for i in range(6)] + ["grid.png", "samples.npz"]
+    arrays = _npz(out)
+    assert arrays["arr_0"].shape == (6, 8, 8, 1) and arrays["arr_0"].dtype == np.uint8
+    assert "labels" not in arrays
+    for i in range(6):  # every PNG is the npz's image i
+        png = np.asarray(Image.open(out / f"{i:06d}.png"))
+        assert np.array_equal(png.reshape(8, 8), arrays["arr_0"][i, :, :, 0])
+    grid = Image.open(out / "grid.png")
+    assert grid.size[0] > 8 and grid.size[1] > 8
+    assert len({arrays["arr_0"][i].tobytes() for i in range(6)}) == 6  # different noise per image
+
+
+def test_same_seed_identical_files_and_batch_size_invariance(ckpt: Path, tmp_path: Path) -> None:
+    a, b, c, d = (tmp_path / n for n in "abcd")
+    _sample(ckpt, a, "--steps", "4", "--num", "10", "--batch-size", "8", "--seed", "3")
+    _sample(ckpt, b, "--steps", "4", "--num", "10", "--batch-size", "8", "--seed", "3")
+    _sample(ckpt, c, "--steps", "4", "--num", "10", "--batch-size", "64", "--seed", "3")
+    _sample(ckpt, d, "--steps", "4", "--num", "10", "--batch-size", "8", "--seed", "4")
+    for name in [f"{i:06d}.png" for i in range(10)] + ["grid.png", "samples.npz"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert np.array_equal(_npz(a)["arr_0"], _npz(c)["arr_0"])
+    assert not np.array_equal(_npz(a)["arr_0"], _npz(d)["arr_0"])
+
+
+def test_stochastic_sampler_batch_invariance(ckpt: Path, tmp_path: Path) -> None:
+    # Per-step noise too (strided draws at every step) comes from image i's own stream.
+    _sample(ckpt, tmp_path / "x", "--sampler", "strided", "--steps", "6", "--num", "5", "--batch-size", "2")
+    _sample(ckpt, tmp_path / "y", "--sampler", "strided", "--steps", "6", "--num", "5", "--batch-size", "5")
+    assert np.array_equal(_npz(tmp_path / "x")["arr_0"], _npz(tmp_path / "y")["arr_0"])
+
+
+def test_class_conditional_labels(class_ckpt: Path, tmp_path: Path) -> None:
+    _sample(class_ckpt, tmp_path / "a", "--steps", "3", "--num", "4", "--class", "dog")
+    assert _npz(tmp_path / "a")["labels"].tolist() == [1, 1, 1, 1]
+    _sample(class_ckpt, tmp_path / "b", "--steps", "3", "--num", "4", "--class", "2")
+    assert _npz(tmp_path / "b")["labels"].tolist() == [2, 2, 2, 2]
+    _sample(class_ckpt, tmp_path / "c", "--steps", "3", "--num", "12", "--batch-size", "12")
+    labels = _npz(tmp_path / "c")["labels"]
+    assert len(set(labels.tolist())) > 1 and set(labels.tolist()) <= {0, 1, 2}  # drawn per image from (seed, i)
+    _sample(class_ckpt, tmp_path / "d", "--steps", "3", "--num", "12", "--batch-size", "5")
+    assert np.array_equal(_npz(tmp_path / "d")["labels"], labels)
+
+
+def test_strided_equals_ancestral_on_respaced_checkpoint(ckpt: Path, tmp_path: Path) -> None:
+    respaced = tmp_path / "r.safetensors"
+    result = _invoke("respace", str(ckpt), "--steps", "10", "--out", str(respaced), "--json")
+    assert result.exit_code == 0, result.output
+    loaded = load_checkpoint(respaced)
+    assert loaded.kind == "respaced" and loaded.diffusion.num_timesteps == 10
+    assert loaded.lineage[-1]["op"] == "respace" and loaded.lineage[-1]["from"] == "model.safetensors"
+    assert loaded.lineage[-1]["steps"] == 10 and len(loaded.lineage[-1]["sha256"]) == 64
+    assert loaded.lineage[0] == {"op": "train", "step": 1}
+    _sample(ckpt, tmp_path / "strided", "--sampler", "strided", "--steps", "10", "--num", "3")
+    _sample(respaced, tmp_path / "ancestral", "--sampler", "ancestral", "--num", "3")
+    assert (tmp_path / "strided" / "samples.npz").read_bytes() == (tmp_path / "ancestral" / "samples.npz").read_bytes()
+
+
+def test_respace_composes_and_ddim_spacing(ckpt: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "r20.safetensors", tmp_path / "r5.safetensors"
+    assert _invoke("respace", str(ckpt), "--steps", "20", "--out", str(first), "-q").exit_code == 0
+    assert _invoke("respace", str(first), "--steps", "5", "--out", str(second), "-q").exit_code == 0
+    chain20 = load_checkpoint(first).config.diffusion.use_timesteps
+    chain5 = load_checkpoint(second).config.diffusion.use_timesteps
+    assert chain20 is not None and chain5 is not None
+    # Even spacing of 5 over the 20-step chain, as original indices (convention 12 on 20 steps: 0,5,10,14,19).
+    assert chain5 == tuple(chain20[k] for k in (0, 5, 10, 14, 19))
+    ddim = tmp_path / "d.safetensors"
+    assert _invoke("respace", str(ckpt), "--steps", "8", "--spacing", "ddim", "--out", str(ddim), "-q").exit_code == 0
+    assert load_checkpoint(ddim).config.diffusion.use_timesteps == tuple(range(0, 40, 5))
+
+
+def test_samplers_lists_builtins_and_options() -> None:
+    result = _invoke("samplers", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {row["name"]: row for row in json.loads(result.stdout)}
+    for name in ("ancestral", "strided", "ddim"):
+        assert rows[name]["ok"], rows[name]
+    ddim_options = {o["name"]: o["default"] for o in rows["ddim"]["options"]}
+    assert ddim_options["eta"] == 0.0 and ddim_options["spacing"] == "even"
+    table = _invoke("samplers")
+    assert table.exit_code == 0 and "ancestral" in table.stdout and "eta=0.0" in table.stdout
+
+
+def _one_line_error(result: object, code: int | None = None) -> str:
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    (["--sampler", "nope"], "installed samplers: ancestral"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "-3"], "--steps must be at least 1"),
+    (["--steps", str(T + 1)], f"between 1 and the chain's {T} steps"),
+    (["--sampler", "ancestral", "--steps", "7"], "whole chain of 40 steps"),
+    (["-o", "spacing=ddim", "--steps", "17"], "possible nearby: 10, 14, 20, 40"),
+    (["-o", "nope=1"], "has no option 'nope'"),
+    (["-o", "eta"], "key=value"),
+    (["-o", "eta=-1"], "option eta=-1"),
+    (["-o", "spacing=odd"], "option spacing=odd"),
+    (["--num", "0"], "--num must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--class", "dog"], "not class-conditional"),
+])
+def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
+    result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", *extra)
+    assert expected in _one_line_error(result)
+    assert not (tmp_path / "s").exists()  # nothing is written before the inputs are known to be good
+
+
+def test_bad_class_and_bad_checkpoint(class_ckpt: Path, tmp_path: Path) -> None:
+    result = _invoke("sample", str(class_ckpt), "--out", str(tmp_path / "s"), "--class", "emu")
+    assert "classes: cat, dog, owl" in _one_line_error(result)
+    result = _invoke("sample", str(class_ckpt), "--out", str(tmp_path / "s"), "--class", "3")
+    assert "out of range" in _one_line_error(result)
+    foreign = tmp_path / "foreign.safetensors"
+    foreign.write_bytes(b"this is not a checkpoint at all")
+    _one_line_error(_invoke("sample", str(foreign), "--out", str(tmp_path / "s")), code=1)
+    _one_line_error(_invoke("sample", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "s")))
+
+
+def test_bad_out(ckpt: Path, tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert "is a file" in _one_line_error(_invoke("sample", str(ckpt), "--out", str(a_file), "--steps", "2"))
+    result = _invoke("sample", str(ckpt), "--out", str(a_file / "sub"), "--steps", "2")
+    assert "cannot create --out" in _one_line_error(result)
+    out = tmp_path / "s"
+    _sample(ckpt, out, "--steps", "2", "--num", "3")
+    result = _invoke("sample", str(ckpt), "--out", str(out), "--steps", "2", "--num", "2")
+    assert "--force" in _one_line_error(result)
+    _sample(ckpt, out, "--steps", "2", "--num", "2", "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "grid.png", "samples.npz"]
+
+
+def test_respace_bad_input(ckpt: Path, tmp_path: Path) -> None:
+    out = str(tmp_path / "r.safetensors")
+    assert f"between 1 and the chain's {T}" in _one_line_error(
+        _invoke("respace", str(ckpt), "--steps", str(T + 1), "--out", out))
+    assert "possible nearby" in _one_line_error(
+        _invoke("respace", str(ckpt), "--steps", "17", "--spacing", "ddim", "--out", out))
+    _one_line_error(_invoke("respace", str(ckpt), "--steps", "0", "--out", out), code=2)
+    _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--spacing", "odd", "--out", out), code=2)
+    assert "input checkpoint" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(ckpt)))
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"x")
+    assert "--force" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(taken)))
+    assert "does not exist" in _one_line_error(
+        _invoke("respace", str(ckpt), "--steps", "5", "--out", str(tmp_path / "no" / "r.safetensors")))
