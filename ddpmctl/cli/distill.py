@@ -1,10 +1,149 @@
-"""`ddpmctl distill` (under construction)."""
+"""`ddpmctl distill CKPT --data DATA --from-steps 1024 --to-steps 4 ...`: progressive distillation (Salimans & Ho)."""
 
 from __future__ import annotations
 
-from ddpmctl.cli.common import fail
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from ddpmctl.cli.common import console, guarded, out_console, print_json, resolve_device, usage_error
 
 
-def distill_command() -> None:
-    """(under construction)"""
-    raise fail("not implemented yet")
+def _first_problem(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = "--" + "-".join(str(p) for p in first.get("loc", ())).replace("_", "-")
+    return f"{where}: {first.get('msg', 'invalid value')}"
+
+
+def _fmt(value: float | None, spec: str = ".4g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report_table(result: Any) -> Table:
+    """One row per stage: steps, iterations, loss, time, distance to the teacher vs plain DDIM's."""
+    table = Table(title=Text(f"distillation {result.from_steps} -> {result.to_steps} steps (param {result.param}); "
+                             f"distance = mean squared pixel distance to the teacher's {result.from_steps}-step DDIM"),
+                  title_justify="left", caption=Text(f"students in {result.out}: student_{{N}}.safetensors; "
+                                                     "ratio = student / DDIM (below 1: distillation helps)"),
+                  caption_justify="left")
+    for name in ("stage", "steps", "iters", "loss", "time", "student dist", "DDIM dist", "ratio"):
+        table.add_column(name, justify="right")
+    for s in result.stages:
+        table.add_row(str(s.stage), f"{s.teacher_steps}->{s.steps}", str(s.iters), _fmt(s.loss, ".3g"),
+                      f"{s.seconds:.0f}s", _fmt(s.student_distance, ".3g"), _fmt(s.ddim_distance, ".3g"),
+                      _fmt(s.ratio, ".3f"))
+    return table
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the iteration, save the stage state, stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("[yellow]stopping after this iteration (Ctrl-C again to abort without saving)[/yellow]")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+@guarded
+def distill_command(
+    checkpoint: Annotated[Path, typer.Argument(help="The teacher: a trained model (EMA) or a student to distill "
+                                                    "further.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="Training images: a folder or builtin:digits.",
+                                      show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: student_{N}.safetensors, report.json, "
+                                                          "resumable state.", show_default=False)],
+    iters_per_stage: Annotated[int, typer.Option("--iters-per-stage", help="Updates per halving (the paper: 50k).",
+                                                 show_default=False)],
+    from_steps: Annotated[Optional[int], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
+        "--from-steps", help="The teacher's DDIM steps, a power of two <= T (default: 1024 or T's largest power "
+                             "of two; for a student, its own N).", show_default=False)] = None,
+    to_steps: Annotated[int, typer.Option("--to-steps", help="The final student's steps (a power of two).")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate, decayed linearly to 0 in each stage.")]
+    = 5e-5,
+    param: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--param", help="Student head: v | x | both (default: the teacher's own head for a v or x0 model; for "
+                        "eps: both with learned-variance channels, else v).", show_default=False)] = None,
+    weighting: Annotated[str, typer.Option("--weighting", help="truncated-snr | snr+1")] = "truncated-snr",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (the student's forward; targets "
+                                                               "stay fp32).")] = "fp32",
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    report_samples: Annotated[int, typer.Option("--report-samples", help="Noises for the quality report "
+                                                                         "(0: no report).")] = 64,
+    save_every: Annotated[int, typer.Option("--save-every", help="Save the stage state every N updates.")] = 200,
+    no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not flip training images horizontally.")] = False,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (finished stages are "
+                                                          "kept).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start over, replacing a run in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Distill a model into a few-step student by repeatedly halving its DDIM steps (progressive distillation)."""
+    from ddpmctl.distill import DistillConfig, distill
+
+    if resume and force:
+        raise usage_error("--resume and --force contradict each other: pick one")
+    try:
+        config = DistillConfig(
+            checkpoint=str(checkpoint), data=data, out=str(out), from_steps=from_steps, to_steps=to_steps,
+            iters_per_stage=iters_per_stage, batch_size=batch_size, lr=lr, param=param, weighting=weighting,
+            precision=precision, seed=seed, report_samples=report_samples, save_every=save_every,
+            flip=not no_flip)
+    except ValidationError as err:
+        raise usage_error(_first_problem(err)) from None
+    torch_device = resolve_device(device)
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} it/s"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
+                        transient=False)
+    tasks: dict[int, Any] = {}
+
+    def on_event(event: Any) -> None:
+        if event.kind in ("plan", "reference", "saved") and not quiet:
+            console.print(Text(event.message))
+        elif event.kind == "stage_start":
+            tasks[event.stage] = progress.add_task(
+                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps}",
+                total=event.total, completed=event.iteration, loss="-", speed="-")
+        elif event.kind == "step":
+            task = tasks[event.stage]
+            progress.update(task, completed=event.iteration, loss=_fmt(event.loss, ".3g"))
+            speed = progress.tasks[task].speed
+            progress.update(task, speed="-" if not speed else f"{speed:.1f}")
+
+    with _StopFlag() as stop, progress:
+        result = distill(config, device=torch_device, resume=resume, force=force, callback=on_event,
+                         should_stop=stop)
+    if json_output:
+        print_json(result.to_json())
+    elif result.stages:
+        out_console.print(report_table(result))
+    if result.interrupted:
+        console.print(Text(f"interrupted: continue with the same command and --resume (state in {result.out})"))
+        raise typer.Exit(130)

@@ -1,0 +1,124 @@
+"""`ddpmctl distill` through typer's CliRunner: a tiny real run, flags -> DistillConfig, one-line errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ddpmctl.distill
+from ddpmctl.checkpoint import save_checkpoint
+from ddpmctl.cli.app import app
+from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
+
+T = 8
+
+
+def _model_config(out_channels: int) -> ModelConfig:
+    return ModelConfig(image_size=8, in_channels=1, model_channels=16, out_channels=out_channels, num_res_blocks=1,
+                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1, num_timesteps=T)
+
+
+def _checkpoint(path: Path, *, learned: bool) -> Path:
+    torch.manual_seed(0)
+    model_config = _model_config(2 if learned else 1)
+    diffusion = DiffusionConfig(timesteps=T) if learned else DiffusionConfig(timesteps=T, var_type="fixed_small",
+                                                                            loss_type="mse")
+    model = model_config.build()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_checkpoint(path, model.state_dict(), CheckpointConfig(model=model_config, diffusion=diffusion),
+                           kind="model", lineage=[])
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("distill_cli")
+    return {"learned": _checkpoint(root / "ema.safetensors", learned=True),
+            "fixed": _checkpoint(root / "fixed.safetensors", learned=False)}
+
+
+def _run(*args: str) -> object:
+    return CliRunner().invoke(app, ["distill", *args])
+
+
+def _base(ckpt: Path, out: Path) -> list[str]:
+    return [str(ckpt), "--data", "builtin:digits", "--out", str(out), "--from-steps", "4", "--to-steps", "2",
+            "--iters-per-stage", "3", "--batch-size", "4", "--report-samples", "2", "--device", "cpu", "--quiet"]
+
+
+def test_tiny_run_writes_students_and_report(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = _run(*_base(ckpts["learned"], out), "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["param"] == "both" and [s["steps"] for s in payload["stages"]] == [2]
+    assert payload["stages"][0]["student"] == "student_2.safetensors"
+    assert (out / "student_2.safetensors").exists() and not list(out.glob("state_*"))
+    report = json.loads((out / "report.json").read_text())
+    assert report["reference"] == {"steps": 4, "samples": 2, "seed": 0}
+    assert report["stages"][0]["student_distance"] >= 0 and report["stages"][0]["ddim_distance"] >= 0
+
+    again = _run(*_base(ckpts["learned"], out))
+    assert again.exit_code == 1 and "already holds a distillation run" in again.stderr
+    table = _run(*_base(ckpts["learned"], out), "--resume")  # nothing left to do: the table of the finished run
+    assert table.exit_code == 0 and "4->2" in table.stdout, table.output
+
+
+def test_flags_reach_the_library(ckpts: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = {}
+
+    def fake(config: ddpmctl.distill.DistillConfig, **kwargs: object) -> ddpmctl.distill.DistillResult:
+        seen.update(config=config, **kwargs)
+        return ddpmctl.distill.DistillResult(out=Path(config.out), from_steps=8, to_steps=1, param="x")
+
+    monkeypatch.setattr(ddpmctl.distill, "distill", fake)
+    result = _run(str(ckpts["learned"]), "--data", "some/dir", "--out", str(tmp_path), "--from-steps", "8",
+                  "--to-steps", "1", "--iters-per-stage", "7", "--lr", "1e-4", "--param", "x", "--weighting", "snr+1",
+                  "--precision", "bf16", "--seed", "3", "--no-flip", "--resume", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    config = seen["config"]
+    assert (config.from_steps, config.to_steps, config.iters_per_stage, config.lr, config.param) == (8, 1, 7, 1e-4, "x")
+    assert (config.weighting, config.precision, config.seed, config.flip) == ("snr+1", "bf16", 3, False)
+    assert seen["resume"] is True and seen["force"] is False and str(seen["device"]) == "cpu"
+    assert callable(seen["should_stop"]) and callable(seen["callback"])
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--to-steps", "3"], 1, "--to-steps 3 is not a power of two"),
+    (["--from-steps", "6"], 1, "--from-steps 6 is not a power of two"),
+    (["--from-steps", "16"], 1, "exceeds the 8 steps"),
+    (["--to-steps", "4"], 1, "must be smaller than --from-steps 4"),
+    (["--param", "eps"], 2, "--param"),
+    (["--weighting", "min-snr"], 2, "--weighting"),
+    (["--iters-per-stage", "0"], 2, "--iters-per-stage"),
+    (["--resume", "--force"], 2, "contradict"),
+])
+def test_bad_input_is_one_line(ckpts: dict[str, Path], tmp_path: Path, args: list[str], code: int,
+                               message: str) -> None:
+    base = _base(ckpts["learned"], tmp_path / "run")
+    # later flags win in typer/click, so appending overrides the base values
+    result = _run(*base, *args)
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_both_needs_learned_variance_channels(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    result = _run(*_base(ckpts["fixed"], tmp_path / "run"), "--param", "both")
+    assert result.exit_code == 1 and "--param both needs 2 output channels" in result.stderr
+
+
+def test_not_a_checkpoint_and_missing_data(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    bogus = tmp_path / "notes.safetensors"
+    bogus.write_text("hello")
+    result = _run(*_base(bogus, tmp_path / "run"))
+    assert result.exit_code == 1 and result.stderr.startswith("error: ") and len(result.stderr.splitlines()) == 1
+    base = _base(ckpts["learned"], tmp_path / "run")
+    base[base.index("builtin:digits")] = str(tmp_path / "no-such-folder")
+    result = _run(*base)
+    assert result.exit_code == 1 and "no-such-folder" in result.stderr
