@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 demo: install
-	OMP_NUM_THREADS=2 bash examples/demo.sh $(VENV)/bin/ddpmctl $(DEMO_DIR)
+	bash examples/demo.sh $(VENV)/bin/ddpmctl $(DEMO_DIR)
 
 bench: install
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -245,8 +245,6 @@ class TrainConfig(_Frozen):
                              "(or learned), or --loss simple for a fixed variance")
         if self.loss == "vlb" and not learned:
             raise ValueError("--loss vlb needs a learned variance (--var-type learned-range or learned)")
-        if self.max_steps is None and self.max_time is None:
-            raise ValueError("give --max-steps or --max-time (or both) so training knows when to stop")
         return self
 
     @property

@@ -70,4 +70,9 @@ def print_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
-DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N (auto = CUDA when available).")
+DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto = CUDA when available)."
+
+
+def device_option() -> Any:
+    """A fresh ``--device`` option (typer mutates option objects, so each command needs its own)."""
+    return typer.Option("auto", "--device", help=DEVICE_HELP)

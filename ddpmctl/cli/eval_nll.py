@@ -10,7 +10,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ddpmctl.cli.common import DeviceOption, console, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
 
 DEFAULT_MC_TERMS = 64
 
@@ -118,7 +118,7 @@ def eval_nll_command(
         "--terms", help=f"mc: KL terms sampled per image (default {DEFAULT_MC_TERMS}).")] = None,
     pilot_images: Annotated[int, typer.Option(
         "--pilot-images", help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
-    device: str = DeviceOption,
+    device: str = device_option(),
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
 ) -> None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOption, console, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
 from ddpmctl.errors import SamplerError
 
 _SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
@@ -71,7 +71,7 @@ def sample_command(
         "--class", help="Class name or index for a class-conditional model (default: drawn per image).",
         show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace samples already in --out.")] = False,
-    device: str = DeviceOption,
+    device: str = device_option(),
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:

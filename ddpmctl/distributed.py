@@ -1,0 +1,119 @@
+"""torch.distributed for training: process-group set-up from torchrun's environment, and the collectives train.py uses.
+
+Under ``torchrun`` (env ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) :func:`setup` initialises the default process group
+(gloo on CPU, nccl on CUDA); otherwise everything here degrades to the single-process case.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ddpmctl.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Who this process is: rank, world size and the device it trains on."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    # True when setup() created the process group (and teardown() must destroy it).
+    owns_group: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def setup(device: torch.device, *, timeout_s: float = 600.0) -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA; one GPU per local rank)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size <= 1 and not dist.is_initialized():
+        return DistInfo(device=device)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if device.type == "cuda":
+        # torchrun starts one process per GPU: each rank takes the GPU of its local rank.
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"rank {rank} wants cuda:{local_rank} but only {torch.cuda.device_count()} "
+                              "GPU(s) are visible (use --nproc_per_node <= the GPU count)")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        # Every rank on one CPU: split the cores, oversubscription costs far more than it gains.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world_size, 1)))
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        owns = True
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+                    device=device, owns_group=owns)
+
+
+def teardown(info: DistInfo) -> None:
+    """Destroy the process group if :func:`setup` created it."""
+    if info.owns_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _comm_device(info: DistInfo) -> torch.device:
+    # nccl moves only CUDA tensors; gloo only CPU ones.
+    return info.device if info.device.type == "cuda" else torch.device("cpu")
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if info.distributed:
+        if info.device.type == "cuda":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce_max(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks of a small float tensor (stop/NaN flags every rank must agree on)."""
+    if not info.distributed:
+        return values
+    buf = values.to(_comm_device(info), torch.float32).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.to(values.device)
+
+
+def all_reduce_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (metric accumulators); returns a new tensor on the input's device."""
+    if not info.distributed:
+        return values
+    buf = values.to(_comm_device(info)).clone()
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(values.device)
+
+
+def all_gather_bytes(info: DistInfo, data: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's copy of a same-sized uint8 CPU tensor (RNG states, parameter digests), in rank order."""
+    if not info.distributed:
+        return [data]
+    local = data.to(_comm_device(info)).contiguous()
+    gathered = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(gathered, local)
+    return [g.cpu() for g in gathered]

@@ -1,0 +1,168 @@
+"""The training run folder: file names, complete saves, pruning (--keep), the saved config and metrics.jsonl.
+
+Layout: ``config.json``, ``metrics.jsonl``, and per save at step N the triplet ``ema_{rate}_{N:06d}.safetensors``,
+``model_{N:06d}.safetensors``, ``state_{N:06d}.safetensors`` plus ``state_{N:06d}.json``. The JSON is written last,
+so a save is complete exactly when its JSON exists; deleting starts with the JSON for the same reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from ddpmctl.checkpoint import write_json_atomic
+from ddpmctl.config import TrainConfig
+from ddpmctl.errors import ConfigError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+_STEP_FILE = re.compile(r"^(?:ema_[^_]+|model|state)_(\d+)\.(?:safetensors|json)$")
+_STATE_JSON = re.compile(r"^state_(\d+)\.json$")
+# checkpoint._atomic_write's temporary files (".<final name>.<pid>.<hex>.tmp"), left behind only by a killed writer.
+_STEP_TMP = re.compile(r"^\.(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)\.\d+\.[0-9a-f]+\.tmp$")
+
+# Options that only steer this invocation: they may change on --resume without changing what is trained.
+RESUMABLE_FIELDS = frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy"})
+
+
+def ema_name(rate: float, step: int) -> str:
+    return f"ema_{rate}_{step:06d}.safetensors"
+
+
+def model_name(step: int) -> str:
+    return f"model_{step:06d}.safetensors"
+
+
+def state_name(step: int) -> str:
+    return f"state_{step:06d}.safetensors"
+
+
+def state_json_name(step: int) -> str:
+    return f"state_{step:06d}.json"
+
+
+def complete_saves(run_dir: Path) -> list[int]:
+    """Steps whose save is complete (its state JSON exists), ascending."""
+    if not run_dir.is_dir():
+        return []
+    steps = [int(m.group(1)) for p in run_dir.iterdir() if (m := _STATE_JSON.match(p.name))]
+    return sorted(steps)
+
+
+def holds_run(run_dir: Path) -> bool:
+    """Whether the folder already holds (part of) a training run."""
+    if not run_dir.is_dir():
+        return False
+    return any(p.name in (CONFIG_FILE, METRICS_FILE) or _STEP_FILE.match(p.name) for p in run_dir.iterdir())
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def clear_run(run_dir: Path) -> None:
+    """Delete a previous run's files (``--force``): state JSONs first, so no half-deleted save looks complete."""
+    files = [p for p in run_dir.iterdir() if _STEP_FILE.match(p.name) or p.name in (CONFIG_FILE, METRICS_FILE)]
+    for path in sorted(files, key=lambda p: not p.name.endswith(".json") or p.name == CONFIG_FILE):
+        _unlink(path)
+
+
+def prune(run_dir: Path, keep: int) -> list[int]:
+    """Keep the newest ``keep`` complete saves; delete every other step file (older saves, orphans of killed saves).
+
+    Call only right after a save completed. Returns the deleted steps.
+    """
+    kept = set(complete_saves(run_dir)[-keep:])
+    doomed: dict[int, list[Path]] = {}
+    for path in run_dir.iterdir():
+        match = _STEP_FILE.match(path.name)
+        if match and int(match.group(1)) not in kept:
+            doomed.setdefault(int(match.group(1)), []).append(path)
+    for step, paths in sorted(doomed.items()):
+        # The JSON goes first: once it is gone the save no longer counts as complete.
+        for path in sorted(paths, key=lambda p: not p.name.endswith(".json")):
+            _unlink(path)
+    for path in run_dir.iterdir():
+        if _STEP_TMP.match(path.name):
+            _unlink(path)
+    return sorted(doomed)
+
+
+def write_run_config(run_dir: Path, payload: dict[str, Any]) -> None:
+    write_json_atomic(run_dir / CONFIG_FILE, payload)
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """The saved ``config.json`` of a run folder (ConfigError when absent or unreadable)."""
+    path = run_dir / CONFIG_FILE
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} holds no training run to resume (no {CONFIG_FILE})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} cannot be read: {err}") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("train"), dict):
+        raise ConfigError(f"{path} is not a ddpmctl run config (no 'train' section)")
+    return payload
+
+
+def saved_train_config(run_dir: Path) -> dict[str, Any]:
+    """The ``train`` section of a run's config.json as a plain dict (TrainConfig field names)."""
+    return dict(read_run_config(run_dir)["train"])
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def config_differences(saved: dict[str, Any], given: TrainConfig) -> list[str]:
+    """Fields (other than RESUMABLE_FIELDS) where ``given`` differs from the saved run, as 'flag saved -> given'."""
+    try:
+        saved_config = TrainConfig.model_validate(saved)
+    except ValueError as err:
+        raise ConfigError(f"the saved run config is invalid: {str(err).splitlines()[0]}") from None
+    diffs = []
+    for field in TrainConfig.model_fields:
+        if field in RESUMABLE_FIELDS:
+            continue
+        old, new = getattr(saved_config, field), getattr(given, field)
+        if old != new:
+            diffs.append(f"{_flag(field)} (saved {_show(old)}, given {_show(new)})")
+    return diffs
+
+
+def rewrite_metrics(run_dir: Path, up_to_step: int) -> None:
+    """Keep only metrics lines of steps <= up_to_step (a resumed run rewrites what came after its save)."""
+    path = run_dir / METRICS_FILE
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= up_to_step:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """One JSON line per log step (flushed, so a kill loses at most the line being written)."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()

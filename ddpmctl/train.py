@@ -1,0 +1,609 @@
+"""The training loop (improved-diffusion ``TrainLoop``): AdamW, EMA, importance-sampled timesteps, bf16 autocast,
+exact resume from the run folder, DistributedDataParallel under torchrun.
+
+Determinism: one CPU ``torch.Generator`` seeded with ``--seed`` draws everything data-side for the GLOBAL batch
+(epoch permutations, flips, timesteps, noise); each rank takes its slice, so every rank's generator stays identical
+and the run does not depend on how the batch is split. Dropout uses the global torch RNG (seeded per rank). All of
+these states are saved, so a resumed run continues bit for bit. Reports through ``callback``; never prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ddpmctl import __version__
+from ddpmctl import distributed as dist_utils
+from ddpmctl import runfolder
+from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
+from ddpmctl.config import CheckpointConfig, TrainConfig
+from ddpmctl.data import load_dataset
+from ddpmctl.ema import EMA
+from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
+from ddpmctl.resample import create_named_schedule_sampler
+
+EventKind = Literal["start", "step", "log", "save", "warning", "end"]
+StopReason = Literal["max_steps", "max_time", "interrupted", "stopped"]
+STATE_FORMAT = "ddpmctl-train-state/1"
+RUN_FORMAT = "ddpmctl-run/1"
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """Progress report for the caller (the CLI draws its progress bar from these)."""
+
+    kind: EventKind
+    step: int
+    max_steps: int | None
+    elapsed: float  # seconds since the training loop started (set-up excluded)
+    max_time: float | None
+    metrics: dict[str, Any] | None = None
+    path: Path | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished (or stopped) run left behind."""
+
+    run_dir: Path
+    step: int
+    start_step: int
+    ema_checkpoint: Path
+    model_checkpoint: Path
+    state_file: Path
+    stop_reason: StopReason
+    elapsed: float
+    images_per_s: float
+    nan_skips: int
+    num_parameters: int
+    last_metrics: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir), "step": self.step, "start_step": self.start_step,
+            "ema_checkpoint": str(self.ema_checkpoint), "model_checkpoint": str(self.model_checkpoint),
+            "state_file": str(self.state_file), "stop_reason": self.stop_reason, "elapsed": self.elapsed,
+            "images_per_s": self.images_per_s, "nan_skips": self.nan_skips,
+            "num_parameters": self.num_parameters, "last_metrics": self.last_metrics,
+        }
+
+
+def _compute_losses(diffusion: Any, model: Callable[..., torch.Tensor], x_start: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor, model_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-sample training losses (one seam, so tests can inject a non-finite loss)."""
+    return diffusion.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)
+
+
+class _AutocastModel:
+    """Calls the network under bf16 autocast and hands back fp32, so every loss is computed in fp32."""
+
+    def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
+        self.module, self.device_type, self.dtype = module, device_type, dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.dtype is None:
+            return self.module(x, t, **kwargs)
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            out = self.module(x, t, **kwargs)
+        return out.float()
+
+
+class _IndexStream:
+    """Dataset indices as consecutive random permutations (a fresh one per epoch) from the run generator."""
+
+    def __init__(self, num_items: int, generator: torch.Generator) -> None:
+        self.num_items, self.generator = num_items, generator
+        self.perm = torch.empty(0, dtype=torch.int64)
+        self.pos = 0
+        self.epoch = 0
+
+    def take(self, count: int) -> torch.Tensor:
+        # A batch may straddle two epochs (or several, when the dataset is smaller than the batch).
+        parts = []
+        while count > 0:
+            if self.pos >= self.perm.numel():
+                self.perm = torch.randperm(self.num_items, generator=self.generator)
+                self.pos, self.epoch = 0, self.epoch + 1
+            n = min(count, self.perm.numel() - self.pos)
+            parts.append(self.perm[self.pos:self.pos + n])
+            self.pos, count = self.pos + n, count - n
+        return torch.cat(parts)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag (the loop saves and returns); a second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of all gradients (as torch.nn.utils.get_total_norm), kept on the device."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _clip_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
+    """Scale gradients down to ``max_norm`` (torch.nn.utils.clip_grad_norm_'s formula), without a host sync."""
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
+
+
+def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused where this torch/device supports it, else multi-tensor (foreach)."""
+    try:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+
+
+def _param_digest(module: nn.Module) -> torch.Tensor:
+    """SHA-256 of every parameter's bytes, in order, as a uint8 tensor [32] (ranks compare these)."""
+    digest = hashlib.sha256()
+    for name, param in module.named_parameters():
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
+    return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).clone()
+
+
+def _rank_seed(seed: int, rank: int) -> int:
+    """A well-mixed seed for rank ``rank``'s global RNG (dropout) from the run seed."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class _Trainer:
+    """One training run: set up from the config (or the run folder), then loop until a stop condition."""
+
+    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, resume: bool, force: bool,
+                 callback: Callable[[TrainEvent], None] | None, should_stop: Callable[[], bool] | None) -> None:
+        if config.out is None:
+            raise ConfigError("no run folder: give --out DIR")
+        if resume and force:
+            raise ConfigError("--resume continues the run in --out, --force deletes it: give one of them")
+        self.config, self.dist, self.device = config, dist, dist.device
+        self.callback = callback if dist.is_main else None
+        self.should_stop = should_stop
+        self.run_dir = Path(config.out)
+        self.t0 = time.monotonic()
+        self.step = 0
+        if config.batch_size % dist.world_size:
+            raise ConfigError(f"--batch-size {config.batch_size} is the global batch and must divide evenly "
+                              f"among {dist.world_size} ranks")
+        self.local_batch = config.batch_size // dist.world_size
+
+        saved = self._check_run_dir(resume, force)
+        # Every rank has looked at the folder before rank 0 writes into it.
+        dist_utils.barrier(dist)
+        self.dataset = load_dataset(config.data, image_size=config.image_size, color=config.color,
+                                    class_cond=config.class_cond, split="train",
+                                    skip_bad_images=config.skip_bad_images, on_warning=self._warn)
+        if config.class_cond and not self.dataset.num_classes:
+            raise ConfigError(f"--class-cond: {config.data} has no class labels")
+        self.model_config = config.make_model_config(
+            image_size=self.dataset.image_size, channels=self.dataset.channels,
+            num_classes=self.dataset.num_classes if config.class_cond else None)
+        self.diffusion_config = config.make_diffusion_config()
+        self.ckpt_config = CheckpointConfig(model=self.model_config, diffusion=self.diffusion_config,
+                                            data=self.dataset.info())
+        if saved is not None:
+            self._check_saved_model(saved)
+
+        # The same initial weights on every rank (DDP also broadcasts rank 0's); then a per-rank dropout stream.
+        torch.manual_seed(config.seed)
+        self.model = self.model_config.build().to(self.device)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        torch.manual_seed(_rank_seed(config.seed, dist.rank))
+        self.diffusion = self.diffusion_config.build()
+        self.params = list(self.model.parameters())
+        self.optimizer = _make_optimizer(self.params, config, self.device)
+        self.ema = EMA(self.model, config.ema)
+        self.sampler = create_named_schedule_sampler(config.timestep_sampler, self.diffusion)
+        # Only a loss-aware sampler needs the per-sample losses (feeding it costs a host sync per step).
+        self.loss_aware = config.timestep_sampler != "uniform"
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.stream = _IndexStream(len(self.dataset.images), self.generator)
+        self.elapsed_before = 0.0
+        self.nan_skips = 0
+        self.last_saved: int | None = None
+        self.last_metrics: dict[str, Any] | None = None
+
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            runfolder.write_run_config(self.run_dir, self._run_config_payload())
+        dist_utils.barrier(dist)
+        if saved is not None and runfolder.complete_saves(self.run_dir):
+            self._load_state(runfolder.complete_saves(self.run_dir)[-1])
+        if dist.is_main:
+            runfolder.rewrite_metrics(self.run_dir, self.step)
+
+        if dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.net: nn.Module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                      else None)
+        else:
+            self.net = self.model
+        autocast = torch.bfloat16 if config.precision == "bf16" else None
+        self.model_call = _AutocastModel(self.net, self.device.type, autocast)
+        # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
+        self.images = self.dataset.images
+        self.labels = self.dataset.labels if config.class_cond else None
+        if self.device.type == "cuda" and self.images.numel() <= 2**30:
+            self.images = self.images.to(self.device)
+            self.labels = self.labels.to(self.device) if self.labels is not None else None
+
+    # ----------------------------------------------------------------------------------------- set-up helpers
+    def _warn(self, message: str) -> None:
+        self._emit("warning", message=message)
+
+    def _emit(self, kind: EventKind, **kwargs: Any) -> None:
+        if self.callback is not None:
+            self.callback(TrainEvent(kind=kind, step=self.step, max_steps=self.config.max_steps,
+                                     elapsed=time.monotonic() - self.t0, max_time=self.config.max_time, **kwargs))
+
+    def _check_run_dir(self, resume: bool, force: bool) -> dict[str, Any] | None:
+        """Refuse to mix runs; on --resume return the saved config.json after checking it matches."""
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"--out {run_dir} is a file, not a folder")
+        if resume:
+            saved = runfolder.read_run_config(run_dir)
+            diffs = runfolder.config_differences(saved["train"], self.config)
+            if diffs:
+                raise ConfigError(f"cannot resume {run_dir}: its config differs in " + "; ".join(diffs)
+                                  + " (omit these options to keep the saved values)")
+            return saved
+        if runfolder.holds_run(run_dir):
+            if not force:
+                raise ConfigError(f"{run_dir} already holds a training run: use --resume to continue it, "
+                                  "--force to delete it and start over, or another --out")
+            dist_utils.barrier(self.dist)  # every rank has looked before rank 0 deletes
+            if self.dist.is_main:
+                runfolder.clear_run(run_dir)
+        return None
+
+    def _check_saved_model(self, saved: dict[str, Any]) -> None:
+        old = saved.get("model")
+        new = self.model_config.model_dump(mode="json")
+        if isinstance(old, dict):
+            diffs = [f"model.{k} (saved {old.get(k)}, now {new[k]})" for k in new if old.get(k) != new[k]]
+            if diffs:
+                raise ConfigError(f"cannot resume {self.run_dir}: the network would differ in " + "; ".join(diffs)
+                                  + " (has the data changed?)")
+
+    def _run_config_payload(self) -> dict[str, Any]:
+        return {
+            "format": RUN_FORMAT,
+            "train": self.config.model_dump(mode="json"),
+            "model": self.model_config.model_dump(mode="json"),
+            "diffusion": self.diffusion_config.model_dump(mode="json"),
+            "data": self.ckpt_config.data.model_dump(mode="json") if self.ckpt_config.data else None,
+            "num_parameters": self.num_parameters,
+            "world_size": self.dist.world_size,
+            "created_with": __version__,
+        }
+
+    # ------------------------------------------------------------------------------------------- save / load
+    def _paths(self, step: int) -> tuple[Path, Path, Path, Path]:
+        d = self.run_dir
+        return (d / runfolder.ema_name(self.config.ema, step), d / runfolder.model_name(step),
+                d / runfolder.state_name(step), d / runfolder.state_json_name(step))
+
+    def _lineage(self, step: int, ema: float | None) -> list[dict[str, Any]]:
+        return [{"op": "train", "run": self.run_dir.name, "step": step, "ema": ema, "data": self.config.data}]
+
+    def _save(self) -> None:
+        """Write the EMA checkpoint, the raw weights, the training state; the state JSON last; then prune."""
+        step = self.step
+        # Collectives first (every rank takes part); only rank 0 writes.
+        rng_global = dist_utils.all_gather_bytes(self.dist, torch.get_rng_state())
+        rng_cuda = (dist_utils.all_gather_bytes(self.dist, torch.cuda.get_rng_state(self.device))
+                    if self.device.type == "cuda" else [])
+        digests = (dist_utils.all_gather_bytes(self.dist, _param_digest(self.model))
+                   if self.dist.distributed else [])
+        if self.dist.is_main:
+            ema_path, model_path, state_path, json_path = self._paths(step)
+            save_checkpoint(ema_path, self.ema.state_dict(self.model), self.ckpt_config, kind="model",
+                            lineage=self._lineage(step, self.config.ema))
+            raw = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_checkpoint(model_path, raw, self.ckpt_config, kind="model", lineage=self._lineage(step, None))
+            tensors: dict[str, torch.Tensor] = {}
+            for index, entry in self.optimizer.state_dict()["state"].items():
+                for key, value in entry.items():
+                    tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            for key, value in self.sampler.state_dict().items():
+                tensors[f"sampler.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+            tensors["data.perm"] = self.stream.perm.clone()
+            tensors["rng.generator"] = self.generator.get_state()
+            for rank, state in enumerate(rng_global):
+                tensors[f"rng.global.rank{rank}"] = state
+            for rank, state in enumerate(rng_cuda):
+                tensors[f"rng.cuda.rank{rank}"] = state
+            save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
+            meta: dict[str, Any] = {
+                "format": STATE_FORMAT, "step": step, "epoch": self.stream.epoch, "data_position": self.stream.pos,
+                "nan_skips": self.nan_skips, "elapsed": self.elapsed_before + time.monotonic() - self.t0,
+                "images_seen": step * self.config.batch_size, "world_size": self.dist.world_size,
+                "timestep_sampler": self.config.timestep_sampler, "ema_rate": self.config.ema,
+                "files": {"ema": ema_path.name, "model": model_path.name, "state": state_path.name},
+            }
+            if digests:
+                # Each rank hashed its own parameters: equal digests prove the replicas never diverged.
+                meta["rank_param_sha256"] = [bytes(d.tolist()).hex() for d in digests]
+            write_json_atomic(json_path, meta)
+            runfolder.prune(self.run_dir, self.config.keep)
+            self._emit("save", path=ema_path)
+        if digests and len({bytes(d.tolist()) for d in digests}) > 1:
+            raise TrainingError(f"the ranks' parameters diverged by step {step} (distributed set-up is broken)")
+        self.last_saved = step
+
+    def _load_state(self, step: int) -> None:
+        """Restore everything _save wrote at ``step`` (exact resume)."""
+        ema_path, model_path, state_path, json_path = self._paths(step)
+        try:
+            meta = json.loads(json_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise CheckpointError(f"{json_path}: cannot read the training state ({err})") from None
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{json_path} is not a ddpmctl training state")
+        model_tensors, _ = load_tensors(model_path)
+        ema_tensors, _ = load_tensors(ema_path)
+        state, _ = load_tensors(state_path)
+        try:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in model_tensors.items()}, strict=True)
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in ema_tensors.items()})
+        except (RuntimeError, KeyError) as err:
+            raise CheckpointError(f"{model_path.parent}: saved weights do not fit the network "
+                                  f"({str(err).splitlines()[0]})") from None
+        optim_state: dict[int, dict[str, torch.Tensor]] = {}
+        sampler_state: dict[str, torch.Tensor] = {}
+        for key, value in state.items():
+            if key.startswith("optim."):
+                _, index, name = key.split(".", 2)
+                optim_state.setdefault(int(index), {})[name] = value
+            elif key.startswith("sampler."):
+                sampler_state[key[len("sampler."):]] = value
+        try:
+            self.optimizer.load_state_dict({"state": optim_state,
+                                            "param_groups": self.optimizer.state_dict()["param_groups"]})
+            self.sampler.load_state_dict(sampler_state)
+            self.generator.set_state(state["rng.generator"])
+            self.stream.perm = state["data.perm"].to(torch.int64)
+        except (RuntimeError, KeyError, ValueError) as err:
+            raise CheckpointError(f"{state_path}: the training state does not fit this run "
+                                  f"({str(err).splitlines()[0]})") from None
+        global_key = f"rng.global.rank{self.dist.rank}"
+        if global_key in state:
+            torch.set_rng_state(state[global_key])
+        cuda_key = f"rng.cuda.rank{self.dist.rank}"
+        if self.device.type == "cuda" and cuda_key in state:
+            torch.cuda.set_rng_state(state[cuda_key], self.device)
+        self.stream.pos, self.stream.epoch = int(meta["data_position"]), int(meta["epoch"])
+        self.step = int(meta["step"])
+        self.nan_skips = int(meta.get("nan_skips", 0))
+        self.elapsed_before = float(meta.get("elapsed", 0.0))
+        self.last_saved = self.step
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's slice of the next global batch: x_start, t, importance weights, noise, model kwargs."""
+        g, batch = self.generator, self.config.batch_size
+        # Draw for the whole global batch on every rank (same generator, same order), then slice.
+        index = self.stream.take(batch)
+        flips = torch.rand(batch, generator=g) < 0.5 if self.config.flip else None
+        t, weights = self.sampler.sample(batch, torch.device("cpu"), generator=g)
+        noise = torch.randn((batch, *self.images.shape[1:]), generator=g)
+        lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
+        dev, nb = self.device, self.device.type == "cuda"
+        local = index[lo:hi].to(self.images.device, non_blocking=nb)
+        images = self.images[local]
+        if flips is not None:
+            images = torch.where(flips[lo:hi].to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
+        # The 8-bit grid mapped onto [-1, 1] exactly as images.uint8_to_model does.
+        x_start = images.to(dev, non_blocking=nb).float() / 127.5 - 1.0
+        kwargs = {}
+        if self.labels is not None:
+            kwargs["y"] = self.labels[local].to(dev, non_blocking=nb)
+        return (x_start, torch.as_tensor(t[lo:hi]).to(dev, torch.int64),
+                torch.as_tensor(weights[lo:hi]).to(dev, torch.float32), noise[lo:hi].to(dev, non_blocking=nb),
+                kwargs)
+
+    def _is_control_step(self, step: int) -> bool:
+        """Steps where the host looks at device values (NaN, stop flags): every step unless it would cost a sync."""
+        c = self.config
+        if self.device.type == "cpu" or c.nan_policy == "skip" or self.loss_aware:
+            return True
+        return step % c.log_every == 0 or step % c.save_every == 0 or step == c.max_steps
+
+    def _stop_reason(self, signals: _StopSignals) -> StopReason | None:
+        """Whether to stop now, agreed by every rank (max over ranks of each condition)."""
+        c = self.config
+        flags = torch.tensor([
+            float(signals.signum is not None),
+            float(self.should_stop is not None and bool(self.should_stop())),
+            float(c.max_time is not None and time.monotonic() - self.t0 >= c.max_time),
+        ])
+        flags = dist_utils.all_reduce_max(self.dist, flags)
+        if flags[0] > 0:
+            return "interrupted"
+        if flags[1] > 0:
+            return "stopped"
+        if flags[2] > 0:
+            return "max_time"
+        return None
+
+    def _non_finite(self, step: int, loss: torch.Tensor) -> TrainingError:
+        good = f"the last good checkpoint is {self._paths(self.last_saved)[0]}" if self.last_saved is not None \
+            else "no checkpoint was saved yet"
+        return TrainingError(f"non-finite loss ({float(loss.detach()):.4g}) at step {step}: stopped, {good} "
+                             "(try a lower --lr, --grad-clip 1, or --nan-policy skip)")
+
+    def _log(self, acc: torch.Tensor, since: float, steps_since: int) -> None:
+        acc = dist_utils.all_reduce_sum(self.dist, acc).cpu().double()
+        n = max(float(acc[3]), 1.0)
+        world = self.dist.world_size
+        now = time.monotonic()
+        record: dict[str, Any] = {
+            "step": self.step,
+            "loss": float(acc[0]) / n / world,
+            "mse": float(acc[1]) / n / world,
+            "vb": float(acc[2]) / n / world,
+        }
+        for q in range(4):
+            count = float(acc[8 + q])
+            record[f"q{q}"] = float(acc[4 + q]) / count if count else None
+        record.update({
+            "grad_norm": float(acc[12]) / n / world,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "img_per_s": steps_since * self.config.batch_size / max(now - since, 1e-9),
+            "elapsed": self.elapsed_before + now - self.t0,
+            "nan_skips": self.nan_skips,
+        })
+        self.last_metrics = record
+        if self.dist.is_main:
+            runfolder.append_metrics(self.run_dir, record)
+        self._emit("log", metrics=record)
+
+    def _check_finite(self, bad: torch.Tensor, first_bad: torch.Tensor, loss: torch.Tensor, step: int) -> bool:
+        """At a control step: raise for a non-finite loss (policy stop), or return True to skip this step."""
+        flags = dist_utils.all_reduce_max(self.dist, torch.stack([bad.float(), (first_bad >= 0).float()]))
+        if flags[1] > 0:
+            raise self._non_finite(int(first_bad), torch.tensor(float("nan")))
+        if flags[0] > 0:
+            if self.config.nan_policy == "stop":
+                raise self._non_finite(step, loss)
+            return True
+        return False
+
+    @torch.no_grad()
+    def _accumulate(self, acc: torch.Tensor, loss: torch.Tensor, losses: dict[str, torch.Tensor], t: torch.Tensor,
+                    ones: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """Add one step to the on-device metric sums: [loss, mse, vb, steps, loss by t-quartile (4), counts (4),
+        grad norm] (read back only at log steps, so logging costs no per-step sync)."""
+        per_sample = losses["loss"].detach().float()
+        quartile = torch.clamp(t * 4 // self.diffusion.num_timesteps, max=3)
+        acc[0] += loss.detach()
+        acc[1] += losses["mse"].detach().mean() if "mse" in losses else 0.0
+        acc[2] += losses["vb"].detach().mean() if "vb" in losses else 0.0
+        acc[3] += 1
+        acc[4:8].index_add_(0, quartile, per_sample)
+        acc[8:12].index_add_(0, quartile, ones)
+        acc[12] += grad_norm.detach()
+
+    def run(self) -> TrainResult:
+        c, dev = self.config, self.device
+        start_step = self.step
+        # --max-time, elapsed and img/s count training only, not loading data and building the network.
+        self.t0 = time.monotonic()
+        acc = torch.zeros(13, device=dev)
+        ones = torch.ones(self.local_batch, device=dev)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+        step_dev = torch.full((), self.step, dtype=torch.int64, device=dev)
+        log_t0, log_steps = time.monotonic(), 0
+        reason: StopReason = "max_steps"
+        self._emit("start", message=f"{self.num_parameters:,} parameters")
+        self.model.train()
+        with _StopSignals() as signals:
+            while c.max_steps is None or self.step < c.max_steps:
+                x_start, t, weights, noise, kwargs = self._batch()
+                losses = _compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)
+                per_sample = losses["loss"]
+                loss = (per_sample * weights).mean()
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grads = [p.grad for p in self.params if p.grad is not None]
+                grad_norm = _grad_norm(grads)
+                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                step_dev += 1
+                next_step = self.step + 1
+                control = self._is_control_step(next_step)
+                skip = False
+                if control:
+                    skip = self._check_finite(bad, first_bad, loss, next_step)
+                else:
+                    # No sync here: remember the first bad step on the device; the next control step raises.
+                    first_bad = torch.where(bad & (first_bad < 0), step_dev, first_bad)
+                if skip:
+                    self.nan_skips += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._emit("warning", message=f"step {next_step}: non-finite loss, step skipped "
+                                                  f"({self.nan_skips} so far)")
+                else:
+                    if c.grad_clip is not None:
+                        _clip_(grads, c.grad_clip, grad_norm)
+                    self.optimizer.step()
+                    self.ema.update(self.model)
+                    if self.loss_aware:
+                        self.sampler.update_with_local_losses(t, per_sample.detach())
+                    self._accumulate(acc, loss, losses, t, ones, grad_norm)
+                self.step = next_step
+                log_steps += 1
+                self._emit("step")
+                stop = self._stop_reason(signals) if control else None
+                if self.step % c.log_every == 0 or stop is not None:
+                    self._log(acc, log_t0, log_steps)
+                    acc.zero_()
+                    log_t0, log_steps = time.monotonic(), 0
+                if self.step % c.save_every == 0 or stop is not None:
+                    self._save()
+                if stop is not None:
+                    reason = stop
+                    break
+            if log_steps:
+                self._log(acc, log_t0, log_steps)
+            if self.last_saved != self.step:
+                self._save()
+        elapsed = time.monotonic() - self.t0
+        trained = self.step - start_step
+        ema_path, model_path, state_path, _ = self._paths(self.step)
+        self._emit("end", path=ema_path, message=reason)
+        return TrainResult(run_dir=self.run_dir, step=self.step, start_step=start_step, ema_checkpoint=ema_path,
+                           model_checkpoint=model_path, state_file=state_path, stop_reason=reason,
+                           elapsed=elapsed, images_per_s=trained * c.batch_size / max(elapsed, 1e-9),
+                           nan_skips=self.nan_skips, num_parameters=self.num_parameters,
+                           last_metrics=self.last_metrics)
+
+
+def train(config: TrainConfig, *, device: torch.device, resume: bool = False, force: bool = False,
+          callback: Callable[[TrainEvent], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) the run in ``config.out`` until max_steps / max_time / a stop request.
+
+    Under torchrun (WORLD_SIZE > 1) every rank calls this; rank 0 alone writes files and receives callbacks.
+    Raises ConfigError for an unusable run folder or option, TrainingError for a non-finite loss.
+    """
+    dist = dist_utils.setup(device)
+    try:
+        return _Trainer(config, dist, resume, force, callback, should_stop).run()
+    finally:
+        dist_utils.teardown(dist)
+

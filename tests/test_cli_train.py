@@ -1,0 +1,152 @@
+"""`ddpmctl train` through typer's CliRunner: flags/TOML -> TrainConfig, one-line usage errors, a real tiny run."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ddpmctl.train as train_module
+from ddpmctl.cli.app import app
+from ddpmctl.config import TrainConfig
+
+TINY = ["--model-channels", "16", "--channel-mult", "1,2", "--res-blocks", "1", "--attention-resolutions", "4",
+        "--timesteps", "20", "--batch-size", "16", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
+def captured(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Replace the library call: record what the CLI would train, train nothing."""
+    seen: dict[str, Any] = {}
+
+    def fake_train(config: TrainConfig, **kwargs: Any) -> None:
+        seen["config"], seen["kwargs"] = config, kwargs
+        raise train_module.TrainingError("stub: not training")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    return seen
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(app, ["train", *args])
+
+
+def one_error_line(result: Any, code: int) -> str:
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_flags_become_the_config(captured: dict[str, Any], tmp_path: Path) -> None:
+    result = invoke("builtin:digits", "-o", str(tmp_path / "r"), "--var-type", "learned", "--loss", "vlb",
+                    "--channel-mult", "1,2,2", "--attention-resolutions", "", "--max-time", "10m", "--no-flip",
+                    "--class-cond", "--precision", "bf16", "--lr", "3e-4", "--grad-clip", "1", "--keep", "2")
+    one_error_line(result, 1)
+    config: TrainConfig = captured["config"]
+    assert config.var_type == "learned" and config.loss == "vlb" and config.channel_mult == (1, 2, 2)
+    assert config.attention_resolutions == () and config.max_time == 600.0 and config.flip is False
+    assert config.class_cond is True and config.precision == "bf16" and config.lr == 3e-4
+    assert config.grad_clip == 1.0 and config.keep == 2 and config.max_steps is None
+    assert config.out == str(tmp_path / "r") and captured["kwargs"]["resume"] is False
+
+
+def test_default_out_names_the_data(captured: dict[str, Any]) -> None:
+    one_error_line(invoke("builtin:digits", "--max-steps", "5"), 1)
+    out = Path(captured["config"].out)
+    assert out.parent == Path("runs") and out.name.startswith("digits-")
+
+
+def test_config_file_and_flag_override(captured: dict[str, Any], tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text('data = "builtin:digits"\nlr = 2e-4\nbatch_size = 32\nvar_type = "fixed_small"\n'
+                    'loss = "simple"\nchannel_mult = [1, 2]\nmax_steps = 50\nmax_time = "2m"\n')
+    one_error_line(invoke("--config", str(toml), "--lr", "5e-4", "-o", str(tmp_path / "r")), 1)
+    config: TrainConfig = captured["config"]
+    assert config.data == "builtin:digits" and config.batch_size == 32 and config.lr == 5e-4
+    assert config.var_type == "fixed_small" and config.channel_mult == (1, 2) and config.max_steps == 50
+    assert config.max_time == 120.0
+
+
+def test_unknown_config_key_is_a_usage_error(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text("max_steps = 5\nlearning_rate = 0.1\n")
+    line = one_error_line(invoke("builtin:digits", "--config", str(toml)), 2)
+    assert "learning_rate" in line
+    toml.write_text("max_steps = [")
+    assert "not valid TOML" in one_error_line(invoke("builtin:digits", "--config", str(toml)), 2)
+    assert "no such file" in one_error_line(invoke("builtin:digits", "--config", str(tmp_path / "nope.toml")), 2)
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--lr", "-1", "--max-steps", "5"], "--lr"),
+    (["--lr", "fast", "--max-steps", "5"], "--lr"),
+    (["--max-steps", "0"], "--max-steps"),
+    (["--max-steps", "5", "--schedule", "quadratic"], "--schedule"),
+    (["--max-steps", "5", "--var-type", "fixed-small"], "--loss hybrid"),
+    (["--max-steps", "5", "--loss", "vlb", "--var-type", "fixed-large"], "--loss vlb"),
+    (["--max-time", "ten minutes"], "--max-time"),
+    (["--max-steps", "5", "--channel-mult", "1,x"], "--channel-mult"),
+    (["--max-steps", "5", "--precision", "fp16"], "--precision"),
+    (["--max-steps", "5", "--ema", "1.5"], "--ema"),
+])
+def test_invalid_values_are_one_line_exit_2(args: list[str], named: str) -> None:
+    line = one_error_line(invoke("builtin:digits", *args), 2)
+    assert named in line
+
+
+def test_missing_data_and_resume_without_out() -> None:
+    assert "DATA" in one_error_line(invoke("--max-steps", "5"), 2)
+    assert "--out" in one_error_line(invoke("--resume"), 2)
+    assert "--force" in one_error_line(invoke("builtin:digits", "--max-steps", "1", "--resume", "--force",
+                                              "-o", "x"), 2)
+
+
+def test_resume_takes_saved_values(captured: dict[str, Any], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = TrainConfig(data="builtin:digits", out=str(run), lr=3e-4, timesteps=50, max_steps=100, seed=7)
+    (run / "config.json").write_text(json.dumps({"train": saved.model_dump(mode="json")}))
+    one_error_line(invoke("-o", str(run), "--resume", "--max-steps", "200"), 1)
+    config: TrainConfig = captured["config"]
+    assert config.lr == 3e-4 and config.timesteps == 50 and config.seed == 7 and config.max_steps == 200
+    assert captured["kwargs"]["resume"] is True
+
+
+def test_real_tiny_run_then_refuse_then_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = invoke("builtin:digits", "-o", str(run), *TINY, "--max-steps", "3", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == "" and result.stdout == ""  # --quiet: nothing but errors
+    assert (run / "ema_0.9999_000003.safetensors").exists()
+
+    line = one_error_line(invoke("builtin:digits", "-o", str(run), *TINY, "--max-steps", "3"), 1)
+    assert "--resume" in line and "--force" in line
+
+    line = one_error_line(invoke("-o", str(run), "--resume", "--max-steps", "5", "--lr", "0.01"), 1)
+    assert "--lr (saved 0.0001, given 0.01)" in line
+
+    result = invoke("-o", str(run), "--resume", "--max-steps", "5", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["start_step"] == 3 and summary["step"] == 5
+    assert summary["ema_checkpoint"] == str(run / "ema_0.9999_000005.safetensors")
+
+    result = invoke("builtin:digits", "-o", str(run), *TINY, "--max-steps", "2", "--force")
+    assert result.exit_code == 0, result.output
+    assert f"EMA checkpoint: {run / 'ema_0.9999_000002.safetensors'}" in result.stdout
+    assert not (run / "state_000005.json").exists()
