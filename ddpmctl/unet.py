@@ -7,8 +7,9 @@ variance). Module and parameter names follow the reference, so its users find th
 
 Speed notes (issue 7): every op works on channels_last tensors without format round trips; attention runs on
 token-major ``[N, HW, C]`` views of channels_last maps with ``scaled_dot_product_attention`` (no transposing
-copies; small bf16 CPU maps use two GEMMs instead, measured faster, see ``_attention``); GroupNorm normalises in fp32 under bf16 autocast (cast back to bf16 afterwards, as the reference's
-GroupNorm32 does); the frequency table is a non-persistent buffer and nothing in ``forward`` syncs with the device.
+copies; bf16 CPU maps up to 2**24 attention weights use two GEMMs instead, measured faster, see ``_attention``);
+GroupNorm normalises in fp32 under bf16 autocast (cast back to bf16 afterwards, as the reference's GroupNorm32
+does); the frequency table is a non-persistent buffer and nothing in ``forward`` syncs with the device.
 """
 
 from __future__ import annotations
@@ -127,10 +128,10 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-# bf16 attention on the CPU: while the [N, heads, L, L] weights stay cache-sized, two bf16 GEMMs around an fp32
-# softmax are 2-3x faster than the fused kernel (8x8 maps at batch 32, 16x16 at batch 8; issue 7); beyond that
-# the fused kernel wins (16x16 at batch 32) and never materialises the weights.
-_CPU_MATH_ATTENTION_MAX_WEIGHTS = 2**21
+# bf16 attention on the CPU: two bf16 GEMMs around the softmax kernel beat the fused kernel at every size the
+# IDDPM configs use (its bf16 backward is 2-6x slower; issue 7). Beyond this many attention weights per call the
+# fused kernel takes over again, so a large map never materialises its [N, heads, L, L] weights.
+_CPU_MATH_ATTENTION_MAX_WEIGHTS = 2**24
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -138,9 +139,11 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     n, heads, length, _ = q.shape
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) \
             and n * heads * length * length <= _CPU_MATH_ATTENTION_MAX_WEIGHTS:
-        weight = torch.matmul(q, k.transpose(-1, -2))
-        weight = torch.softmax(weight.float() * (q.shape[-1] ** -0.5), dim=-1).to(q.dtype)
-        return torch.matmul(weight, v)
+        # Scaling q first makes it contiguous (the bf16 GEMM is slow on the strided view). The CPU softmax kernel
+        # computes max, exp and sum of a bf16 row in fp32 and rounds once on output: the reference's
+        # softmax(w.float()).type(w.dtype) without materialising an fp32 copy of the weights (2-4x faster).
+        weight = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))
+        return torch.matmul(torch.softmax(weight, dim=-1), v)
     # The fused kernel (flash on CPU/GPU) also accumulates its softmax in fp32 under bf16.
     return F.scaled_dot_product_attention(q, k, v)
 

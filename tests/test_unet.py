@@ -297,3 +297,25 @@ def test_attention_matches_reference_layout_and_both_cpu_paths(side: int, batch:
             finally:
                 unet._CPU_MATH_ATTENTION_MAX_WEIGHTS = old
             assert (out.double() - ref).norm() / ref.norm() < 0.02
+
+
+def test_channels_last_bf16_groupnorm_gradients_match_fp32() -> None:
+    # The CPU channels_last bf16 path (mixed-type forward, fp32 backward) against float64 autograd of the same input.
+    torch.manual_seed(0)
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = (torch.randn(2, 64, 8, 8) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(2, 64, 8, 8).bfloat16()  # NCHW on purpose: the backward must not assume x's layout
+    out = norm(x)
+    out.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    w64, b64 = norm.weight.detach().double().requires_grad_(), norm.bias.detach().double().requires_grad_()
+    ref = torch.nn.functional.group_norm(x64, 32, w64, b64, norm.eps)
+    ref.backward(grad.double())
+    assert out.dtype == torch.bfloat16 and x.grad is not None and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=8e-3, atol=8e-3)
+    for got, want in ((x.grad, x64.grad), (norm.weight.grad, w64.grad), (norm.bias.grad, b64.grad)):
+        assert got is not None and want is not None
+        assert (got.double() - want).norm() / want.norm() < 1e-2
