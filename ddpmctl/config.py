@@ -33,7 +33,7 @@ class _Frozen(BaseModel):
 class ModelConfig(_Frozen):
     """Everything that rebuilds the IDDPM U-Net (``ddpmctl.unet.UNetModel``)."""
 
-    image_size: int = Field(ge=4)
+    image_size: int = Field(ge=4, le=4096)  # bounded: an untrusted config must not ask for gigapixel images
     in_channels: int = Field(3, ge=1, le=4)
     model_channels: int = Field(128, ge=1)
     out_channels: int = Field(6, ge=1)

@@ -13,7 +13,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import ConfigError, TrainingError
+
+# How long a collective waits for the other ranks before failing (rank 0 may be writing a big checkpoint meanwhile).
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "DDPMCTL_DIST_TIMEOUT"
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,28 @@ def _env_int(name: str, default: int) -> int:
         raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
 
 
-def setup(device: torch.device, *, timeout_s: float = 600.0) -> DistInfo:
-    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA; one GPU per local rank)."""
+def _timeout_s() -> float:
+    """Collective timeout in seconds: env DDPMCTL_DIST_TIMEOUT, else 10 minutes."""
+    value = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not value:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ConfigError(f"environment variable {TIMEOUT_ENV}={value!r} must be a positive number of seconds")
+    return seconds
+
+
+def setup(device: torch.device, *, timeout_s: float | None = None) -> DistInfo:
+    """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA; one GPU per local rank).
+
+    Collectives fail after ``timeout_s`` (default: env DDPMCTL_DIST_TIMEOUT, else 600 s) instead of waiting forever
+    for a rank that died.
+    """
+    if timeout_s is None:
+        timeout_s = _timeout_s()
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1 and not dist.is_initialized():
         return DistInfo(device=device)
@@ -82,13 +106,38 @@ def _comm_device(info: DistInfo) -> torch.device:
     return info.device if info.device.type == "cuda" else torch.device("cpu")
 
 
+def _lost_rank(op: str, err: BaseException) -> TrainingError:
+    """A collective that failed: almost always another rank died or hung (its own log says why)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    detail = lines[0][:200] if lines else type(err).__name__
+    return TrainingError(f"rank {dist.get_rank() if dist.is_initialized() else '?'}: {op} with the other ranks "
+                         f"failed, another rank probably died or hung (see its log): {detail}")
+
+
+_COMM_WORDS = ("gloo", "nccl", "NCCL", "Connection", "connection", "timed out", "Timeout", "ProcessGroup")
+
+
+def lost_rank_error(info: DistInfo, err: BaseException) -> TrainingError | None:
+    """For a distributed run, the one-line error of a communication failure raised outside these helpers (DDP's
+    gradient all-reduce, the loss-aware sampler's all-gather); None when ``err`` is something else."""
+    if not info.distributed or not isinstance(err, RuntimeError):
+        return None
+    dist_error = getattr(dist, "DistError", None)
+    if (dist_error is not None and isinstance(err, dist_error)) or any(w in str(err) for w in _COMM_WORDS):
+        return _lost_rank("communication", err)
+    return None
+
+
 def barrier(info: DistInfo) -> None:
     """Wait for every rank (no-op in a single process)."""
     if info.distributed:
-        if info.device.type == "cuda":
-            dist.barrier(device_ids=[info.device.index])
-        else:
-            dist.barrier()
+        try:
+            if info.device.type == "cuda":
+                dist.barrier(device_ids=[info.device.index])
+            else:
+                dist.barrier()
+        except RuntimeError as err:
+            raise _lost_rank("barrier", err) from None
 
 
 def all_reduce_max(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
@@ -96,7 +145,10 @@ def all_reduce_max(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     if not info.distributed:
         return values
     buf = values.to(_comm_device(info), torch.float32).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    try:
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    except RuntimeError as err:
+        raise _lost_rank("all_reduce", err) from None
     return buf.to(values.device)
 
 
@@ -105,7 +157,10 @@ def all_reduce_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     if not info.distributed:
         return values
     buf = values.to(_comm_device(info)).clone()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    try:
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    except RuntimeError as err:
+        raise _lost_rank("all_reduce", err) from None
     return buf.to(values.device)
 
 
@@ -115,5 +170,8 @@ def all_gather_bytes(info: DistInfo, data: torch.Tensor) -> list[torch.Tensor]:
         return [data]
     local = data.to(_comm_device(info)).contiguous()
     gathered = [torch.empty_like(local) for _ in range(info.world_size)]
-    dist.all_gather(gathered, local)
+    try:
+        dist.all_gather(gathered, local)
+    except RuntimeError as err:
+        raise _lost_rank("all_gather", err) from None
     return [g.cpu() for g in gathered]

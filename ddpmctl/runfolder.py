@@ -22,7 +22,7 @@ METRICS_FILE = "metrics.jsonl"
 _STEP_FILE = re.compile(r"^(?:ema_[^_]+|model|state)_(\d+)\.(?:safetensors|json)$")
 _STATE_JSON = re.compile(r"^state_(\d+)\.json$")
 # checkpoint._atomic_write's temporary files (".<final name>.<pid>.<hex>.tmp"), left behind only by a killed writer.
-_STEP_TMP = re.compile(r"^\.(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)\.\d+\.[0-9a-f]+\.tmp$")
+_STEP_TMP = re.compile(r"^\.(?:(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)|config\.json)\.\d+\.[0-9a-f]+\.tmp$")
 
 # Options that only steer this invocation: they may change on --resume without changing what is trained.
 RESUMABLE_FIELDS = frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy"})
@@ -88,10 +88,18 @@ def prune(run_dir: Path, keep: int) -> list[int]:
         # The JSON goes first: once it is gone the save no longer counts as complete.
         for path in sorted(paths, key=lambda p: not p.name.endswith(".json")):
             _unlink(path)
-    for path in run_dir.iterdir():
-        if _STEP_TMP.match(path.name):
-            _unlink(path)
+    remove_temp_files(run_dir)
     return sorted(doomed)
+
+
+def remove_temp_files(run_dir: Path) -> list[str]:
+    """Delete the temporary files of killed writers (never complete, never read); returns their names."""
+    if not run_dir.is_dir():
+        return []
+    removed = [p for p in run_dir.iterdir() if _STEP_TMP.match(p.name) or p.name == METRICS_FILE + ".tmp"]
+    for path in removed:
+        _unlink(path)
+    return sorted(p.name for p in removed)
 
 
 def write_run_config(run_dir: Path, payload: dict[str, Any]) -> None:

@@ -30,13 +30,15 @@ from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, writ
 from ddpmctl.config import CheckpointConfig, TrainConfig
 from ddpmctl.data import load_dataset
 from ddpmctl.ema import EMA
-from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
+from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ddpmctl.resample import create_named_schedule_sampler
 
 EventKind = Literal["start", "step", "log", "save", "warning", "end"]
 StopReason = Literal["max_steps", "max_time", "interrupted", "stopped"]
 STATE_FORMAT = "ddpmctl-train-state/1"
 RUN_FORMAT = "ddpmctl-run/1"
+# ModelConfig.image_size's lower bound (the U-Net needs a few pixels to halve).
+MIN_IMAGE_SIZE = 4
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,10 @@ class _Trainer:
         self.dataset = load_dataset(config.data, image_size=config.image_size, color=config.color,
                                     class_cond=config.class_cond, split="train",
                                     skip_bad_images=config.skip_bad_images, on_warning=self._warn)
+        if self.dataset.image_size < MIN_IMAGE_SIZE:
+            size = self.dataset.image_size
+            raise DataError(f"{config.data}: images of {size}x{size} pixels are below the {MIN_IMAGE_SIZE}x"
+                            f"{MIN_IMAGE_SIZE} minimum: pass --image-size 8 (or larger) to upscale them")
         if config.class_cond and not self.dataset.num_classes:
             raise ConfigError(f"--class-cond: {config.data} has no class labels")
         self.model_config = config.make_model_config(
@@ -238,6 +244,8 @@ class _Trainer:
 
         if dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # Temporary files of a killed writer are never complete: drop them quietly before writing anew.
+            runfolder.remove_temp_files(self.run_dir)
             runfolder.write_run_config(self.run_dir, self._run_config_payload())
         dist_utils.barrier(dist)
         if saved is not None and runfolder.complete_saves(self.run_dir):
@@ -331,40 +339,53 @@ class _Trainer:
         digests = (dist_utils.all_gather_bytes(self.dist, _param_digest(self.model))
                    if self.dist.distributed else [])
         if self.dist.is_main:
-            ema_path, model_path, state_path, json_path = self._paths(step)
-            save_checkpoint(ema_path, self.ema.state_dict(self.model), self.ckpt_config, kind="model",
-                            lineage=self._lineage(step, self.config.ema))
-            raw = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-            save_checkpoint(model_path, raw, self.ckpt_config, kind="model", lineage=self._lineage(step, None))
-            tensors: dict[str, torch.Tensor] = {}
-            for index, entry in self.optimizer.state_dict()["state"].items():
-                for key, value in entry.items():
-                    tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-            for key, value in self.sampler.state_dict().items():
-                tensors[f"sampler.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-            tensors["data.perm"] = self.stream.perm.clone()
-            tensors["rng.generator"] = self.generator.get_state()
-            for rank, state in enumerate(rng_global):
-                tensors[f"rng.global.rank{rank}"] = state
-            for rank, state in enumerate(rng_cuda):
-                tensors[f"rng.cuda.rank{rank}"] = state
-            save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
-            meta: dict[str, Any] = {
-                "format": STATE_FORMAT, "step": step, "epoch": self.stream.epoch, "data_position": self.stream.pos,
-                "nan_skips": self.nan_skips, "elapsed": self.elapsed_before + time.monotonic() - self.t0,
-                "images_seen": step * self.config.batch_size, "world_size": self.dist.world_size,
-                "timestep_sampler": self.config.timestep_sampler, "ema_rate": self.config.ema,
-                "files": {"ema": ema_path.name, "model": model_path.name, "state": state_path.name},
-            }
-            if digests:
-                # Each rank hashed its own parameters: equal digests prove the replicas never diverged.
-                meta["rank_param_sha256"] = [bytes(d.tolist()).hex() for d in digests]
-            write_json_atomic(json_path, meta)
-            runfolder.prune(self.run_dir, self.config.keep)
-            self._emit("save", path=ema_path)
+            try:
+                self._write_save(step, rng_global, rng_cuda, digests)
+            except CheckpointError as err:
+                # One line that says what failed and what is safe: the save at `step` is incomplete (no state
+                # JSON), so resume ignores it and the previous complete save stays the one to continue from.
+                reason = str(err).split(": ", 1)[-1].split("; ")[0]
+                kept = (f"the last complete checkpoint {self._paths(self.last_saved)[0]} is intact; continue "
+                        f"with --resume" if self.last_saved is not None else "no earlier checkpoint exists")
+                raise CheckpointError(f"saving step {step} in {self.run_dir} failed ({reason}): {kept}") from None
         if digests and len({bytes(d.tolist()) for d in digests}) > 1:
             raise TrainingError(f"the ranks' parameters diverged by step {step} (distributed set-up is broken)")
         self.last_saved = step
+
+    def _write_save(self, step: int, rng_global: list[torch.Tensor], rng_cuda: list[torch.Tensor],
+                    digests: list[torch.Tensor]) -> None:
+        """Rank 0: the three files, then the state JSON that marks the save complete, then pruning."""
+        ema_path, model_path, state_path, json_path = self._paths(step)
+        save_checkpoint(ema_path, self.ema.state_dict(self.model), self.ckpt_config, kind="model",
+                        lineage=self._lineage(step, self.config.ema))
+        raw = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_checkpoint(model_path, raw, self.ckpt_config, kind="model", lineage=self._lineage(step, None))
+        tensors: dict[str, torch.Tensor] = {}
+        for index, entry in self.optimizer.state_dict()["state"].items():
+            for key, value in entry.items():
+                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        for key, value in self.sampler.state_dict().items():
+            tensors[f"sampler.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors["data.perm"] = self.stream.perm.clone()
+        tensors["rng.generator"] = self.generator.get_state()
+        for rank, state in enumerate(rng_global):
+            tensors[f"rng.global.rank{rank}"] = state
+        for rank, state in enumerate(rng_cuda):
+            tensors[f"rng.cuda.rank{rank}"] = state
+        save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
+        meta: dict[str, Any] = {
+            "format": STATE_FORMAT, "step": step, "epoch": self.stream.epoch, "data_position": self.stream.pos,
+            "nan_skips": self.nan_skips, "elapsed": self.elapsed_before + time.monotonic() - self.t0,
+            "images_seen": step * self.config.batch_size, "world_size": self.dist.world_size,
+            "timestep_sampler": self.config.timestep_sampler, "ema_rate": self.config.ema,
+            "files": {"ema": ema_path.name, "model": model_path.name, "state": state_path.name},
+        }
+        if digests:
+            # Each rank hashed its own parameters: equal digests prove the replicas never diverged.
+            meta["rank_param_sha256"] = [bytes(d.tolist()).hex() for d in digests]
+        write_json_atomic(json_path, meta)
+        runfolder.prune(self.run_dir, self.config.keep)
+        self._emit("save", path=ema_path)
 
     def _load_state(self, step: int) -> None:
         """Restore everything _save wrote at ``step`` (exact resume)."""
@@ -604,6 +625,11 @@ def train(config: TrainConfig, *, device: torch.device, resume: bool = False, fo
     dist = dist_utils.setup(device)
     try:
         return _Trainer(config, dist, resume, force, callback, should_stop).run()
+    except RuntimeError as err:
+        lost = dist_utils.lost_rank_error(dist, err)
+        if lost is None:
+            raise
+        raise lost from None
     finally:
         dist_utils.teardown(dist)
 

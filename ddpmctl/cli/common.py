@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -30,8 +31,24 @@ def usage_error(message: str) -> typer.Exit:
     return fail(message, code=2)
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Host or GPU allocation failure (MemoryError, torch.OutOfMemoryError, the CPU allocator's RuntimeError)."""
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in str(err) or "out of memory" in str(err))
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(err).__name__
+
+
 def guarded(func: F) -> F:
-    """Turn a library DdpmctlError into one line + exit 1, Ctrl-C into one line + exit 130."""
+    """Turn a library DdpmctlError into one line + exit 1, Ctrl-C into one line + exit 130.
+
+    Out-of-memory becomes one line + exit 1 too, and so does any other unexpected exception (a bug: the line says
+    how to see the traceback, ``DDPMCTL_DEBUG=1``), so a user never gets a traceback for hostile input.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -41,6 +58,16 @@ def guarded(func: F) -> F:
             raise fail(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
         except KeyboardInterrupt:
             raise fail("interrupted", code=130) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise  # typer's own exits and usage errors (exit codes already decided)
+        except Exception as err:
+            if os.environ.get("DDPMCTL_DEBUG"):
+                raise
+            if _out_of_memory(err):
+                raise fail(f"out of memory ({_first_line(err)}): try a smaller --batch-size, or check that the "
+                           "checkpoint's image size and network are what you expect") from None
+            raise fail(f"internal error: {type(err).__name__}: {_first_line(err)} (this is a bug; rerun with "
+                       "DDPMCTL_DEBUG=1 to see the traceback and please report it)") from None
 
     return wrapper  # type: ignore[return-value]
 
