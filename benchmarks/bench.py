@@ -77,10 +77,10 @@ def build_trainer(config: TrainConfig, *, seed: int = 0) -> Trainer:
     model = model_config.build().to(device, memory_format=torch.channels_last)
     model.train()
     params = list(model.parameters())
-    optimizer = train_loop._make_optimizer(params, config, device)
+    optimizer = train_loop.make_optimizer(params, config, device)
     ema = EMA(model, config.ema)
     autocast = torch.bfloat16 if config.precision == "bf16" else None
-    model_call = train_loop._AutocastModel(model, device.type, autocast)
+    model_call = train_loop.AutocastModel(model, device.type, autocast)
     batch = config.batch_size
     generator = torch.Generator().manual_seed(seed)
     # A fixed batch of "images" on the 8-bit grid; fresh timesteps and noise every step, as in training.
@@ -92,12 +92,12 @@ def build_trainer(config: TrainConfig, *, seed: int = 0) -> Trainer:
     def step() -> torch.Tensor:
         t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator)
         noise = torch.randn(x_start.shape, generator=generator)
-        losses = train_loop._compute_losses(diffusion, model_call, x_start, t, noise, {})
+        losses = train_loop.compute_losses(diffusion, model_call, x_start, t, noise, {})
         loss = (losses["loss"] * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in params if p.grad is not None]
-        train_loop._grad_norm(grads)
+        train_loop.grad_norm(grads)
         optimizer.step()
         ema.update(model)
         trainer.losses.append(loss.detach())  # read after timing: no host sync inside the step

@@ -23,6 +23,9 @@ _STEP_FILE = re.compile(r"^(?:ema_[^_]+|model|state)_(\d+)\.(?:safetensors|json)
 _STATE_JSON = re.compile(r"^state_(\d+)\.json$")
 # checkpoint._atomic_write's temporary files (".<final name>.<pid>.<hex>.tmp"), left behind only by a killed writer.
 _STEP_TMP = re.compile(r"^\.(?:(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)|config\.json)\.\d+\.[0-9a-f]+\.tmp$")
+# safetensors (0.8 here) itself writes through a ".tmpXXXXXX" file beside its target (Rust's tempfile crate), which a
+# kill in the middle of save_file leaves behind as well.
+_SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
 # Options that only steer this invocation: they may change on --resume without changing what is trained.
 RESUMABLE_FIELDS = frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy"})
@@ -96,7 +99,8 @@ def remove_temp_files(run_dir: Path) -> list[str]:
     """Delete the temporary files of killed writers (never complete, never read); returns their names."""
     if not run_dir.is_dir():
         return []
-    removed = [p for p in run_dir.iterdir() if _STEP_TMP.match(p.name) or p.name == METRICS_FILE + ".tmp"]
+    removed = [p for p in run_dir.iterdir() if _STEP_TMP.match(p.name) or _SAFETENSORS_TMP.match(p.name)
+               or p.name == METRICS_FILE + ".tmp"]
     for path in removed:
         _unlink(path)
     return sorted(p.name for p in removed)

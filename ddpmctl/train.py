@@ -82,13 +82,13 @@ class TrainResult:
         }
 
 
-def _compute_losses(diffusion: Any, model: Callable[..., torch.Tensor], x_start: torch.Tensor, t: torch.Tensor,
+def compute_losses(diffusion: Any, model: Callable[..., torch.Tensor], x_start: torch.Tensor, t: torch.Tensor,
                     noise: torch.Tensor, model_kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Per-sample training losses (one seam, so tests can inject a non-finite loss)."""
     return diffusion.training_losses(model, x_start, t, noise=noise, model_kwargs=model_kwargs)
 
 
-class _AutocastModel:
+class AutocastModel:
     """Calls the network under bf16 autocast and hands back fp32, so every loss is computed in fp32."""
 
     def __init__(self, module: nn.Module, device_type: str, dtype: torch.dtype | None) -> None:
@@ -147,7 +147,7 @@ class _StopSignals:
             signal.signal(signum, handler)
 
 
-def _grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of all gradients (as torch.nn.utils.get_total_norm), kept on the device."""
     if not grads:
         return torch.zeros(())
@@ -160,7 +160,7 @@ def _clip_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor)
     torch._foreach_mul_(grads, coef)
 
 
-def _make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused where this torch/device supports it, else multi-tensor (foreach)."""
     try:
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
@@ -230,7 +230,7 @@ class _Trainer:
         torch.manual_seed(_rank_seed(config.seed, dist.rank))
         self.diffusion = self.diffusion_config.build()
         self.params = list(self.model.parameters())
-        self.optimizer = _make_optimizer(self.params, config, self.device)
+        self.optimizer = make_optimizer(self.params, config, self.device)
         self.ema = EMA(self.model, config.ema)
         self.sampler = create_named_schedule_sampler(config.timestep_sampler, self.diffusion)
         # Only a loss-aware sampler needs the per-sample losses (feeding it costs a host sync per step).
@@ -261,7 +261,7 @@ class _Trainer:
         else:
             self.net = self.model
         autocast = torch.bfloat16 if config.precision == "bf16" else None
-        self.model_call = _AutocastModel(self.net, self.device.type, autocast)
+        self.model_call = AutocastModel(self.net, self.device.type, autocast)
         # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
         self.images = self.dataset.images
         self.labels = self.dataset.labels if config.class_cond else None
@@ -556,14 +556,14 @@ class _Trainer:
         with _StopSignals() as signals:
             while c.max_steps is None or self.step < c.max_steps:
                 x_start, t, weights, noise, kwargs = self._batch()
-                losses = _compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)
+                losses = compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)
                 per_sample = losses["loss"]
                 loss = (per_sample * weights).mean()
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 grads = [p.grad for p in self.params if p.grad is not None]
-                grad_norm = _grad_norm(grads)
-                bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+                total_norm = grad_norm(grads)
+                bad = ~(torch.isfinite(loss) & torch.isfinite(total_norm))
                 step_dev += 1
                 next_step = self.step + 1
                 control = self._is_control_step(next_step)
@@ -580,12 +580,12 @@ class _Trainer:
                                                   f"({self.nan_skips} so far)")
                 else:
                     if c.grad_clip is not None:
-                        _clip_(grads, c.grad_clip, grad_norm)
+                        _clip_(grads, c.grad_clip, total_norm)
                     self.optimizer.step()
                     self.ema.update(self.model)
                     if self.loss_aware:
                         self.sampler.update_with_local_losses(t, per_sample.detach())
-                    self._accumulate(acc, loss, losses, t, ones, grad_norm)
+                    self._accumulate(acc, loss, losses, t, ones, total_norm)
                 self.step = next_step
                 log_steps += 1
                 self._emit("step")

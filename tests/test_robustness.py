@@ -188,7 +188,7 @@ def test_leftover_temp_files_do_not_break_resume_or_keep(tmp_path: Path) -> None
     run = tmp_path / "run"
     train(tiny(run, max_steps=2), device=CPU)
     junk = [".model_000003.safetensors.4242.0badc0de.tmp", ".state_000003.json.4242.00000001.tmp",
-            ".config.json.4242.deadbeef.tmp", "metrics.jsonl.tmp"]
+            ".config.json.4242.deadbeef.tmp", "metrics.jsonl.tmp", ".tmpAb3xYz"]
     for name in junk:
         (run / name).write_bytes(b"half a file")
     (run / "notes.txt").write_text("mine")  # not ours: never touched
@@ -247,7 +247,7 @@ def test_disk_full_on_the_first_save_says_nothing_was_saved(tmp_path: Path, monk
 
 # ------------------------------------------------------------------------------------------------ numbers
 def _poison(monkeypatch: pytest.MonkeyPatch, value: float, bad_calls: set[int]) -> None:
-    real = train_module._compute_losses
+    real = train_module.compute_losses
     calls = {"n": 0}
 
     def fake(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
@@ -257,7 +257,7 @@ def _poison(monkeypatch: pytest.MonkeyPatch, value: float, bad_calls: set[int]) 
             losses = {**losses, "loss": losses["loss"] + value}
         return losses
 
-    monkeypatch.setattr(train_module, "_compute_losses", fake)
+    monkeypatch.setattr(train_module, "compute_losses", fake)
 
 
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])

@@ -317,7 +317,7 @@ def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str],
 
 # ----------------------------------------------------------------------------------- numbers, memory, bugs
 def test_non_finite_loss_through_the_cli_names_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = train_module._compute_losses
+    real = train_module.compute_losses
     calls = {"n": 0}
 
     def fake(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
@@ -325,7 +325,7 @@ def test_non_finite_loss_through_the_cli_names_the_step(tmp_path: Path, monkeypa
         losses = real(*args, **kwargs)
         return {**losses, "loss": losses["loss"] * float("nan")} if calls["n"] == 3 else losses
 
-    monkeypatch.setattr(train_module, "_compute_losses", fake)
+    monkeypatch.setattr(train_module, "compute_losses", fake)
     run = tmp_path / "run"
     line = one_line(invoke("train", "builtin:digits", "--out", str(run), *TRAIN_TINY, "--max-steps", "4",
                            "--save-every", "2", "--quiet"), 1)

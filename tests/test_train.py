@@ -149,7 +149,7 @@ def test_resume_with_a_different_config_names_the_field(tmp_path: Path) -> None:
 
 
 def _nan_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
-    real = train_module._compute_losses
+    real = train_module.compute_losses
     calls = {"n": 0}
 
     def fake(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
@@ -159,7 +159,7 @@ def _nan_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
             losses = {**losses, "loss": losses["loss"] * float("nan")}
         return losses
 
-    monkeypatch.setattr(train_module, "_compute_losses", fake)
+    monkeypatch.setattr(train_module, "compute_losses", fake)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
