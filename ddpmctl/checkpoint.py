@@ -515,7 +515,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     except Exception as err:  # shapes were checked above; this is a last line of defence for untrusted files
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"{path}: weights do not fit the config's network: {message}") from None
-    model.eval().to(device)
+    # channels_last: the layout oneDNN's convolutions run fastest in (sampling, eval-nll).
+    model.eval().to(device, memory_format=torch.channels_last)
     try:
         diffusion = config.diffusion.build()
     except (ValueError, RuntimeError) as err:

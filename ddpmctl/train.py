@@ -168,6 +168,16 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torc
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
+def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimizer moments their parameter's memory layout (saved state is contiguous; the fused/foreach
+    update then sees the same strides it had before the save, so a resumed run stays bit-identical)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() == 4:
+                    optimizer.state[param][key] = value.contiguous(memory_format=torch.channels_last)
+
+
 def _param_digest(module: nn.Module) -> torch.Tensor:
     """SHA-256 of every parameter's bytes, in order, as a uint8 tensor [32] (ranks compare these)."""
     digest = hashlib.sha256()
@@ -225,7 +235,8 @@ class _Trainer:
 
         # The same initial weights on every rank (DDP also broadcasts rank 0's); then a per-rank dropout stream.
         torch.manual_seed(config.seed)
-        self.model = self.model_config.build().to(self.device)
+        # channels_last: oneDNN's convolutions run without layout round trips (about 10% faster fp32 steps on CPU).
+        self.model = self.model_config.build().to(self.device, memory_format=torch.channels_last)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         torch.manual_seed(_rank_seed(config.seed, dist.rank))
         self.diffusion = self.diffusion_config.build()
@@ -416,6 +427,7 @@ class _Trainer:
         try:
             self.optimizer.load_state_dict({"state": optim_state,
                                             "param_groups": self.optimizer.state_dict()["param_groups"]})
+            _match_param_layouts(self.optimizer)
             self.sampler.load_state_dict(sampler_state)
             self.generator.set_state(state["rng.generator"])
             self.stream.perm = state["data.perm"].to(torch.int64)
@@ -450,7 +462,7 @@ class _Trainer:
         if flips is not None:
             images = torch.where(flips[lo:hi].to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
         # The 8-bit grid mapped onto [-1, 1] exactly as images.uint8_to_model does.
-        x_start = images.to(dev, non_blocking=nb).float() / 127.5 - 1.0
+        x_start = (images.to(dev, non_blocking=nb).float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
         kwargs = {}
         if self.labels is not None:
             kwargs["y"] = self.labels[local].to(dev, non_blocking=nb)
