@@ -23,13 +23,6 @@ MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult
 DIGITS = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=1437)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _save(path: Path, *, data: DataInfo | None = DIGITS, model: ModelConfig = MODEL) -> Path:
     torch.manual_seed(0)

@@ -17,14 +17,6 @@ from ddpmctl.nll import NllProgress, evaluate_bound, evaluate_nll, term_noise
 from ddpmctl.schedules import beta_schedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: a second intra-op thread only spins (and on a shared, busy machine it costs 10x)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_model_config(T: int, *, in_channels: int = 1, out_channels: int | None = None,
                       num_classes: int | None = None) -> ModelConfig:

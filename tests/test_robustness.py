@@ -17,7 +17,6 @@ import stat
 import sys
 import time
 import traceback
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,13 +41,6 @@ FINAL_FILES = [f"model_{STEPS:06d}.safetensors", f"ema_0.9999_{STEPS:06d}.safete
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/fd").is_dir(),
                                 reason="the kill trials fork and read /proc")
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(out: Path, **overrides: object) -> TrainConfig:

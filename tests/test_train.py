@@ -6,7 +6,6 @@ import json
 import math
 from pathlib import Path
 
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ CPU = torch.device("cpu")
 TINY = dict(data="builtin:digits", model_channels=16, channel_mult=(1, 2), res_blocks=1, attention_resolutions=(4,),
             timesteps=20, batch_size=16, log_every=1, save_every=1000)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny networks run fastest on one thread (and two threads fight the other processes on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(out: Path, **overrides: object) -> TrainConfig:
