@@ -14,7 +14,6 @@ autocast wrapper, loss seam, gradient norm and EMA), so the bench measures the c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -35,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ddpmctl import train as train_loop  # noqa: E402
 from ddpmctl.config import TrainConfig  # noqa: E402
 from ddpmctl.ema import EMA  # noqa: E402
+from ddpmctl.inference import inference_network  # noqa: E402
 
 # issue 7's two configs, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
 CONFIGS: dict[str, dict[str, object]] = {
@@ -141,10 +141,6 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def autocast(precision: str) -> contextlib.AbstractContextManager[object]:
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
 def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisions: tuple[str, ...] = PRECISIONS
                  ) -> list[dict[str, object]]:
     """Training and sampling rows for config ``name``, one per precision, timed interleaved.
@@ -167,13 +163,19 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
     t = torch.randint(0, 4000, (sample_batch,), generator=generator)
 
     def forward(trainer: Trainer, precision: str) -> Callable[[], object]:
+        # The network call `ddpmctl sample` makes: generate()'s wrapper (precision, micro-batches).
+        network = inference_network(trainer.model, torch.device("cpu"), 32, trainer.config.model_channels,
+                                    precision=precision)  # type: ignore[arg-type]
+        micro_batches[precision] = network.micro_batch
+
         def run() -> object:
-            with torch.inference_mode(), autocast(precision):
-                return trainer.model(x, t)
+            with torch.inference_mode():
+                return network(x, t)
         return run
 
     for trainer in trainers.values():
         trainer.model.eval()
+    micro_batches: dict[str, int | None] = {}
     forwards = {p: forward(tr, p) for p, tr in trainers.items()}
     sample_flops = {p: count_flops(fn) for p, fn in forwards.items()}
     sample_s = interleaved_medians({**forwards, **probes}, warmup=0, repeats=repeats + 1, clock=clock)
@@ -191,6 +193,7 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
             "train_gflop_per_s": train_flops[p] / train_s[p] / 1e9,
             "train_peak_gflop_per_s": 2 * mm_size**3 / train_s[f"mm_{p}"] / 1e9,
             "sample_batch": sample_batch,
+            "sample_micro_batch": micro_batches[p],
             "sample_img_per_s": sample_batch / sample_s[p],
             "sample_gflop_per_s": sample_flops[p] / sample_s[p] / 1e9,
             "sample_peak_gflop_per_s": 2 * mm_size**3 / sample_s[f"mm_{p}"] / 1e9,

@@ -36,7 +36,7 @@ from ddpmctl.errors import CheckpointError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.diffusion import GaussianDiffusion
-    from ddpmctl.unet import UNetModel
+    from torch import nn
 
 FORMAT = "ddpmctl/1"
 KINDS = ("model", "respaced", "student")
@@ -108,7 +108,7 @@ class LoadedCheckpoint:
     kind: str
     lineage: list[dict[str, Any]]
     created_with: str
-    model: UNetModel
+    model: nn.Module  # the UNetModel (inside generate(): an InferenceNetwork wrapping it)
     diffusion: GaussianDiffusion
     num_parameters: int
     sha256: str = field(repr=False)

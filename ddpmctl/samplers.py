@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 from collections.abc import Callable, Iterable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ddpmctl.errors import SamplerError, UnknownSamplerError
 from ddpmctl.images import model_to_uint8
+from ddpmctl.inference import MicroBatch, Precision, inference_network
 from ddpmctl.respace import space_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -301,11 +303,15 @@ def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> torch.Te
 def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_size: int, seed: int,
              steps: int | None, class_label: int | None = None,
              callback: Callable[[SampleProgress], None] | None = None,
-             output: Literal["float", "uint8"] = "float") -> tuple[torch.Tensor, torch.Tensor | None]:
+             output: Literal["float", "uint8"] = "float", precision: Precision = "fp32",
+             micro_batch: MicroBatch = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample ``num`` images in batches; image i depends only on (seed, i), never on ``batch_size``.
 
     Returns (images [num, C, H, W] on the CPU: float in [-1, 1] or uint8, labels int64 [num] or None). For a
     class-conditional checkpoint the labels are ``class_label`` for every image, or drawn per image from (seed, i).
+    ``precision`` "bf16" runs the network under bf16 autocast (the sampler's arithmetic stays fp32);
+    ``micro_batch`` caps the images per network call ("auto": sized for the CPU, see ddpmctl.inference) and,
+    like ``batch_size``, changes an image only at float rounding.
     """
     if num < 1:
         raise SamplerError(f"--num must be at least 1, not {num}")
@@ -328,6 +334,10 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
                   else draw_labels(seed, range(num), num_classes))
 
     device = _model_device(checkpoint.model)
+    network = inference_network(checkpoint.model, device, model_config.image_size, model_config.model_channels,
+                                precision=precision, micro_batch=micro_batch)
+    # Samplers call checkpoint.model: hand them the same checkpoint with the wrapped network.
+    checkpoint = dataclasses.replace(checkpoint, model=network)
     shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
     out_dtype = torch.uint8 if output == "uint8" else torch.float32
     images = torch.empty((num, *shape), dtype=out_dtype)
