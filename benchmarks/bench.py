@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddpmctl import train as train_loop  # noqa: E402
 from ddpmctl.config import TrainConfig  # noqa: E402
+from ddpmctl.allocator import tune_malloc  # noqa: E402
 from ddpmctl.ema import EMA  # noqa: E402
 from ddpmctl.inference import inference_network  # noqa: E402
 
@@ -162,11 +163,12 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
     x = torch.randn(sample_batch, 3, 32, 32, generator=generator)
     t = torch.randint(0, 4000, (sample_batch,), generator=generator)
 
-    def forward(trainer: Trainer, precision: str) -> Callable[[], object]:
+    def forward(trainer: Trainer, precision: str, micro_batch: int | None | str = "auto") -> Callable[[], object]:
         # The network call `ddpmctl sample` makes: generate()'s wrapper (precision, micro-batches).
         network = inference_network(trainer.model, torch.device("cpu"), 32, trainer.config.model_channels,
-                                    precision=precision)  # type: ignore[arg-type]
-        micro_batches[precision] = network.micro_batch
+                                    precision=precision, micro_batch=micro_batch)  # type: ignore[arg-type]
+        if micro_batch == "auto":
+            micro_batches[precision] = network.micro_batch
 
         def run() -> object:
             with torch.inference_mode():
@@ -177,8 +179,11 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
         trainer.model.eval()
     micro_batches: dict[str, int | None] = {}
     forwards = {p: forward(tr, p) for p, tr in trainers.items()}
+    # The same call without micro-batches (the whole batch at once), timed alongside: the before/after of that
+    # optimisation in one run.
+    one_call = {f"{p}_one_call": forward(tr, p, None) for p, tr in trainers.items()}
     sample_flops = {p: count_flops(fn) for p, fn in forwards.items()}
-    sample_s = interleaved_medians({**forwards, **probes}, warmup=0, repeats=repeats + 1, clock=clock)
+    sample_s = interleaved_medians({**forwards, **one_call, **probes}, warmup=0, repeats=repeats + 1, clock=clock)
 
     rows = []
     for p, trainer in trainers.items():
@@ -195,6 +200,7 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
             "sample_batch": sample_batch,
             "sample_micro_batch": micro_batches[p],
             "sample_img_per_s": sample_batch / sample_s[p],
+            "sample_one_call_img_per_s": sample_batch / sample_s[f"{p}_one_call"],
             "sample_gflop_per_s": sample_flops[p] / sample_s[p] / 1e9,
             "sample_peak_gflop_per_s": 2 * mm_size**3 / sample_s[f"mm_{p}"] / 1e9,
         })
@@ -223,7 +229,7 @@ def loss_curves(*, quick: bool) -> dict[str, object]:
 def peak_rss_training_b(quick: bool, threads: int) -> float:
     """Peak RSS (MiB) of training config (b) in fp32, in a fresh process so earlier runs don't count."""
     code = (
-        "import resource, torch, bench; "
+        "import resource, torch, bench; bench.tune_malloc(); "
         f"torch.set_num_threads({threads}); "
         f"tr = bench.build_trainer(bench.train_config('b', 'fp32', quick={quick})); "
         "[tr.step() for _ in range(2)]; "
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.clock == "process" and args.threads != 1:
         parser.error("--clock process only measures honestly with --threads 1 (waiting threads burn CPU time)")
     torch.set_num_threads(args.threads)
+    malloc_tuned = tune_malloc()  # as the `ddpmctl` command does (ddpmctl.allocator)
     clock: Clock = time.process_time if args.clock == "process" else time.perf_counter
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = sorted(set(names) - set(CONFIGS))
@@ -266,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, size=size, repeats=repeats,
                             clock=clock) for p in PRECISIONS}
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
-          f"torch {torch.__version__}, clock {args.clock}, load average {load_start}")
+          f"torch {torch.__version__}, clock {args.clock}, load average {load_start}, "
+          f"malloc tuning {'on' if malloc_tuned else 'off'}")
     print(f"matmul peak at start: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
 
     rows: list[dict[str, object]] = []
@@ -299,6 +307,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in summary.items():
         print(f"config {name}: bf16/fp32 training {s['train_bf16_over_fp32']:.2f}x, "
               f"sampling {s['sample_bf16_over_fp32']:.2f}x")
+    for r in rows:
+        print(f"config {r['config']} {r['precision']} sampling: micro-batches of {r['sample_micro_batch']} "
+              f"{r['sample_img_per_s']:.1f} img/s vs one call of {r['sample_batch']} "
+              f"{r['sample_one_call_img_per_s']:.1f} img/s "
+              f"({float(r['sample_img_per_s']) / float(r['sample_one_call_img_per_s']):.2f}x)")  # type: ignore[arg-type]
 
     curves = loss_curves(quick=args.quick)
     print(f"loss curves, config (a) batch {curves['batch']} lr {curves['lr']}, the same {curves['steps']} steps:")
@@ -326,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     load_end = loadavg()
     print(f"load average: {load_start} at start, {load_end} at end")
     result = {"quick": args.quick, "threads": args.threads, "clock": args.clock, "torch": torch.__version__,
+              "malloc_tuned": malloc_tuned,
               "load_average": {"start": load_start, "end": load_end}, "peaks_gflop_per_s": peaks, "rows": rows,
               "summary": summary, "loss_curves": curves, "eval_nll": nll, "peak_rss_mib_config_b": rss,
               "self_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

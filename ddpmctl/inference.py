@@ -1,13 +1,12 @@
 """The network call used for sampling and likelihood evaluation: precision and micro-batches.
 
 Samplers and eval-nll hand the network whatever batch the user asked for (64 images, or 256 (image, t) pairs).
-On a CPU a large call is slow for a reason outside torch: its feature maps (e.g. 32 MiB for 64 x 128 x 32 x 32 in
-fp32) lie beyond glibc's mmap threshold, so every temporary is mapped fresh and page-faulted in on every call
-(a GroupNorm round trip at 16 x 128 x 32 x 32 measured 6.3 ms this way against 0.5 ms with the threshold raised).
-Forward passes of issue 7's config (a) ran at 141 img/s in bf16 at batch 16 but 106 img/s at batch 64 (fp32: 80
-vs 76). ``InferenceNetwork`` therefore splits a large call into micro-batches whose first-level feature map holds
-about 2**20 values, and can run the network under bf16 autocast, handing back fp32 so the sampler's arithmetic
-stays in fp32.
+``InferenceNetwork`` runs such a call in micro-batches whose first-level feature map holds about 2**20 values
+(16 images for issue 7's config (a), 8 for the CIFAR-10 model), so the memory of a call no longer grows with
+``--batch-size`` (config (a), 256 images in one batch: peak RSS 1368 -> 501 MiB) and every temporary stays under glibc's 32 MiB mmap ceiling, where ddpmctl.allocator's tuning
+lets malloc reuse it instead of page-faulting fresh memory in. Speed is unchanged within noise (measured in fresh
+processes, config (a), batch 64, 2 threads), and ``make bench`` times both. It can also run the network under
+bf16 autocast, handing back fp32 so the sampler's arithmetic stays in fp32.
 
 Splitting changes an image only at float rounding (about 1e-6), exactly as ``--batch-size`` does: a call of
 another size may take other kernel blockings. Its noise, and so what it shows, depends only on (seed, i).
@@ -27,15 +26,14 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 # Images per network call: a number, None (the whole batch at once) or "auto" (default_micro_batch).
 MicroBatch = Union[int, None, Literal["auto"]]  # noqa: UP007 - a runtime alias on Python 3.10
 
-# Values in one micro-batch's full-resolution feature map (image_size^2 * model_channels * images): 4 MiB in fp32,
-# well under glibc's largest mmap threshold (32 MiB) even for the concatenated skip inputs. Measured best at 12-16
-# images for config (a) (32 px, 64 channels) and 8-16 for the CIFAR-10 model (32 px, 128 channels), both on a
-# broad plateau.
+# Values in one micro-batch's full-resolution feature map (image_size^2 * model_channels * images): 4 MiB in fp32;
+# the widest maps (concatenated skips, 3x that) stay under glibc's 32 MiB mmap ceiling. Batches of 8-32 images
+# ran within a few percent of each other for configs (a) and (b).
 _CPU_MICRO_BATCH_VALUES = 2**20
 
 
 def default_micro_batch(device: torch.device, image_size: int, model_channels: int) -> int | None:
-    """Images per network call on ``device``: small enough on the CPU (see above), unlimited (None) elsewhere."""
+    """Images per network call on ``device``: bounded on the CPU (see above), unlimited (None) elsewhere."""
     if device.type != "cpu":
         return None
     return max(1, _CPU_MICRO_BATCH_VALUES // max(1, image_size * image_size * model_channels))

@@ -137,3 +137,15 @@ def test_cli_sample_precision(ckpt_path: Path, tmp_path: Path) -> None:
     assert bad.exit_code == 2
     assert "--precision must be one of fp32, bf16" in bad.output
     assert "Traceback" not in bad.output and not (tmp_path / "b").exists()
+
+
+def test_malloc_tuning_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import platform
+
+    from ddpmctl.allocator import tune_malloc
+
+    monkeypatch.setenv("DDPMCTL_MALLOC_TUNING", "0")
+    assert tune_malloc() is False
+    monkeypatch.delenv("DDPMCTL_MALLOC_TUNING")
+    expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert tune_malloc() is expected  # mallopt accepted both thresholds (it refuses values beyond glibc's caps)

@@ -44,4 +44,8 @@ app.command("info")(info.info_command)
 
 
 def main() -> None:
+    """The console script (and ``python -m ddpmctl``, torchrun's ``-m ddpmctl``)."""
+    from ddpmctl.allocator import tune_malloc
+
+    tune_malloc()
     app()
