@@ -181,7 +181,8 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
     forwards = {p: forward(tr, p) for p, tr in trainers.items()}
     # The same call without micro-batches (the whole batch at once), timed alongside: the before/after of that
     # optimisation in one run.
-    one_call = {f"{p}_one_call": forward(tr, p, None) for p, tr in trainers.items()}
+    one_call = {f"{p}_one_call": forward(tr, p, None) for p, tr in trainers.items()
+                if (micro_batches[p] or sample_batch) < sample_batch}
     sample_flops = {p: count_flops(fn) for p, fn in forwards.items()}
     sample_s = interleaved_medians({**forwards, **one_call, **probes}, warmup=0, repeats=repeats + 1, clock=clock)
 
@@ -200,7 +201,8 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
             "sample_batch": sample_batch,
             "sample_micro_batch": micro_batches[p],
             "sample_img_per_s": sample_batch / sample_s[p],
-            "sample_one_call_img_per_s": sample_batch / sample_s[f"{p}_one_call"],
+            "sample_one_call_img_per_s": (sample_batch / sample_s[f"{p}_one_call"] if f"{p}_one_call" in sample_s
+                                          else None),  # None: the call is not split
             "sample_gflop_per_s": sample_flops[p] / sample_s[p] / 1e9,
             "sample_peak_gflop_per_s": 2 * mm_size**3 / sample_s[f"mm_{p}"] / 1e9,
         })
@@ -308,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config {name}: bf16/fp32 training {s['train_bf16_over_fp32']:.2f}x, "
               f"sampling {s['sample_bf16_over_fp32']:.2f}x")
     for r in rows:
+        if r["sample_one_call_img_per_s"] is None:
+            continue
         print(f"config {r['config']} {r['precision']} sampling: micro-batches of {r['sample_micro_batch']} "
               f"{r['sample_img_per_s']:.1f} img/s vs one call of {r['sample_batch']} "
               f"{r['sample_one_call_img_per_s']:.1f} img/s "

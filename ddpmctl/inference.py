@@ -1,12 +1,12 @@
 """The network call used for sampling and likelihood evaluation: precision and micro-batches.
 
 Samplers and eval-nll hand the network whatever batch the user asked for (64 images, or 256 (image, t) pairs).
-``InferenceNetwork`` runs such a call in micro-batches whose first-level feature map holds about 2**20 values
-(16 images for issue 7's config (a), 8 for the CIFAR-10 model), so the memory of a call no longer grows with
-``--batch-size`` (config (a), 256 images in one batch: peak RSS 1368 -> 501 MiB) and every temporary stays under glibc's 32 MiB mmap ceiling, where ddpmctl.allocator's tuning
-lets malloc reuse it instead of page-faulting fresh memory in. Speed is unchanged within noise (measured in fresh
-processes, config (a), batch 64, 2 threads), and ``make bench`` times both. It can also run the network under
-bf16 autocast, handing back fp32 so the sampler's arithmetic stays in fp32.
+On the CPU ``InferenceNetwork`` runs a call larger than about 2**22 values in its first-level feature map (64
+images for issue 7's config (a), 32 for the CIFAR-10 model) in micro-batches of that size, so the memory of a
+call stops growing with ``--batch-size`` (config (a), one batch of 256: peak RSS 1347 -> 768 MiB). The cap sits
+where splitting costs nothing: with malloc tuned (ddpmctl.allocator), micro-batches of 16 or 32 images ran ~5%
+slower than one call of 64 (``make bench`` times the split call against one call). It can also run the network
+under bf16 autocast, handing back fp32 so the sampler's arithmetic stays in fp32.
 
 Splitting changes an image only at float rounding (about 1e-6), exactly as ``--batch-size`` does: a call of
 another size may take other kernel blockings. Its noise, and so what it shows, depends only on (seed, i).
@@ -26,10 +26,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 # Images per network call: a number, None (the whole batch at once) or "auto" (default_micro_batch).
 MicroBatch = Union[int, None, Literal["auto"]]  # noqa: UP007 - a runtime alias on Python 3.10
 
-# Values in one micro-batch's full-resolution feature map (image_size^2 * model_channels * images): 4 MiB in fp32;
-# the widest maps (concatenated skips, 3x that) stay under glibc's 32 MiB mmap ceiling. Batches of 8-32 images
-# ran within a few percent of each other for configs (a) and (b).
-_CPU_MICRO_BATCH_VALUES = 2**20
+# Values in one micro-batch's full-resolution feature map (image_size^2 * model_channels * images): 16 MiB in fp32.
+_CPU_MICRO_BATCH_VALUES = 2**22
 
 
 def default_micro_batch(device: torch.device, image_size: int, model_channels: int) -> int | None:
