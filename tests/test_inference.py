@@ -149,3 +149,23 @@ def test_malloc_tuning_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("DDPMCTL_MALLOC_TUNING")
     expected = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
     assert tune_malloc() is expected  # mallopt accepted both thresholds (it refuses values beyond glibc's caps)
+
+
+def test_cli_sample_failure_leaves_no_empty_out(ckpt_path: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpmctl.samplers
+    from ddpmctl.errors import SamplerError
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise SamplerError("the network produced NaN at step 3")
+
+    monkeypatch.setattr(ddpmctl.samplers, "generate", broken)
+    out = tmp_path / "new"
+    result = CliRunner().invoke(app, ["sample", str(ckpt_path), "--out", str(out), "--steps", "3", "--quiet"])
+    assert result.exit_code == 1 and "NaN at step 3" in result.output
+    assert not out.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["sample", str(ckpt_path), "--out", str(kept), "--steps", "3", "--quiet"])
+    assert result.exit_code == 1 and (kept / "notes.txt").read_text() == "mine"  # an existing folder stays

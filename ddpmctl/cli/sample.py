@@ -30,8 +30,12 @@ def resolve_class(label: str, num_classes: int | None, class_names: tuple[str, .
     raise SamplerError(f"--class {label!r} is not a class of {ckpt_name} (classes: {names})")
 
 
-def prepare_out_dir(out: Path, *, force: bool) -> None:
-    """Create ``out`` (a folder) and make sure it is writable and holds no earlier samples unless ``force``."""
+def prepare_out_dir(out: Path, *, force: bool) -> bool:
+    """Create ``out`` (a folder) and make sure it is writable and holds no earlier samples unless ``force``.
+
+    Returns whether the folder was created here (so a failed run can remove it again).
+    """
+    created = not out.exists()
     if out.exists() and not out.is_dir():
         raise SamplerError(f"--out {out} is a file, not a folder")
     try:
@@ -50,6 +54,14 @@ def prepare_out_dir(out: Path, *, force: bool) -> None:
         raise SamplerError(f"--out {out} already holds samples ({shown}): use --force to replace them")
     for name in old:  # --force: no stale images from an earlier, larger run may remain
         (out / name).unlink()
+    return created
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # only succeeds when empty
+    except OSError:
+        pass
 
 
 @guarded
@@ -108,33 +120,37 @@ def sample_command(
                               data.class_names if data is not None else None, checkpoint.name)
     instance = sampler_cls(options)
     total_steps = instance.num_steps(ckpt, steps)  # bad --steps fails before --out is touched
-    prepare_out_dir(out, force=force)
-
-    started = time.perf_counter()
-    if quiet:
-        images, labels = generate(ckpt, instance, num=num, batch_size=batch_size, seed=seed, steps=steps,
-                                  class_label=label, output="uint8", precision=precision)  # type: ignore[arg-type]
-    else:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=False) as progress:
-            image_task = progress.add_task("images", total=num)
-            step_task = progress.add_task("steps ", total=total_steps)
-
-            def on_progress(event: SampleProgress) -> None:
-                progress.update(image_task, completed=event.images_done)
-                progress.update(step_task, completed=event.step if event.batch_size else total_steps)
-
+    created = prepare_out_dir(out, force=force)
+    try:
+        started = time.perf_counter()
+        if quiet:
             images, labels = generate(ckpt, instance, num=num, batch_size=batch_size, seed=seed, steps=steps,
-                                      class_label=label, callback=on_progress, output="uint8",
-                                      precision=precision)  # type: ignore[arg-type]
-    seconds = time.perf_counter() - started
+                                      class_label=label, output="uint8", precision=precision)  # type: ignore[arg-type]
+        else:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    for i in range(num):
-        save_png(out / f"{i:06d}.png", images[i])
-    save_grid(out / "grid.png", images[:256])
-    save_npz(out / "samples.npz", images, labels)
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          console=console, transient=False) as progress:
+                image_task = progress.add_task("images", total=num)
+                step_task = progress.add_task("steps ", total=total_steps)
+
+                def on_progress(event: SampleProgress) -> None:
+                    progress.update(image_task, completed=event.images_done)
+                    progress.update(step_task, completed=event.step if event.batch_size else total_steps)
+
+                images, labels = generate(ckpt, instance, num=num, batch_size=batch_size, seed=seed, steps=steps,
+                                          class_label=label, callback=on_progress, output="uint8",
+                                          precision=precision)  # type: ignore[arg-type]
+        seconds = time.perf_counter() - started
+
+        for i in range(num):
+            save_png(out / f"{i:06d}.png", images[i])
+        save_grid(out / "grid.png", images[:256])
+        save_npz(out / "samples.npz", images, labels)
+    except BaseException:
+        if created:  # a run that fails (or is interrupted) before writing leaves no empty --out behind
+            _remove_if_empty(out)
+        raise
 
     summary: dict[str, Any] = {
         "checkpoint": str(checkpoint), "out": str(out), "sampler": sampler, "options": options.model_dump(),
