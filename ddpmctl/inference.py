@@ -54,6 +54,16 @@ class InferenceNetwork(nn.Module):
         self.precision = precision
         self.micro_batch = micro_batch
 
+    def __getattr__(self, name: str) -> Any:
+        # Samplers see this wrapper as checkpoint.model: let them read the network's own attributes (config, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__["_modules"].get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
+
     def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         if self.precision == "fp32":
             return self.module(x, t, **kwargs)
