@@ -35,7 +35,7 @@ from ddpmctl import train as train_loop  # noqa: E402
 from ddpmctl.config import TrainConfig  # noqa: E402
 from ddpmctl.allocator import tune_malloc  # noqa: E402
 from ddpmctl.ema import EMA  # noqa: E402
-from ddpmctl.inference import inference_network  # noqa: E402
+from ddpmctl.inference import AutocastModel, inference_network  # noqa: E402
 
 # issue 7's two configs, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
 CONFIGS: dict[str, dict[str, object]] = {
@@ -81,7 +81,7 @@ def build_trainer(config: TrainConfig, *, seed: int = 0) -> Trainer:
     optimizer = train_loop.make_optimizer(params, config, device)
     ema = EMA(model, config.ema)
     autocast = torch.bfloat16 if config.precision == "bf16" else None
-    model_call = train_loop.AutocastModel(model, device.type, autocast)
+    model_call = AutocastModel(model, autocast)
     batch = config.batch_size
     generator = torch.Generator().manual_seed(seed)
     # A fixed batch of "images" on the 8-bit grid; fresh timesteps and noise every step, as in training.

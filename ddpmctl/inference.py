@@ -1,4 +1,5 @@
-"""The network call used for sampling and likelihood evaluation: precision and micro-batches.
+"""How the network is called: in a precision (training, sampling, evaluation) and in micro-batches (sampling and
+likelihood evaluation).
 
 Samplers and eval-nll hand the network whatever batch the user asked for (64 images, or 256 (image, t) pairs).
 On the CPU ``InferenceNetwork`` runs a call larger than about 2**22 values in its first-level feature map (64
@@ -19,7 +20,8 @@ from typing import Any, Literal, Union
 import torch
 from torch import nn
 
-__all__ = ["InferenceNetwork", "Precision", "PRECISIONS", "MicroBatch", "default_micro_batch", "inference_network"]
+__all__ = ["AutocastModel", "InferenceNetwork", "Precision", "PRECISIONS", "MicroBatch", "default_micro_batch",
+           "inference_network"]
 
 Precision = Literal["fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
@@ -28,6 +30,21 @@ MicroBatch = Union[int, None, Literal["auto"]]  # noqa: UP007 - a runtime alias 
 
 # Values in one micro-batch's full-resolution feature map (image_size^2 * model_channels * images): 16 MiB in fp32.
 _CPU_MICRO_BATCH_VALUES = 2**22
+
+
+class AutocastModel:
+    """Calls the network under ``dtype`` autocast (None: as it is) and hands back fp32, so every loss and every
+    sampler step is computed in fp32."""
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype | None) -> None:
+        self.module, self.dtype = module, dtype
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.dtype is None:
+            return self.module(x, t, **kwargs)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            out = self.module(x, t, **kwargs)
+        return out.float()
 
 
 def default_micro_batch(device: torch.device, image_size: int, model_channels: int) -> int | None:
@@ -53,6 +70,7 @@ class InferenceNetwork(nn.Module):
         self.module = module
         self.precision = precision
         self.micro_batch = micro_batch
+        self._call = AutocastModel(module, torch.bfloat16 if precision == "bf16" else None)
 
     def __getattr__(self, name: str) -> Any:
         # Samplers see this wrapper as checkpoint.model: let them read the network's own attributes (config, ...).
@@ -64,24 +82,17 @@ class InferenceNetwork(nn.Module):
                 raise
             return getattr(module, name)
 
-    def _call(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-        if self.precision == "fp32":
-            return self.module(x, t, **kwargs)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            out = self.module(x, t, **kwargs)
-        return out.float()
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         n = x.shape[0]
         size = self.micro_batch
         if size is None or n <= size:
-            return self._call(x, t, kwargs)
+            return self._call(x, t, **kwargs)
         outputs = []
         for start in range(0, n, size):
             stop = min(start + size, n)
             part = {key: value[start:stop] if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n
                     else value for key, value in kwargs.items()}
-            outputs.append(self._call(x[start:stop], t[start:stop], part))
+            outputs.append(self._call(x[start:stop], t[start:stop], **part))
         return torch.cat(outputs)
 
 
