@@ -9,7 +9,7 @@ Speed notes (issue 7): every op works on channels_last tensors without format ro
 token-major ``[N, HW, C]`` views of channels_last maps with ``scaled_dot_product_attention`` (no transposing
 copies; bf16 CPU maps up to 2**24 attention weights use two GEMMs instead, measured faster, see ``_attention``);
 GroupNorm normalises in fp32 under bf16 autocast (cast back to bf16 afterwards, as the reference's GroupNorm32
-does); the frequency table is a non-persistent buffer and nothing in ``forward`` syncs with the device.
+does; forward-only calls on maps of 32x32 pixels or more use the mixed-type kernel, bit-identical); the frequency table is a non-persistent buffer and nothing in ``forward`` syncs with the device.
 """
 
 from __future__ import annotations
@@ -56,6 +56,10 @@ def _num_groups(channels: int) -> int:
     return math.gcd(32, channels)
 
 
+# Pixels per map from which the CPU mixed-type GroupNorm kernel beats the float round trip (channels_last).
+_MIXED_CHANNELS_LAST_MIN_PIXELS = 1024
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm whose statistics and normalisation are computed in fp32, output in the input's dtype."""
 
@@ -65,12 +69,18 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        if x.device.type == "cpu" and x.is_contiguous():
+        if x.device.type == "cpu" and (x.is_contiguous() or self._mixed_channels_last_is_faster(x)):
             # The CPU kernel takes bf16 input with fp32 affine parameters and computes in fp32 internally:
-            # bit-identical to normalising x.float() and casting back, without the two copies (its channels_last
-            # mixed-type path is ~5x slower than the float round trip below, hence only for NCHW).
+            # bit-identical to normalising x.float() and casting back, without the two copies.
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         return F.group_norm(x.float(), self.num_groups, self.weight, self.bias, self.eps).to(x.dtype)
+
+    def _mixed_channels_last_is_faster(self, x: torch.Tensor) -> bool:
+        # The mixed-type kernel's channels_last forward is 1.6-3.6x faster than the float round trip on maps of
+        # at least 32x32 pixels and 4-7x slower on smaller ones; its backward is 2-5x slower everywhere (issue 7,
+        # measured on 2 cores). So only forward-only calls (sampling, eval-nll) on large maps take it.
+        grad_needed = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        return not grad_needed and x.shape[-1] * x.shape[-2] >= _MIXED_CHANNELS_LAST_MIN_PIXELS
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -159,25 +169,24 @@ class AttentionBlock(nn.Module):
         self.channels = channels
         self.num_heads = num_heads
         self.norm = GroupNorm32(channels)
-        # 1x1 convs over the flattened map, as in the reference (weights [3C, C, 1]); applied as linear maps on
-        # token-major views so a channels_last map needs no transposing copy.
+        # 1x1 convs over the flattened map, as in the reference (weights [3C, C, 1]). They run as 1x1 conv2d on the
+        # channels_last map, whose memory is already token-major [N, HW, C]: no transposing copy, and oneDNN's
+        # convolution beats torch.mm's BLAS on the CPU (fp32 1.8-2.1x, bf16 1.2x forward+backward; issue 7).
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         heads, ch = self.num_heads, c // self.num_heads
-        # [N, C, H, W] -> [N, HW, C]: a free view when x is channels_last.
-        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)
-        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)
-        # The reference's channel layout: head-major, then (q, k, v), then the head's channels.
-        qkv = qkv.view(b, height * width, heads, 3, ch)
+        qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
+        # [N, 3C, H, W] -> [N, HW, 3C]: a free view when channels_last. The reference's channel layout:
+        # head-major, then (q, k, v), then the head's channels.
+        qkv = qkv.permute(0, 2, 3, 1).reshape(b, height * width, heads, 3, ch)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [N, heads, HW, ch] strided views
         h = _attention(q, k, v)
-        h = h.transpose(1, 2).reshape(b, height * width, c)
-        h = F.linear(h, self.proj_out.weight[:, :, 0], self.proj_out.bias)
-        # Back to [N, C, H, W] as a channels_last view.
-        return x + h.view(b, height, width, c).permute(0, 3, 1, 2)
+        # [N, heads, HW, ch] -> [N, HW, C] -> [N, C, H, W] as a channels_last view.
+        h = h.transpose(1, 2).reshape(b, height, width, c).permute(0, 3, 1, 2)
+        return x + F.conv2d(h, self.proj_out.weight[..., None], self.proj_out.bias)
 
 
 class Downsample(nn.Module):

@@ -300,7 +300,7 @@ def test_attention_matches_reference_layout_and_both_cpu_paths(side: int, batch:
 
 
 def test_channels_last_bf16_groupnorm_gradients_match_fp32() -> None:
-    # The CPU channels_last bf16 path (mixed-type forward, fp32 backward) against float64 autograd of the same input.
+    # The CPU channels_last bf16 training path (float round trip) against float64 autograd of the same input.
     torch.manual_seed(0)
     norm = GroupNorm32(64)
     with torch.no_grad():
@@ -319,3 +319,32 @@ def test_channels_last_bf16_groupnorm_gradients_match_fp32() -> None:
     for got, want in ((x.grad, x64.grad), (norm.weight.grad, w64.grad), (norm.bias.grad, b64.grad)):
         assert got is not None and want is not None
         assert (got.double() - want).norm() / want.norm() < 1e-2
+
+
+def test_channels_last_bf16_groupnorm_inference_takes_mixed_kernel_on_large_maps(monkeypatch) -> None:
+    # Forward-only calls on maps of >= 32x32 pixels hand bf16 straight to the mixed-type kernel (faster there);
+    # its output must be bit-identical to the float round trip. Calls that need a gradient keep the round trip.
+    torch.manual_seed(0)
+    norm = GroupNorm32(64)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    seen: list[torch.dtype] = []
+    group_norm = torch.nn.functional.group_norm
+
+    def spy(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(x.dtype)
+        return group_norm(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(unet.F, "group_norm", spy)
+    large = (torch.randn(2, 64, 32, 32) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+    small = large[:, :, :16, :16].contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        out_large, out_small = norm(large), norm(small)
+    assert seen == [torch.bfloat16, torch.float32]
+    expected = group_norm(large.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16()
+    assert torch.equal(out_large, expected)
+    assert torch.equal(out_small, group_norm(small.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16())
+    seen.clear()
+    norm(large.clone().requires_grad_()).sum().backward()
+    assert seen == [torch.float32]
