@@ -130,6 +130,24 @@ def matmul(dtype: torch.dtype, size: int) -> Callable[[], object]:
     return lambda: torch.mm(a, b)
 
 
+# A 3x3 convolution the size of config (a)'s middle levels (channels_last, forward): the oneDNN kernels the U-Net's
+# convolutions run on. On CPUs where torch.mm's BLAS takes a slow path (MKL on AMD runs at about a third of the FMA
+# peak), this probe shows what the convolutions can reach; the issue's fractions stay those of the matmul probe.
+CONV_PROBE = (32, 128, 128, 16)  # batch, in channels, out channels, pixels per side
+
+
+def conv_probe(dtype: torch.dtype) -> Callable[[], object]:
+    batch, c_in, c_out, side = CONV_PROBE
+    x = torch.randn(batch, c_in, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, 3, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    return lambda: torch.nn.functional.conv2d(x, w, padding=1)
+
+
+def conv_probe_flops() -> int:
+    batch, c_in, c_out, side = CONV_PROBE
+    return 2 * batch * c_in * c_out * 9 * side * side
+
+
 def matmul_peak(dtype: torch.dtype, *, size: int, repeats: int, clock: Clock) -> float:
     """Measured GFLOP/s of a square matmul in ``dtype``."""
     seconds = interleaved_medians({"mm": matmul(dtype, size)}, warmup=2, repeats=repeats, clock=clock)["mm"]
@@ -150,7 +168,9 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
     numbers taken under the same machine load (a shared machine's load drifts over a run).
     """
     trainers = {p: build_trainer(train_config(name, p, quick=quick)) for p in precisions}
-    probes = {f"mm_{p}": matmul(torch.float32 if p == "fp32" else torch.bfloat16, mm_size) for p in precisions}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    probes = {**{f"mm_{p}": matmul(dtypes[p], mm_size) for p in precisions},
+              **{f"conv_{p}": conv_probe(dtypes[p]) for p in precisions}}
     warmup, repeats = (0, 2) if quick else (1, 4)
     # The counted step doubles as the first warm-up step (allocator and oneDNN primitive caches).
     train_flops = {p: count_flops(tr.step) for p, tr in trainers.items()}
@@ -198,6 +218,7 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
             "train_gflop_per_step": train_flops[p] / 1e9,
             "train_gflop_per_s": train_flops[p] / train_s[p] / 1e9,
             "train_peak_gflop_per_s": 2 * mm_size**3 / train_s[f"mm_{p}"] / 1e9,
+            "train_conv_probe_gflop_per_s": conv_probe_flops() / train_s[f"conv_{p}"] / 1e9,
             "sample_batch": sample_batch,
             "sample_micro_batch": micro_batches[p],
             "sample_img_per_s": sample_batch / sample_s[p],
@@ -205,6 +226,7 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
                                           else None),  # None: the call is not split
             "sample_gflop_per_s": sample_flops[p] / sample_s[p] / 1e9,
             "sample_peak_gflop_per_s": 2 * mm_size**3 / sample_s[f"mm_{p}"] / 1e9,
+            "sample_conv_probe_gflop_per_s": conv_probe_flops() / sample_s[f"conv_{p}"] / 1e9,
         })
     return rows
 
@@ -278,13 +300,20 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}, clock {args.clock}, load average {load_start}, "
           f"malloc tuning {'on' if malloc_tuned else 'off'}")
     print(f"matmul peak at start: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
+    conv_probe_s = interleaved_medians({p: conv_probe(torch.float32 if p == "fp32" else torch.bfloat16)
+                                        for p in PRECISIONS}, warmup=2, repeats=repeats, clock=clock)
+    conv_probes = {p: conv_probe_flops() / seconds / 1e9 for p, seconds in conv_probe_s.items()}
+    print(f"3x3 conv probe {CONV_PROBE} at start: fp32 {conv_probes['fp32']:.1f} GFLOP/s, "
+          f"bf16 {conv_probes['bf16']:.1f} GFLOP/s")
 
     rows: list[dict[str, object]] = []
     for name in names:
         for row in bench_config(name, quick=args.quick, clock=clock, mm_size=size):
             for kind in ("train", "sample"):
-                row[f"{kind}_fraction_of_peak"] = (float(row[f"{kind}_gflop_per_s"])  # type: ignore[arg-type]
-                                                   / float(row[f"{kind}_peak_gflop_per_s"]))  # type: ignore[arg-type]
+                achieved = float(row[f"{kind}_gflop_per_s"])  # type: ignore[arg-type]
+                row[f"{kind}_fraction_of_peak"] = achieved / float(row[f"{kind}_peak_gflop_per_s"])  # type: ignore[arg-type]
+                row[f"{kind}_fraction_of_conv_probe"] = (
+                    achieved / float(row[f"{kind}_conv_probe_gflop_per_s"]))  # type: ignore[arg-type]
             rows.append(row)
             print(f"  measured config {name} {row['precision']}", flush=True)
     summary: dict[str, dict[str, float]] = {}
@@ -296,16 +325,17 @@ def main(argv: list[str] | None = None) -> int:
             for key, kind in (("train_bf16_over_fp32", "train"), ("sample_bf16_over_fp32", "sample"))
         }
 
-    print("fractions are of the matmul peak re-measured alongside each config's steps (the 'peak' columns)")
+    print("fractions are of the matmul peak re-measured alongside each config's steps (the 'peak' columns); "
+          "'of conv' divides by the conv probe re-measured the same way")
     header = (f"{'cfg':>3} {'prec':>5} {'batch':>5} {'train img/s':>11} {'GFLOP/s':>8} {'peak':>6} {'of peak':>7} "
-              f"{'sample img/s':>12} {'GFLOP/s':>8} {'peak':>6} {'of peak':>7}")
+              f"{'of conv':>7} {'sample img/s':>12} {'GFLOP/s':>8} {'peak':>6} {'of peak':>7} {'of conv':>7}")
     print(header)
     for r in rows:
         print(f"{r['config']:>3} {r['precision']:>5} {r['train_batch']:>5} {r['train_img_per_s']:>11.2f} "
               f"{r['train_gflop_per_s']:>8.1f} {r['train_peak_gflop_per_s']:>6.0f} "
-              f"{r['train_fraction_of_peak']:>7.2f} "
+              f"{r['train_fraction_of_peak']:>7.2f} {r['train_fraction_of_conv_probe']:>7.2f} "
               f"{r['sample_img_per_s']:>12.2f} {r['sample_gflop_per_s']:>8.1f} {r['sample_peak_gflop_per_s']:>6.0f} "
-              f"{r['sample_fraction_of_peak']:>7.2f}")
+              f"{r['sample_fraction_of_peak']:>7.2f} {r['sample_fraction_of_conv_probe']:>7.2f}")
     for name, s in summary.items():
         print(f"config {name}: bf16/fp32 training {s['train_bf16_over_fp32']:.2f}x, "
               f"sampling {s['sample_bf16_over_fp32']:.2f}x")
@@ -344,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average: {load_start} at start, {load_end} at end")
     result = {"quick": args.quick, "threads": args.threads, "clock": args.clock, "torch": torch.__version__,
               "malloc_tuned": malloc_tuned,
-              "load_average": {"start": load_start, "end": load_end}, "peaks_gflop_per_s": peaks, "rows": rows,
+              "load_average": {"start": load_start, "end": load_end}, "peaks_gflop_per_s": peaks,
+              "conv_probe_gflop_per_s": conv_probes, "rows": rows,
               "summary": summary, "loss_curves": curves, "eval_nll": nll, "peak_rss_mib_config_b": rss,
               "self_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
