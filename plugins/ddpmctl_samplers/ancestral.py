@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -33,24 +34,37 @@ def respaced_chain(checkpoint: LoadedCheckpoint, use: set[int]) -> GaussianDiffu
     return checkpoint.config.diffusion.model_copy(update={"use_timesteps": original}).build()
 
 
-def ancestral_loop(diffusion: GaussianDiffusion, model: torch.nn.Module, x_T: torch.Tensor, *, rng: SampleRNG,
-                   clip_denoised: bool, callback: Any = None,
-                   model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-    """x_{k-1} ~ p(x_{k-1} | x_k) for k = K-1 .. 0 of ``diffusion``'s own steps (IDDPM eq. 1-2, 15)."""
+def run_chain(step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+              diffusion: GaussianDiffusion, x_T: torch.Tensor, *, rng: SampleRNG,
+              callback: Any = None) -> torch.Tensor:
+    """Walk ``diffusion``'s own steps k = K-1 .. 0: x = step(x, t, noise)["sample"], reporting each to ``callback``.
+
+    ``step`` is one reverse update (p_sample, ddim_sample) of ``diffusion`` with its options bound.
+    """
     total = diffusion.num_timesteps
     x = x_T
     for index, k in enumerate(range(total - 1, -1, -1)):
         t = torch.full((x.shape[0],), k, dtype=torch.int64, device=x.device)
-        # Convention 15: draw at every step (p_sample masks it at k = 0) so each image's stream stays aligned.
+        # Convention 15: draw at every step (p_sample masks it at k = 0; DDIM draws even at eta = 0) so each
+        # image's stream stays aligned.
         noise = rng.randn_like(x)
         with torch.no_grad():
-            out = diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, noise=noise,
-                                     model_kwargs=model_kwargs)
+            out = step(x, t, noise)
         x = out["sample"]
         if callback is not None:
             callback(StepInfo(index=index, total=total, t=int(diffusion.timestep_map[k]), x=x,
                               pred_xstart=out["pred_xstart"]))
     return x
+
+
+def ancestral_loop(diffusion: GaussianDiffusion, model: torch.nn.Module, x_T: torch.Tensor, *, rng: SampleRNG,
+                   clip_denoised: bool, callback: Any = None,
+                   model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+    """x_{k-1} ~ p(x_{k-1} | x_k) for k = K-1 .. 0 of ``diffusion``'s own steps (IDDPM eq. 1-2, 15)."""
+    def step(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+        return diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, noise=noise, model_kwargs=model_kwargs)
+
+    return run_chain(step, diffusion, x_T, rng=rng, callback=callback)
 
 
 class AncestralSampler(Sampler):

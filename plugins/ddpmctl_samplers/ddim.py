@@ -7,12 +7,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from pydantic import Field
 
-from ddpmctl import Sampler, SampleRNG, SamplerError, StepInfo, space_timesteps
+from ddpmctl import Sampler, SampleRNG, SamplerError, space_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl import LoadedCheckpoint
 
-from .ancestral import refuse_student, respaced_chain
+from .ancestral import refuse_student, respaced_chain, run_chain
 
 DEFAULT_STEPS = 50
 
@@ -69,18 +69,9 @@ class DDIMSampler(Sampler):
         use = self._timesteps(checkpoint, steps)
         # Built once per call: abar and abar_prev of the subsequence (abar_prev = 1 before its first step).
         spaced = respaced_chain(checkpoint, use)
-        total = spaced.num_timesteps
-        x = x_T
-        for index, k in enumerate(range(total - 1, -1, -1)):
-            t = torch.full((x.shape[0],), k, dtype=torch.int64, device=x.device)
-            # Convention 15: a draw at every step, even at eta = 0, keeps each image's stream aligned.
-            noise = rng.randn_like(x)
-            with torch.no_grad():
-                out = spaced.ddim_sample(checkpoint.model, x, t, eta=self.options.eta,
-                                         clip_denoised=self.options.clip_denoised, noise=noise,
-                                         model_kwargs=model_kwargs)
-            x = out["sample"]
-            if callback is not None:
-                callback(StepInfo(index=index, total=total, t=int(spaced.timestep_map[k]), x=x,
-                                  pred_xstart=out["pred_xstart"]))
-        return x
+
+        def step(x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> dict[str, torch.Tensor]:
+            return spaced.ddim_sample(checkpoint.model, x, t, eta=self.options.eta,
+                                      clip_denoised=self.options.clip_denoised, noise=noise, model_kwargs=model_kwargs)
+
+        return run_chain(step, spaced, x_T, rng=rng, callback=callback)
