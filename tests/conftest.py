@@ -4,7 +4,7 @@ oversubscription on 2 cores is brutal), deterministic."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -22,3 +22,24 @@ def _seed_and_threads() -> Iterator[None]:
     torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture
+def poison_losses(monkeypatch: pytest.MonkeyPatch) -> Callable[[float, set[int]], None]:
+    """``poison_losses(value, calls)``: add ``value`` (nan, inf) to the loss of those 1-based compute_losses calls."""
+    import ddpmctl.train as train_module
+
+    def poison(value: float, bad_calls: set[int]) -> None:
+        real = train_module.compute_losses
+        calls = {"n": 0}
+
+        def fake(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
+            calls["n"] += 1
+            losses = real(*args, **kwargs)
+            if calls["n"] in bad_calls:
+                losses = {**losses, "loss": losses["loss"] + value}
+            return losses
+
+        monkeypatch.setattr(train_module, "compute_losses", fake)
+
+    return poison

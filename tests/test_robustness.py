@@ -17,6 +17,7 @@ import stat
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -238,24 +239,11 @@ def test_disk_full_on_the_first_save_says_nothing_was_saved(tmp_path: Path, monk
 
 
 # ------------------------------------------------------------------------------------------------ numbers
-def _poison(monkeypatch: pytest.MonkeyPatch, value: float, bad_calls: set[int]) -> None:
-    real = train_module.compute_losses
-    calls = {"n": 0}
-
-    def fake(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
-        calls["n"] += 1
-        losses = real(*args, **kwargs)
-        if calls["n"] in bad_calls:
-            losses = {**losses, "loss": losses["loss"] + value}
-        return losses
-
-    monkeypatch.setattr(train_module, "compute_losses", fake)
-
-
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
-def test_infinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: float) -> None:
+def test_infinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: float,
+                                             poison_losses: Callable[[float, set[int]], None]) -> None:
     run = tmp_path / "run"
-    _poison(monkeypatch, value, {3})
+    poison_losses(value, {3})
     with pytest.raises(TrainingError, match=r"non-finite loss \(-?inf\) at step 3") as err:
         train(tiny(run, max_steps=6, save_every=2), device=CPU)
     assert "ema_0.9999_000002.safetensors" in str(err.value)
@@ -266,10 +254,11 @@ def test_infinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest
     assert train(tiny(run, max_steps=4, save_every=2), device=CPU, resume=True).step == 4
 
 
-def test_skip_policy_survives_resume_and_keeps_counting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_skip_policy_survives_resume_and_keeps_counting(tmp_path: Path,
+                                                       poison_losses: Callable[[float, set[int]], None]) -> None:
     run = tmp_path / "run"
-    _poison(monkeypatch, float("nan"), {2})
+    poison_losses(float("nan"), {2})
     assert train(tiny(run, max_steps=3, nan_policy="skip"), device=CPU).nan_skips == 1
-    _poison(monkeypatch, float("inf"), {1})  # the first step after resuming
+    poison_losses(float("inf"), {1})  # the first step after resuming
     result = train(tiny(run, max_steps=5, nan_policy="skip"), device=CPU, resume=True)
     assert result.nan_skips == 2 and json.loads((run / "state_000005.json").read_text())["nan_skips"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 import math
 from pathlib import Path
 
@@ -139,24 +140,10 @@ def test_resume_with_a_different_config_names_the_field(tmp_path: Path) -> None:
         train(tiny(tmp_path / "empty", max_steps=2), device=CPU, resume=True)
 
 
-def _nan_at(monkeypatch: pytest.MonkeyPatch, bad_calls: set[int]) -> None:
-    real = train_module.compute_losses
-    calls = {"n": 0}
-
-    def fake(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
-        calls["n"] += 1
-        losses = real(*args, **kwargs)
-        if calls["n"] in bad_calls:
-            losses = {**losses, "loss": losses["loss"] * float("nan")}
-        return losses
-
-    monkeypatch.setattr(train_module, "compute_losses", fake)
-
-
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+                                                           poison_losses: Callable[[float, set[int]], None]) -> None:
     run = tmp_path / "run"
-    _nan_at(monkeypatch, {5})
+    poison_losses(float("nan"), {5})
     with pytest.raises(TrainingError, match="at step 5") as err:
         train(tiny(run, max_steps=8, save_every=2), device=CPU)
     assert "model_000004" not in str(err.value) and "ema_0.9999_000004.safetensors" in str(err.value)
@@ -165,9 +152,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path,
     assert all(torch.isfinite(v).all() for v in weights.values())
 
 
-def test_nan_policy_skip_counts_skips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nan_policy_skip_counts_skips(tmp_path: Path, poison_losses: Callable[[float, set[int]], None]) -> None:
     run = tmp_path / "run"
-    _nan_at(monkeypatch, {2, 3})
+    poison_losses(float("nan"), {2, 3})
     events: list[TrainEvent] = []
     result = train(tiny(run, max_steps=5, nan_policy="skip"), device=CPU, callback=events.append)
     assert result.step == 5 and result.nan_skips == 2
