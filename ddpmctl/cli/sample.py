@@ -95,7 +95,7 @@ def sample_command(
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.images import save_grid, save_npz, save_png
     from ddpmctl.inference import PRECISIONS
-    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options
+    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options, sampling_timesteps
 
     if num < 1:
         raise usage_error(f"--num must be at least 1, not {num}")
@@ -110,7 +110,10 @@ def sample_command(
     if num > 999_999:
         raise usage_error(f"--num {num} is more than the 999,999 images the file names allow")
     sampler_cls = get_sampler(sampler)
-    options = parse_options(sampler_cls, option or [])
+    try:
+        options = parse_options(sampler_cls, option or [])
+    except SamplerError as err:  # a bad -o is a bad command line
+        raise usage_error(str(err)) from None
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, device=torch_device)
     label = None
@@ -119,7 +122,7 @@ def sample_command(
         label = resolve_class(class_label, ckpt.config.model.num_classes,
                               data.class_names if data is not None else None, checkpoint.name)
     instance = sampler_cls(options)
-    total_steps = instance.num_steps(ckpt, steps)  # bad --steps fails before --out is touched
+    total_steps = len(sampling_timesteps(ckpt, instance, steps))  # bad --steps fails before --out is touched
     created = prepare_out_dir(out, force=force)
     try:
         started = time.perf_counter()
