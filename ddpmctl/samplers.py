@@ -331,13 +331,21 @@ def step_counts_with_ddim_stride(total: int) -> list[int]:
 
 
 def _logsnr_uniform(log_snr: Sequence[float], steps: int) -> set[int]:
-    """``steps`` distinct positions of a chain whose lambda (ascending positions, descending lambda) is closest to
-    ``steps`` values evenly spaced from the top step's lambda to the bottom step's (DPM-Solver's time steps)."""
+    """``steps`` distinct positions of a chain (``log_snr``: lambda per position, ascending positions, descending
+    lambda): the top step, then ``steps - 1`` positions nearest to values evenly spaced in lambda from the step below
+    the top to the bottom step (DPM-Solver's time steps on a discrete chain).
+
+    The top step of a cosine chain sits at the clipped beta of 0.999, 3.5 units of lambda below its neighbour: a
+    grid starting there would put its next targets in a gap the chain cannot fill (they would collapse onto the
+    top steps). On the Gaussian check this halves dpmpp-2m's error at 5-50 steps (benchmarks/README.md).
+    """
     total = len(log_snr)
-    top, bottom = log_snr[-1], log_snr[0]
-    targets = [top + (bottom - top) * j / (steps - 1) for j in range(steps)]  # noisiest first
+    if steps == 1:
+        return {total - 1}
+    top, bottom = log_snr[-2] if steps > 2 else log_snr[-1], log_snr[0]
+    targets = [top + (bottom - top) * j / (steps - 2) for j in range(steps - 1)] if steps > 2 else [bottom]
     # The chain's lambda decreases with the position: the nearest position by bisection, then kept distinct.
-    chosen: list[int] = []
+    chosen = [total - 1]
     for target in targets:
         lo, hi = 0, total - 1
         while hi - lo > 1:
@@ -345,8 +353,8 @@ def _logsnr_uniform(log_snr: Sequence[float], steps: int) -> set[int]:
             lo, hi = (mid, hi) if log_snr[mid] > target else (lo, mid)
         chosen.append(lo if abs(log_snr[lo] - target) <= abs(log_snr[hi] - target) else hi)
     # Strictly decreasing positions with room for the rest: from the top down, then from the bottom up.
-    for j in range(steps):
-        chosen[j] = min(chosen[j], total - 1 - j, chosen[j - 1] - 1 if j else total - 1)
+    for j in range(1, steps):
+        chosen[j] = min(chosen[j], chosen[j - 1] - 1)
     for j in range(steps - 1, -1, -1):
         chosen[j] = max(chosen[j], steps - 1 - j, chosen[j + 1] + 1 if j < steps - 1 else 0)
     return set(chosen)

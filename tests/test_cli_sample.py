@@ -176,11 +176,24 @@ def _one_line_error(result: object, code: int | None = None) -> str:
     (["--num", "0"], "--num must be at least 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--class", "dog"], "not class-conditional"),
+    (["-o", "eta=1.5"], "option eta=1.5: Input should be less than or equal to 1"),
 ])
 def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
     result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", *extra)
     assert expected in _one_line_error(result)
     assert not (tmp_path / "s").exists()  # nothing is written before the inputs are known to be good
+
+
+@pytest.mark.parametrize("option", ["eta=1.5", "eta=-0.1", "nope=1", "spacing=odd"])
+def test_bad_sampler_option_is_a_usage_error(ckpt: Path, tmp_path: Path, option: str) -> None:
+    _one_line_error(_invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "-o", option), code=2)
+
+
+def test_dpmpp_2m_samples_through_the_cli(ckpt: Path, tmp_path: Path) -> None:
+    result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", "--sampler", "dpmpp-2m",
+                     "--steps", "6", "--num", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 6
 
 
 def test_bad_class_and_bad_checkpoint(class_ckpt: Path, tmp_path: Path) -> None:

@@ -4,6 +4,12 @@ Notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log alp
 x_hat = the denoiser's (clipped) data prediction. The steps t_0 > ... > t_{n-1} default to uniform in lambda,
 where the solver's error is spread evenly (on an even-in-t cosine grid the first and last steps are 5-20x longer
 in lambda than the others).
+
+Steps are ODE steps: the n network calls make n steps t_0 -> t_1 -> ... -> t_{n-1} -> sigma = 0. The last one
+is the "lower-order final" step of the reference, first order by necessity (h is infinite there, and the
+first-order update to sigma = 0 is x_hat itself); every step before it but the first is second order. On the
+Gaussian check of ``ddpmctl.testing.gaussian_ode_error`` an extra first-order step before it (the reference's rule
+for fewer than 10 steps) doubles the error at 5-10 steps (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -16,10 +22,6 @@ import torch
 from pydantic import Field
 
 from ddpmctl import Denoiser, Sampler, SampleRNG, StepCallback, StepInfo
-
-# With fewer ODE steps than this, the last one is first order (the reference's lower_order_final: a long final
-# step in lambda makes the second-order extrapolation unstable).
-LOWER_ORDER_FINAL_BELOW = 10
 
 
 class DPMSolverPlusPlus2MSampler(Sampler):
@@ -40,7 +42,6 @@ class DPMSolverPlusPlus2MSampler(Sampler):
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], *, noise: SampleRNG,
                callback: StepCallback | None = None) -> torch.Tensor:
         n = len(timesteps)
-        ode_steps = n - 1  # between the noisy levels; the n-th step (to sigma = 0) is x_hat itself
         alpha = [math.sqrt(denoiser.alpha_bar(t)) for t in timesteps]
         sigma = [math.sqrt(1.0 - denoiser.alpha_bar(t)) for t in timesteps]
         lam = [denoiser.log_snr(t) for t in timesteps]
@@ -50,12 +51,11 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         for i, t in enumerate(timesteps):
             x_hat = denoiser.predict(x, t, clip=self.options.clip_denoised).x0  # 1. data prediction
             if i == n - 1:
-                x = x_hat  # 2. to sigma = 0: h is infinite, e^{-h} = 0, and the first-order update is x_hat
+                x = x_hat  # 2. The final step, to sigma = 0: e^{-h} = 0 and the first-order update is x_hat
             else:
                 h = lam[i + 1] - lam[i]
-                first_order = x_hat_prev is None or (i == ode_steps - 1 and ode_steps < LOWER_ORDER_FINAL_BELOW)
-                # 3. D: x_hat (order 1, DDIM), or the 2M extrapolation of x_hat linear in lambda.
-                d = x_hat if first_order else x_hat + (x_hat - x_hat_prev) / (2.0 * (h_prev / h))
+                # 3. D: x_hat at the first step (order 1, DDIM), then the 2M extrapolation of x_hat linear in lambda.
+                d = x_hat if x_hat_prev is None else x_hat + (x_hat - x_hat_prev) / (2.0 * (h_prev / h))
                 # 4. The linear part exactly, the x_hat integral by D (DPM-Solver++ eq. 9).
                 x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
                 h_prev = h
