@@ -347,3 +347,12 @@ def test_plugins_import_only_public_names(path: Path) -> None:
             for alias in node.names:  # `import ddpmctl` is fine, `import ddpmctl.diffusion` is not
                 assert alias.name.split(".")[0] in ALLOWED_TOP or alias.name == "ddpmctl", (
                     f"{path.name} imports {alias.name}")
+
+
+def test_the_readme_plugin_passes_the_contract() -> None:
+    # The plugin shown in full in README.md runs as written.
+    text = (ROOT / "README.md").read_text()
+    block = text.split("This is a complete plugin:\n\n```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    check_sampler(namespace["EulerSampler"])
