@@ -71,7 +71,7 @@ def sample_command(
                                       show_default=False)],
     sampler: Annotated[str, typer.Option("--sampler", "-s", help="Sampler plugin (see `ddpmctl samplers`).")] = "ddim",
     steps: Annotated[Optional[int], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
-        "--steps", help="Network steps. Default: the sampler's own (ddim and strided: 50, or the whole chain if "
+        "--steps", help="Steps. Default: the sampler's own (ddim and strided: 50, dpmpp-2m: 20, or the whole chain if "
                         "shorter; ancestral: the whole chain).", show_default=False)] = None,
     num: Annotated[int, typer.Option("--num", "-n", help="Number of images.")] = 64,
     batch_size: Annotated[int, typer.Option(
