@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from ddpmctl.build import build_diffusion
+
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.config import DiffusionConfig
 
@@ -87,7 +89,7 @@ class Denoiser:
                  timesteps: Sequence[OriginalStep], *, student_head: str | None = None,
                  model_kwargs: dict[str, Any] | None = None) -> None:
         full_config = diffusion.model_copy(update={"use_timesteps": None})
-        self._full = full_config.build()
+        self._full = build_diffusion(full_config)
         self.network = network
         self.num_timesteps: int = self._full.num_timesteps  # T
         self.alphas_cumprod: torch.Tensor = self._full.alphas_cumprod  # float64 [T], indexed by original t
@@ -108,7 +110,7 @@ class Denoiser:
         elif ascending == list(range(self.num_timesteps)):
             self._chain = self._full
         else:
-            self._chain = full_config.model_copy(update={"use_timesteps": tuple(ascending)}).build()
+            self._chain = build_diffusion(full_config.model_copy(update={"use_timesteps": tuple(ascending)}))
         self._own_step = {t: k for k, t in enumerate(ascending)}  # original t -> the run chain's k
 
     def conditioned(self, **model_kwargs: Any) -> Denoiser:
