@@ -197,3 +197,20 @@ def test_logsnr_spacing_is_uniform_in_log_snr() -> None:
     lam_even = [chain_lam[t] for t in even]
     gaps_even = [b - a for a, b in zip(lam_even, lam_even[1:])]
     assert gaps_even[0] > 3 * gaps_even[4] and gaps_even[-1] > 3 * gaps_even[4], gaps_even
+
+
+def test_explicit_timesteps() -> None:
+    ckpt = _checkpoint("learned_range")
+    sampler = get_sampler("strided")()
+    chosen = sampling_timesteps(ckpt, sampler, 7)
+    a, _ = generate(ckpt, sampler, num=3, batch_size=3, seed=1, steps=7)
+    b, _ = generate(ckpt, sampler, num=3, batch_size=3, seed=1, steps=None, timesteps=list(reversed(chosen)))
+    assert torch.equal(a, b)  # the same steps in any order: the same chain, the same images
+    c, _ = generate(ckpt, sampler, num=3, batch_size=3, seed=1, steps=None, timesteps=[0, 50, 120, 199])
+    assert not torch.allclose(a, c)
+    from ddpmctl.errors import SamplerError
+
+    with pytest.raises(SamplerError, match="explicit timesteps must be steps of"):
+        sampling_timesteps(ckpt, sampler, None, [0, T])
+    with pytest.raises(SamplerError, match="whole chain"):
+        sampling_timesteps(ckpt, get_sampler("ancestral")(), None, [0, 5])
