@@ -169,7 +169,7 @@ CASES: list[tuple[str, Any, int, str]] = [
      f"chain's {T} steps"),
     ("sample-class-uncond", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--class", "3"], 1,
      "not class-conditional"),
-    ("sample-option", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "-o", "eta=fast"], 1, "eta=fast"),
+    ("sample-option", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "-o", "eta=fast"], 2, "eta=fast"),
     ("sample-sampler", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--sampler", "euler"], 1,
      "installed samplers"),
     ("sample-out-is-file", lambda f, t: ["sample", _good(f), "--out", str(f["good"]), "--steps", "1", "--num", "1",
