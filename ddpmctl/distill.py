@@ -32,18 +32,18 @@ from ddpmctl.checkpoint import (
     save_tensors,
     write_json_atomic,
 )
-from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, ModelConfig, StudentConfig, StudentParam
-from ddpmctl.data import ImageDataset, load_dataset
+from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig, StudentParam
+from ddpmctl.data import ImageDataset, load_dataset_for
 from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.inference import AutocastModel
 from ddpmctl.loop import StopSignals, dotted_keys, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.progressive import (
     GridDenoiser,
-    Head,
     ddim_on_grid,
-    is_power_of_two,
+    head_of,
     loss_weight,
+    plan_stages,
     stage_times,
     student_grid,
     student_predict_xstart,
@@ -80,7 +80,8 @@ class StageReport:
 
 @dataclass
 class DistillEvent:
-    """Progress for a caller to render: kind = plan | reference | stage_start | step | stage_end | saved."""
+    """Progress for a caller to render: kind = plan | reference | stage_start | step | stage_end | saved | stopping
+    (the first Ctrl-C / SIGTERM arrived: the run saves and returns after this iteration)."""
 
     kind: str
     stage: int = 0
@@ -107,74 +108,12 @@ class DistillResult:
     interrupted: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "out": str(self.out),
-            "from_steps": self.from_steps,
-            "to_steps": self.to_steps,
-            "param": self.param,
-            "interrupted": self.interrupted,
-            "stages": [dict(asdict(s), ratio=s.ratio) for s in self.stages],
-        }
+        return {"out": str(self.out), "from_steps": self.from_steps, "to_steps": self.to_steps, "param": self.param,
+                "interrupted": self.interrupted, "stages": [dict(asdict(s), ratio=s.ratio) for s in self.stages]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The plan
-
-
-def _plan(config: DistillConfig, parent: LoadedCheckpoint) -> tuple[int, StudentParam, list[int]]:
-    """(from_steps, param, [student steps per stage]) after checking every combination; ConfigError otherwise."""
-    T = parent.config.diffusion.timesteps
-    channels = parent.config.model.in_channels
-    out_channels = parent.config.out_channels
-    name = Path(config.checkpoint).name
-    if parent.kind == "student":
-        student = parent.config.student
-        own = len(student.steps)
-        if student.steps != tuple(student_grid(T, own)):
-            raise ConfigError(f"{name}'s step grid is not the k_i = round(i T / N) - 1 grid: cannot distill it further")
-        if config.from_steps is not None and config.from_steps != own:
-            raise ConfigError(f"{name} is a {own}-step student: --from-steps must be {own} (or omitted)")
-        from_steps = own
-        if config.param is not None and config.param != student.param:
-            raise ConfigError(f"{name} predicts {student.param!r}: --param must be {student.param} (or omitted)")
-        param = student.param
-    else:
-        from_steps = config.from_steps or min(1024, 1 << (T.bit_length() - 1))
-        param = config.param or _default_param(parent.config.diffusion.mean_type, out_channels, channels)
-    if not is_power_of_two(from_steps):
-        raise ConfigError(f"--from-steps {from_steps} is not a power of two (e.g. 256, 512, 1024)")
-    if from_steps > T:
-        raise ConfigError(f"--from-steps {from_steps} exceeds the {T} steps of {name}'s training chain")
-    if not is_power_of_two(config.to_steps):
-        raise ConfigError(f"--to-steps {config.to_steps} is not a power of two (e.g. 1, 2, 4, 8)")
-    if config.to_steps >= from_steps:
-        raise ConfigError(f"--to-steps {config.to_steps} must be smaller than --from-steps {from_steps}")
-    if param == "both" and out_channels < 2 * channels:
-        raise ConfigError(f"--param both needs {2 * channels} output channels but {name} has {out_channels} "
-                          "(it was trained with a fixed variance): use --param v or x")
-    stages = []
-    steps = from_steps
-    while steps > config.to_steps:
-        steps //= 2
-        stages.append(steps)
-    return from_steps, param, stages
-
-
-def _default_param(mean_type: str, out_channels: int, channels: int) -> StudentParam:
-    """The head that starts closest to the teacher: its own for a v / x0 model (the student starts as an exact
-    copy); for eps (which cannot take the SNR ~ 0 step) "both" with the zero-initialised variance channels as the
-    x-head when there are 2C outputs, else v."""
-    if mean_type == "v":
-        return "v"
-    if mean_type == "x0":
-        return "x"
-    return "both" if out_channels >= 2 * channels else "v"
-
-
-def _head_of(checkpoint: LoadedCheckpoint) -> Head:
-    if checkpoint.kind == "student" and checkpoint.config.student is not None:
-        return checkpoint.config.student.param
-    return checkpoint.config.diffusion.mean_type
+# The student's head
 
 
 def zero_extra_head(model: torch.nn.Module, channels: int, out_channels: int) -> None:
@@ -247,7 +186,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
         emit(DistillEvent("plan", num_stages=len(run.stage_steps), steps=config.to_steps, teacher_steps=from_steps,
                           message=f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stages, "
                                   f"param {run.param}"))
-        original = GridDenoiser(run.parent.model, _head_of(run.parent), run.alphas_cumprod)
+        original = GridDenoiser(run.parent.model, head_of(run.parent), run.alphas_cumprod)
         reference = _reference_samples(run, original, from_steps)
         teacher = _Teacher(original, run.parent.path.name, run.parent.sha256, list(run.parent.lineage))
         for stage, steps in enumerate(run.stage_steps, start=1):
@@ -273,8 +212,8 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
               emit: Callable[[DistillEvent], None], stop: Callable[[], bool]) -> _Run:
     """Load the teacher and the data, check the plan and the run folder (as ``train`` does), write the settings."""
     parent = load_checkpoint(config.checkpoint, device=device)
-    from_steps, param, stage_steps = _plan(config, parent)
-    data = _dataset(config, parent.config.model)
+    from_steps, param, stage_steps = plan_stages(config, parent)
+    data = load_dataset_for(parent.config.model, config.data)
     full_chain = parent.config.diffusion.model_copy(update={"use_timesteps": None})
     out, layout = Path(config.out), runfolder.DISTILLATION
     saved = runfolder.check_run_dir(out, layout, config, resume=resume, force=force)
@@ -291,7 +230,7 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
                                      "stages": stage_steps}, layout)
     report_path = out / "report.json"
-    previous = _read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
+    previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
     parent.model.eval().requires_grad_(False)
     return _Run(config=config, device=device, parent=parent, data=data, out=out, param=param,
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
@@ -355,31 +294,6 @@ def _distances(run: _Run, reference: torch.Tensor, student: GridDenoiser, origin
     grid = student_grid(run.alphas_cumprod.numel(), steps)
     return (_distance(_sample_in_batches(run, student, grid), reference),
             _distance(_sample_in_batches(run, original, grid), reference))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
-
-
-def _dataset(config: DistillConfig, model_config: ModelConfig) -> ImageDataset:
-    if model_config.in_channels not in (1, 3):
-        raise ConfigError(f"distillation needs 1- or 3-channel images; the model has {model_config.in_channels}")
-    data = load_dataset(config.data, image_size=model_config.image_size,
-                        color="gray" if model_config.in_channels == 1 else "rgb",
-                        class_cond=model_config.num_classes is not None)
-    if data.channels != model_config.in_channels or data.image_size != model_config.image_size:
-        raise ConfigError(f"{config.data} gives {data.channels}x{data.image_size}x{data.image_size} images but the "
-                          f"model takes {model_config.in_channels}x{model_config.image_size}x{model_config.image_size}")
-    if model_config.num_classes is not None:
-        if data.labels is None:
-            raise ConfigError(f"the model is class-conditional but {config.data} has no class labels")
-        if int(data.labels.max()) >= model_config.num_classes:
-            raise ConfigError(f"{config.data} has {data.num_classes} classes but the model knows "
-                              f"{model_config.num_classes}")
-    return data
 
 
 def _batch(data: ImageDataset, batch_size: int, flip: bool, generator: torch.Generator,

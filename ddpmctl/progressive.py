@@ -11,11 +11,16 @@ grid nests in the previous one.
 from __future__ import annotations
 
 from fractions import Fraction
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ddpmctl.config import StudentParam, Weighting
+from ddpmctl.config import DistillConfig, StudentParam, Weighting
+from ddpmctl.errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ddpmctl.checkpoint import LoadedCheckpoint
 
 Head = Literal["eps", "x0", "v", "x", "both"]  # eps / x0 / v: a trained model's mean_type; v / x / both: a student's
 
@@ -184,3 +189,58 @@ def loss_weight(alpha: torch.Tensor, sigma: torch.Tensor, weighting: Weighting) 
         return snr.clamp(min=1.0)
     return snr + 1.0
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plan of a run: from_steps, the student head, the halvings
+
+
+def plan_stages(config: DistillConfig, parent: LoadedCheckpoint) -> tuple[int, StudentParam, list[int]]:
+    """(from_steps, param, [student steps per stage]) after checking every combination; ConfigError otherwise."""
+    T = parent.config.diffusion.timesteps
+    channels = parent.config.model.in_channels
+    out_channels = parent.config.out_channels
+    name = Path(config.checkpoint).name
+    if parent.kind == "student":
+        student = parent.config.student
+        own = len(student.steps)
+        if student.steps != tuple(student_grid(T, own)):
+            raise ConfigError(f"{name}'s step grid is not the k_i = round(i T / N) - 1 grid: cannot distill it further")
+        if config.from_steps is not None and config.from_steps != own:
+            raise ConfigError(f"{name} is a {own}-step student: --from-steps must be {own} (or omitted)")
+        from_steps = own
+        if config.param is not None and config.param != student.param:
+            raise ConfigError(f"{name} predicts {student.param!r}: --param must be {student.param} (or omitted)")
+        param = student.param
+    else:
+        from_steps = config.from_steps or min(1024, 1 << (T.bit_length() - 1))
+        param = config.param or default_param(parent.config.diffusion.mean_type, out_channels, channels)
+    if not is_power_of_two(from_steps):
+        raise ConfigError(f"--from-steps {from_steps} is not a power of two (e.g. 256, 512, 1024)")
+    if from_steps > T:
+        raise ConfigError(f"--from-steps {from_steps} exceeds the {T} steps of {name}'s training chain")
+    if not is_power_of_two(config.to_steps):
+        raise ConfigError(f"--to-steps {config.to_steps} is not a power of two (e.g. 1, 2, 4, 8)")
+    if config.to_steps >= from_steps:
+        raise ConfigError(f"--to-steps {config.to_steps} must be smaller than --from-steps {from_steps}")
+    if param == "both" and out_channels < 2 * channels:
+        raise ConfigError(f"--param both needs {2 * channels} output channels but {name} has {out_channels} "
+                          "(it was trained with a fixed variance): use --param v or x")
+    # Powers of two: from_steps / 2, / 4, ... down to to_steps.
+    return from_steps, param, [from_steps >> k for k in range(1, (from_steps // config.to_steps).bit_length())]
+
+
+def default_param(mean_type: str, out_channels: int, channels: int) -> StudentParam:
+    """The head that starts closest to the teacher: its own for a v / x0 model (the student starts as an exact
+    copy); for eps (which cannot take the SNR ~ 0 step) "both" with the zero-initialised variance channels as the
+    x-head when there are 2C outputs, else v."""
+    if mean_type == "v":
+        return "v"
+    if mean_type == "x0":
+        return "x"
+    return "both" if out_channels >= 2 * channels else "v"
+
+
+def head_of(checkpoint: LoadedCheckpoint) -> Head:
+    if checkpoint.kind == "student" and checkpoint.config.student is not None:
+        return checkpoint.config.student.param
+    return checkpoint.config.diffusion.mean_type

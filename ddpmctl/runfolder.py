@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from ddpmctl.checkpoint import write_json_atomic
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -158,6 +158,14 @@ def remove_temp_files(run_dir: Path, layout: RunLayout = TRAINING) -> list[str]:
     for path in removed:
         _unlink(path)
     return sorted(p.name for p in removed)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run folder (CheckpointError, one line, when it cannot be read)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
 def write_run_config(run_dir: Path, payload: dict[str, Any], layout: RunLayout = TRAINING) -> None:

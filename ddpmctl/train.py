@@ -10,7 +10,6 @@ these states are saved, so a resumed run continues bit for bit. Reports through 
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -332,10 +331,7 @@ class _Trainer:
     def _load_state(self, step: int) -> None:
         """Restore everything _save wrote at ``step`` (exact resume)."""
         ema_path, model_path, state_path, json_path = self._paths(step)
-        try:
-            meta = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{json_path}: cannot read the training state ({err})") from None
+        meta = runfolder.read_json(json_path)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{json_path} is not a ddpmctl training state")
         model_tensors, _ = load_tensors(model_path)

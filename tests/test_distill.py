@@ -341,10 +341,11 @@ def test_bad_plans_are_one_line_errors(tiny_teacher: Path, tmp_path: Path) -> No
 
 
 def test_default_head_and_both_initialisation() -> None:
-    from ddpmctl.distill import _default_param, zero_extra_head
+    from ddpmctl.distill import zero_extra_head
+    from ddpmctl.progressive import default_param
 
-    assert _default_param("v", 2, 1) == "v" and _default_param("x0", 1, 1) == "x"  # exact copies of the teacher
-    assert _default_param("eps", 2, 1) == "both" and _default_param("eps", 1, 1) == "v"
+    assert default_param("v", 2, 1) == "v" and default_param("x0", 1, 1) == "x"  # exact copies of the teacher
+    assert default_param("eps", 2, 1) == "both" and default_param("eps", 1, 1) == "v"
     torch.manual_seed(0)
     model = build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=16)))
     with torch.no_grad():
