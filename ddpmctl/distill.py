@@ -329,7 +329,9 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _seed_for_stage(seed: int, steps: int) -> int:
-    # Each stage has its own stream: a resumed stage never depends on how earlier stages were run.
+    # Each stage has its own stream: a resumed stage never depends on how earlier stages were run. Kept as this
+    # arithmetic rather than loop.derive_seed (SeedSequence, as training's ranks): switching would change every
+    # distilled student of a given --seed.
     return (seed * 1_000_003 + steps * 7_919 + 17) % (2**63)
 
 
