@@ -34,7 +34,7 @@ from ddpmctl.checkpoint import (
 )
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig, StudentParam
 from ddpmctl.data import load_dataset
-from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
+from ddpmctl.errors import CheckpointError, ConfigError, OptionError, TrainingError
 from ddpmctl.images import uint8_to_model
 
 Weighting = Literal["truncated-snr", "snr+1"]
@@ -319,7 +319,11 @@ class DistillResult:
 
 
 def _plan(config: DistillConfig, parent: Any) -> tuple[int, str, list[int]]:
-    """(from_steps, param, [student steps per stage]) after checking every combination; ConfigError otherwise."""
+    """(from_steps, param, [student steps per stage]) after checking every combination.
+
+    OptionError when the options do not fit the teacher (the CLI exits 2); ConfigError when the teacher itself is
+    unusable.
+    """
     T = parent.config.diffusion.timesteps
     channels = parent.config.model.in_channels
     out_channels = parent.config.model.out_channels
@@ -330,24 +334,24 @@ def _plan(config: DistillConfig, parent: Any) -> tuple[int, str, list[int]]:
         if student.steps != tuple(student_grid(T, own)):
             raise ConfigError(f"{name}'s step grid is not the k_i = round(i T / N) - 1 grid: cannot distill it further")
         if config.from_steps is not None and config.from_steps != own:
-            raise ConfigError(f"{name} is a {own}-step student: --from-steps must be {own} (or omitted)")
+            raise OptionError(f"{name} is a {own}-step student: --from-steps must be {own} (or omitted)")
         from_steps = own
         if config.param is not None and config.param != student.param:
-            raise ConfigError(f"{name} predicts {student.param!r}: --param must be {student.param} (or omitted)")
+            raise OptionError(f"{name} predicts {student.param!r}: --param must be {student.param} (or omitted)")
         param = student.param
     else:
         from_steps = config.from_steps or min(1024, 1 << (T.bit_length() - 1))
         param = config.param or _default_param(parent.config.diffusion.mean_type, out_channels, channels)
     if not is_power_of_two(from_steps):
-        raise ConfigError(f"--from-steps {from_steps} is not a power of two (e.g. 256, 512, 1024)")
+        raise OptionError(f"--from-steps {from_steps} is not a power of two (e.g. 256, 512, 1024)")
     if from_steps > T:
-        raise ConfigError(f"--from-steps {from_steps} exceeds the {T} steps of {name}'s training chain")
+        raise OptionError(f"--from-steps {from_steps} exceeds the {T} steps of {name}'s training chain")
     if not is_power_of_two(config.to_steps):
-        raise ConfigError(f"--to-steps {config.to_steps} is not a power of two (e.g. 1, 2, 4, 8)")
+        raise OptionError(f"--to-steps {config.to_steps} is not a power of two (e.g. 1, 2, 4, 8)")
     if config.to_steps >= from_steps:
-        raise ConfigError(f"--to-steps {config.to_steps} must be smaller than --from-steps {from_steps}")
+        raise OptionError(f"--to-steps {config.to_steps} must be smaller than --from-steps {from_steps}")
     if param == "both" and out_channels < 2 * channels:
-        raise ConfigError(f"--param both needs {2 * channels} output channels but {name} has {out_channels} "
+        raise OptionError(f"--param both needs {2 * channels} output channels but {name} has {out_channels} "
                           "(it was trained with a fixed variance): use --param v or x")
     stages = []
     steps = from_steps
