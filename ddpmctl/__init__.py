@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 # shadowed by the ``ddpmctl.respace`` submodule once anything has imported it.
 _LAZY: dict[str, tuple[str, str]] = {
     "beta_schedule": ("ddpmctl.schedules", "beta_schedule"),
+    "build_diffusion": ("ddpmctl.build", "build_diffusion"),
+    "build_model": ("ddpmctl.build", "build_model"),
     "GaussianDiffusion": ("ddpmctl.diffusion", "GaussianDiffusion"),
     "respace_diffusion": ("ddpmctl.respace", "respace"),
     "space_timesteps": ("ddpmctl.respace", "space_timesteps"),

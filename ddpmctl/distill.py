@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import (
     file_sha256,
     load_checkpoint,
@@ -326,7 +327,7 @@ def _plan(config: DistillConfig, parent: Any) -> tuple[int, str, list[int]]:
     """
     T = parent.config.diffusion.timesteps
     channels = parent.config.model.in_channels
-    out_channels = parent.config.model.out_channels
+    out_channels = parent.config.out_channels
     name = Path(config.checkpoint).name
     if parent.kind == "student":
         student = parent.config.student
@@ -547,7 +548,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
     shape = (channels, model_config.image_size, model_config.image_size)
     data = _dataset(config, model_config)
     full_chain = _full_chain(parent)
-    alphas_cumprod = full_chain.build().alphas_cumprod
+    alphas_cumprod = build_diffusion(full_chain).alphas_cumprod
     parent_head = _head_of(parent)
 
     out = Path(config.out)
@@ -587,7 +588,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
             student=StudentConfig(param=param, steps=tuple(grid), teacher_steps=2 * steps))
         entry = {"op": "distill", "stage": stage, "steps": steps, "teacher_steps": 2 * steps, "param": param,
                  "iters": config.iters_per_stage, "parent": teacher_name, "parent_sha256": teacher_sha}
-        student = student_model_config.build().to(device)
+        student = build_model(checkpoint_config).to(device)
 
         if continuing and student_path.exists():
             # A finished stage: its file is the next teacher.
@@ -601,7 +602,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
         else:
             student.load_state_dict(teacher.model.state_dict())
             if stage == 1 and parent.kind != "student" and param == "both":
-                zero_extra_head(student, channels, student_model_config.out_channels)
+                zero_extra_head(student, channels, checkpoint_config.out_channels)
             report = _train_stage(
                 config, stage=stage, num_stages=len(stage_steps), steps=steps,
                 teacher=teacher, student=student, param=param, alphas_cumprod=alphas_cumprod, data=data,

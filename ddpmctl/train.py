@@ -26,6 +26,7 @@ from torch import nn
 from ddpmctl import __version__
 from ddpmctl import distributed as dist_utils
 from ddpmctl import runfolder
+from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, TrainConfig
 from ddpmctl.data import load_dataset
@@ -223,10 +224,10 @@ class _Trainer:
         # The same initial weights on every rank (DDP also broadcasts rank 0's); then a per-rank dropout stream.
         torch.manual_seed(config.seed)
         # channels_last: oneDNN's convolutions run without layout round trips (about 10% faster fp32 steps on CPU).
-        self.model = self.model_config.build().to(self.device, memory_format=torch.channels_last)
+        self.model = build_model(self.ckpt_config).to(self.device, memory_format=torch.channels_last)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
         torch.manual_seed(_rank_seed(config.seed, dist.rank))
-        self.diffusion = self.diffusion_config.build()
+        self.diffusion = build_diffusion(self.diffusion_config)
         self.params = list(self.model.parameters())
         self.optimizer = make_optimizer(self.params, config, self.device)
         self.ema = EMA(self.model, config.ema)

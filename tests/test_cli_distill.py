@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 import ddpmctl.distill
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
@@ -17,17 +18,17 @@ from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
 T = 8
 
 
-def _model_config(out_channels: int) -> ModelConfig:
-    return ModelConfig(image_size=8, in_channels=1, model_channels=16, out_channels=out_channels, num_res_blocks=1,
-                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1, num_timesteps=T)
+def _model_config() -> ModelConfig:
+    return ModelConfig(image_size=8, in_channels=1, model_channels=16, num_res_blocks=1,
+                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1)
 
 
 def _checkpoint(path: Path, *, learned: bool) -> Path:
     torch.manual_seed(0)
-    model_config = _model_config(2 if learned else 1)
+    model_config = _model_config()
     diffusion = DiffusionConfig(timesteps=T) if learned else DiffusionConfig(timesteps=T, var_type="fixed_small",
                                                                             loss_type="mse")
-    model = model_config.build()
+    model = build_model(CheckpointConfig(model=model_config, diffusion=diffusion))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -13,19 +13,20 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
 
 T = 40
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=T)
+                    attention_resolutions=(4,))
 DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_range")
 
 
 def _state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
     # The U-Net zero-initialises its output layer; perturb every weight so the network really shapes the samples.
-    net = model_config.build()
+    net = build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in net.parameters():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.distill import (
@@ -175,18 +176,18 @@ def test_ddim_on_grid_recovers_a_single_point() -> None:
 # The student sampler
 
 
-def _tiny_model_config(T: int, out_channels: int = 2) -> ModelConfig:
-    return ModelConfig(image_size=8, in_channels=1, model_channels=16, out_channels=out_channels, num_res_blocks=1,
-                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1, num_timesteps=T)
+def _tiny_model_config() -> ModelConfig:
+    return ModelConfig(image_size=8, in_channels=1, model_channels=16, num_res_blocks=1,
+                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1)
 
 
 def _fake_student(model: torch.nn.Module, T: int, param: str, steps: int) -> LoadedCheckpoint:
     diffusion = DiffusionConfig(timesteps=T)
-    config = CheckpointConfig(model=_tiny_model_config(T), diffusion=diffusion,
+    config = CheckpointConfig(model=_tiny_model_config(), diffusion=diffusion,
                               student=StudentConfig(param=param, steps=tuple(student_grid(T, steps)),
                                                     teacher_steps=2 * steps))
     return LoadedCheckpoint(path=Path("student_4.safetensors"), config=config, kind="student", lineage=[],
-                            created_with="test", model=model, diffusion=diffusion.build(), num_parameters=0,
+                            created_with="test", model=model, diffusion=build_diffusion(diffusion), num_parameters=0,
                             sha256="0" * 64)
 
 
@@ -223,7 +224,7 @@ def test_student_sampler_exact_student_returns_the_point(param: str) -> None:
 def test_student_sampler_matches_distill_sampling_and_validates() -> None:
     T = 40
     torch.manual_seed(0)
-    model = _tiny_model_config(T).build()
+    model = build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -240,7 +241,7 @@ def test_student_sampler_matches_distill_sampling_and_validates() -> None:
     with pytest.raises(SamplerError, match="4-step student.*--steps 4"):
         StudentSampler().num_steps(checkpoint, 8)
     teacher = LoadedCheckpoint(path=Path("ema.safetensors"), config=CheckpointConfig(
-        model=_tiny_model_config(T), diffusion=DiffusionConfig(timesteps=T)), kind="model", lineage=[],
+        model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T)), kind="model", lineage=[],
         created_with="test", model=model, diffusion=checkpoint.diffusion, num_parameters=0, sha256="")
     with pytest.raises(SamplerError, match="not a distilled student"):
         StudentSampler().num_steps(teacher, None)
@@ -254,8 +255,8 @@ def test_student_sampler_matches_distill_sampling_and_validates() -> None:
 def tiny_teacher(tmp_path: Path) -> Path:
     T = 16
     torch.manual_seed(0)
-    model_config = _tiny_model_config(T)
-    model = model_config.build()
+    model_config = _tiny_model_config()
+    model = build_model(CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -319,7 +320,7 @@ def test_default_head_and_both_initialisation() -> None:
     assert _default_param("v", 2, 1) == "v" and _default_param("x0", 1, 1) == "x"  # exact copies of the teacher
     assert _default_param("eps", 2, 1) == "both" and _default_param("eps", 1, 1) == "v"
     torch.manual_seed(0)
-    model = _tiny_model_config(16).build()
+    model = build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=16)))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -20,13 +20,14 @@ import torch
 from typer.testing import CliRunner
 
 import ddpmctl.train as train_module
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
 
 T = 8
-MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, out_channels=2, num_res_blocks=1,
-                    attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1, num_timesteps=T)
+MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, num_res_blocks=1,
+                    attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1)
 DATA = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=1437)
 TRAIN_TINY = ["--model-channels", "16", "--channel-mult", "1,2", "--res-blocks", "1", "--attention-resolutions", "4",
               "--timesteps", "50", "--batch-size", "8", "--max-steps", "2", "--device", "cpu"]
@@ -40,7 +41,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("robust_cli")
     torch.manual_seed(0)
-    good = save_checkpoint(root / "good.safetensors", MODEL.build().state_dict(),
+    good = save_checkpoint(root / "good.safetensors", build_model(CheckpointConfig(model=MODEL, diffusion=DiffusionConfig(timesteps=T))).state_dict(),
                            CheckpointConfig(model=MODEL, diffusion=DiffusionConfig(timesteps=T), data=DATA),
                            kind="model", lineage=[])
     raw = good.read_bytes()
