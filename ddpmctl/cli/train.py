@@ -231,7 +231,7 @@ def train_command(
         help="Image folder or builtin:digits (optional with --resume or a --config that sets data).",
         show_default=False)] = None,
     out: Annotated[Optional[str], _opt(  # noqa: UP007
-        "--out", "-o", help="Run folder.", show_default="runs/<data>-<time>",
+        "--out", "-o", metavar="DIR", help="Run folder.", show_default="runs/<data>-<time>",
         rich_help_panel=_RUN)] = None,
     config_file: Annotated[Optional[Path], _opt(  # noqa: UP007
         "--config", metavar="FILE|RUN", show_default=False, rich_help_panel=_RUN,
