@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ddpmctl.config import DistillConfig, StudentParam, Weighting
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import ConfigError, OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
@@ -195,7 +195,11 @@ def loss_weight(alpha: torch.Tensor, sigma: torch.Tensor, weighting: Weighting) 
 
 
 def plan_stages(config: DistillConfig, parent: LoadedCheckpoint) -> tuple[int, StudentParam, list[int]]:
-    """(from_steps, param, [student steps per stage]) after checking every combination; ConfigError otherwise."""
+    """(from_steps, param, [student steps per stage]) after checking every combination.
+
+    OptionError when the options do not fit the teacher (the CLI exits 2); ConfigError when the teacher itself is
+    unusable.
+    """
     T = parent.config.diffusion.timesteps
     channels = parent.config.model.in_channels
     out_channels = parent.config.out_channels
@@ -206,24 +210,24 @@ def plan_stages(config: DistillConfig, parent: LoadedCheckpoint) -> tuple[int, S
         if student.steps != tuple(student_grid(T, own)):
             raise ConfigError(f"{name}'s step grid is not the k_i = round(i T / N) - 1 grid: cannot distill it further")
         if config.from_steps is not None and config.from_steps != own:
-            raise ConfigError(f"{name} is a {own}-step student: --from-steps must be {own} (or omitted)")
+            raise OptionError(f"{name} is a {own}-step student: --from-steps must be {own} (or omitted)")
         from_steps = own
         if config.param is not None and config.param != student.param:
-            raise ConfigError(f"{name} predicts {student.param!r}: --param must be {student.param} (or omitted)")
+            raise OptionError(f"{name} predicts {student.param!r}: --param must be {student.param} (or omitted)")
         param = student.param
     else:
         from_steps = config.from_steps or min(1024, 1 << (T.bit_length() - 1))
         param = config.param or default_param(parent.config.diffusion.mean_type, out_channels, channels)
     if not is_power_of_two(from_steps):
-        raise ConfigError(f"--from-steps {from_steps} is not a power of two (e.g. 256, 512, 1024)")
+        raise OptionError(f"--from-steps {from_steps} is not a power of two (e.g. 256, 512, 1024)")
     if from_steps > T:
-        raise ConfigError(f"--from-steps {from_steps} exceeds the {T} steps of {name}'s training chain")
+        raise OptionError(f"--from-steps {from_steps} exceeds the {T} steps of {name}'s training chain")
     if not is_power_of_two(config.to_steps):
-        raise ConfigError(f"--to-steps {config.to_steps} is not a power of two (e.g. 1, 2, 4, 8)")
+        raise OptionError(f"--to-steps {config.to_steps} is not a power of two (e.g. 1, 2, 4, 8)")
     if config.to_steps >= from_steps:
-        raise ConfigError(f"--to-steps {config.to_steps} must be smaller than --from-steps {from_steps}")
+        raise OptionError(f"--to-steps {config.to_steps} must be smaller than --from-steps {from_steps}")
     if param == "both" and out_channels < 2 * channels:
-        raise ConfigError(f"--param both needs {2 * channels} output channels but {name} has {out_channels} "
+        raise OptionError(f"--param both needs {2 * channels} output channels but {name} has {out_channels} "
                           "(it was trained with a fixed variance): use --param v or x")
     # Powers of two: from_steps / 2, / 4, ... down to to_steps.
     return from_steps, param, [from_steps >> k for k in range(1, (from_steps // config.to_steps).bit_length())]
