@@ -184,7 +184,7 @@ def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, An
         raise ConfigError(f"{path} cannot be read: {err}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get(layout.section), dict):
         raise ConfigError(f"{path} is not a ddpmctl {layout.what} config (no '{layout.section}' section)")
-    if payload.get("format") != layout.format:
+    if payload.get("format", layout.format) != layout.format:  # (hand-written settings files may omit it)
         raise ConfigError(f"{path} was not written by this version of ddpmctl (format "
                           f"{str(payload.get('format'))[:40]!r}, expected {layout.format})")
     return payload
