@@ -20,6 +20,7 @@ import re
 import secrets
 import stat
 import struct
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,9 +267,30 @@ class _Header:
     file_size: int
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    """A torch.save file: a zip archive (PK magic) or a bare pickle (protocol opcode 0x80, protocol 2..5)."""
-    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+def _foreign_kind(path: Path, head: bytes) -> str | None:
+    """What a file that is not a safetensors file is, when its first bytes tell: an honest error names it.
+
+    A torch.save file is a zip archive holding ``data.pkl`` or a bare pickle (opcode 0x80, protocol 2..5); an
+    ``.npz`` (such as ``ddpmctl sample``'s samples.npz) is a zip archive of ``.npy`` arrays.
+    """
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile, ValueError):
+            names = []
+        if names and all(name.endswith(".npy") for name in names):
+            return "is a NumPy .npz archive (e.g. samples from `ddpmctl sample`), not a checkpoint"
+        if names and not any(name.endswith(".pkl") for name in names):
+            return "is a zip archive, not a checkpoint"
+        return _PICKLE_HINT
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return _PICKLE_HINT
+    if head.startswith(b"\x93NUMPY"):
+        return "is a NumPy .npy array, not a checkpoint"
+    if head.startswith(b"\x89PNG"):
+        return "is a PNG image, not a checkpoint"
+    return None
 
 
 def _check_path(path: Path) -> os.stat_result:
@@ -315,13 +337,13 @@ def _read_header(path: Path) -> _Header:
         with open(path, "rb") as handle:
             head = handle.read(8)
             if len(head) < 8:
-                if _looks_like_pickle(head):
-                    raise CheckpointError(f"{path} {_PICKLE_HINT}")
+                if (kind := _foreign_kind(path, head)) is not None:
+                    raise CheckpointError(f"{path} {kind}")
                 raise CheckpointError(f"{not_safetensors} (only {size} bytes)")
             (length,) = struct.unpack("<Q", head)
             if length < 2 or length > MAX_HEADER_BYTES or length > size - 8:
-                if _looks_like_pickle(head):
-                    raise CheckpointError(f"{path} {_PICKLE_HINT}")
+                if (kind := _foreign_kind(path, head)) is not None:
+                    raise CheckpointError(f"{path} {kind}")
                 first = handle.read(1)
                 if first == b"{" and 2 <= length <= MAX_HEADER_BYTES:
                     # A plausible header that runs past the end of the file: cut off during a copy or write.
@@ -334,8 +356,8 @@ def _read_header(path: Path) -> _Header:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        if _looks_like_pickle(head):
-            raise CheckpointError(f"{path} {_PICKLE_HINT}") from None
+        if (kind := _foreign_kind(path, head)) is not None:
+            raise CheckpointError(f"{path} {kind}") from None
         raise CheckpointError(f"{not_safetensors} (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{not_safetensors} (its header is not a JSON object)")

@@ -138,11 +138,12 @@ def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
     ("args", "message"),
     [
         (["--terms", "4"], "--terms is for --estimator mc"),
-        (["--num-images", "0"], "--num-images must be at least 1"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--estimator", "mc", "--terms", "0"], "--terms must be at least 1"),
-        (["--estimator", "bogus"], "--estimator must be exact or mc"),
-        (["--split", "val"], "--split must be test or train"),
+        (["--num", "0"], "--num"),
+        (["-n", "1", "--num-images", "1"], "--num-images is the old name of --num"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--estimator", "mc", "--terms", "0"], "--terms"),
+        (["--estimator", "bogus"], "--estimator"),
+        (["--split", "val"], "--split"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(digits_ckpt: Path, args: list[str], message: str) -> None:

@@ -145,7 +145,7 @@ def test_cli_sample_precision(ckpt_path: Path, tmp_path: Path) -> None:
     assert (tmp_path / "s" / "000001.png").is_file()
     bad = runner.invoke(app, ["sample", str(ckpt_path), "--out", str(tmp_path / "b"), "--precision", "fp16"])
     assert bad.exit_code == 2
-    assert "--precision must be one of fp32, bf16" in bad.output
+    assert "--precision" in bad.output and "fp16" in bad.output and len(bad.output.splitlines()) == 1
     assert "Traceback" not in bad.output and not (tmp_path / "b").exists()
 
 

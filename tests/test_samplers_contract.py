@@ -263,7 +263,7 @@ def test_sample_with_a_v1_plugin_is_one_line(fake_plugins: list[int], tmp_path: 
 
     result = CliRunner().invoke(app, ["sample", str(tmp_path / "any.safetensors"), "--sampler", "old",
                                       "--out", str(tmp_path / "s")])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code != 0, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: sampler 'old' is installed but incompatible"), lines
 
