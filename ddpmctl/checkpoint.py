@@ -33,6 +33,7 @@ from pydantic import ValidationError
 import ddpmctl
 from ddpmctl.config import CheckpointConfig
 from ddpmctl.errors import CheckpointError
+from ddpmctl.hardware import memory_format
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.diffusion import GaussianDiffusion
@@ -515,8 +516,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     except Exception as err:  # shapes were checked above; this is a last line of defence for untrusted files
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"{path}: weights do not fit the config's network: {message}") from None
-    # channels_last: the layout oneDNN's convolutions run fastest in (sampling, eval-nll).
-    model.eval().to(device, memory_format=torch.channels_last)
+    # channels_last where it wins (hardware.fast_paths): oneDNN's convolutions run fastest in it.
+    model.eval().to(device, memory_format=memory_format(device))
     try:
         diffusion = config.diffusion.build()
     except (ValueError, RuntimeError) as err:
