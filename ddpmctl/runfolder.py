@@ -121,7 +121,28 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} cannot be read: {err}") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("train"), dict):
         raise ConfigError(f"{path} is not a ddpmctl run config (no 'train' section)")
+    payload["train"] = _with_legacy_values(payload["train"], payload.get("model"))
     return payload
+
+
+# A run folder written before a field existed was trained as these values say: it resumes exactly so.
+_LEGACY_TRAIN_VALUES = {"ema_warmup": "none"}
+# Network-shape options left to the size-scaled defaults (None) by older versions: their saved network decides.
+_LEGACY_MODEL_FIELDS = {"model_channels": "model_channels", "channel_mult": "channel_mult",
+                        "res_blocks": "num_res_blocks", "attention_resolutions": "attention_resolutions"}
+
+
+def _with_legacy_values(train: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Fill fields an older ddpmctl did not save with what that version did (EMA without warm-up; the network it
+    built), so a run folder written before them resumes bit for bit under today's defaults."""
+    train = dict(train)
+    for field, value in _LEGACY_TRAIN_VALUES.items():
+        train.setdefault(field, value)
+    if isinstance(model, dict):
+        for field, model_field in _LEGACY_MODEL_FIELDS.items():
+            if train.get(field) is None and model.get(model_field) is not None:
+                train[field] = model[model_field]
+    return train
 
 
 def saved_train_config(run_dir: Path) -> dict[str, Any]:
@@ -140,7 +161,9 @@ def _show(value: Any) -> str:
 
 
 def config_differences(saved: dict[str, Any], given: TrainConfig) -> list[str]:
-    """Fields (other than RESUMABLE_FIELDS) where ``given`` differs from the saved run, as 'flag saved -> given'."""
+    """Fields (other than RESUMABLE_FIELDS) where ``given`` differs from the saved run, as 'flag saved -> given'.
+
+    A field ``given`` leaves to its default choice (None) takes the saved value and is no difference."""
     try:
         saved_config = TrainConfig.model_validate(saved)
     except ValueError as err:
@@ -150,7 +173,7 @@ def config_differences(saved: dict[str, Any], given: TrainConfig) -> list[str]:
         if field in RESUMABLE_FIELDS:
             continue
         old, new = getattr(saved_config, field), getattr(given, field)
-        if old != new:
+        if old != new and new is not None:
             diffs.append(f"{_flag(field)} (saved {_show(old)}, given {_show(new)})")
     return diffs
 

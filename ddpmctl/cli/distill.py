@@ -13,7 +13,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.cli.common import console, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.cli.common import (PRECISION_HELP, console, guarded, out_console, print_json, resolve_device,
+                                resolve_precision_option, usage_error)
 
 
 def _first_problem(err: ValidationError) -> str:
@@ -89,8 +90,8 @@ def distill_command(
         "--param", help="Student head: v | x | both (default: the teacher's own head for a v or x0 model; for "
                         "eps: both with learned-variance channels, else v).", show_default=False)] = None,
     weighting: Annotated[str, typer.Option("--weighting", help="truncated-snr | snr+1")] = "truncated-snr",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (the student's forward; targets "
-                                                               "stay fp32).")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", metavar="auto|fp32|bf16", help=PRECISION_HELP + (
+        " It sets the student's forward; targets stay fp32."))] = "auto",
     seed: Annotated[int, typer.Option("--seed")] = 0,
     report_samples: Annotated[int, typer.Option("--report-samples", help="Noises for the quality report "
                                                                          "(0: no report).")] = 64,
@@ -108,6 +109,8 @@ def distill_command(
 
     if resume and force:
         raise usage_error("--resume and --force contradict each other: pick one")
+    torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
     try:
         config = DistillConfig(
             checkpoint=str(checkpoint), data=data, out=str(out), from_steps=from_steps, to_steps=to_steps,
@@ -116,7 +119,6 @@ def distill_command(
             flip=not no_flip)
     except ValidationError as err:
         raise usage_error(_first_problem(err)) from None
-    torch_device = resolve_device(device)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} it/s"),
@@ -129,7 +131,7 @@ def distill_command(
             console.print(Text(event.message))
         elif event.kind == "stage_start":
             tasks[event.stage] = progress.add_task(
-                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps}",
+                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps} {precision}",
                 total=event.total, completed=event.iteration, loss="-", speed="-")
         elif event.kind == "step":
             task = tasks[event.stage]
@@ -141,7 +143,7 @@ def distill_command(
         result = distill(config, device=torch_device, resume=resume, force=force, callback=on_event,
                          should_stop=stop)
     if json_output:
-        print_json(result.to_json())
+        print_json({**result.to_json(), "precision": precision})
     elif result.stages:
         out_console.print(report_table(result))
     if result.interrupted:

@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
+                                resolve_device, resolve_precision_option, usage_error)
 from ddpmctl.errors import SamplerError
 
 _SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
@@ -84,9 +85,9 @@ def sample_command(
         show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace samples already in --out.")] = False,
     precision: Annotated[str, typer.Option(
-        "--precision", metavar="fp32|bf16",
-        help="bf16: the network under bf16 autocast (about 1.7x faster on CPUs with AVX-512 BF16; the sampler's "
-             "arithmetic stays fp32).")] = "fp32",
+        "--precision", metavar="auto|fp32|bf16",
+        help=PRECISION_HELP + " bf16 runs the network under autocast (about 1.7x faster on CPUs with AVX-512 BF16); "
+             "the sampler's arithmetic stays fp32.")] = "auto",
     device: str = device_option(),
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -94,7 +95,6 @@ def sample_command(
     """Generate images from a checkpoint: PNGs, a grid and an .npz (uint8 NHWC, + labels when class-conditional)."""
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.images import save_grid, save_npz, save_png
-    from ddpmctl.inference import PRECISIONS
     from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options
 
     if num < 1:
@@ -105,13 +105,12 @@ def sample_command(
         raise usage_error(f"--seed must be >= 0, not {seed}")
     if steps is not None and steps < 1:
         raise usage_error(f"--steps must be at least 1, not {steps}")
-    if precision not in PRECISIONS:
-        raise usage_error(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
     if num > 999_999:
         raise usage_error(f"--num {num} is more than the 999,999 images the file names allow")
     sampler_cls = get_sampler(sampler)
     options = parse_options(sampler_cls, option or [])
     torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
     ckpt = load_checkpoint(checkpoint, device=torch_device)
     label = None
     if class_label is not None:
@@ -161,5 +160,5 @@ def sample_command(
     if json_output:
         print_json(summary)
     elif not quiet:
-        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps) to {out}/ "
+        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps, {precision}) to {out}/ "
                           f"with grid.png and samples.npz in {seconds:.1f}s", highlight=False, soft_wrap=True)
