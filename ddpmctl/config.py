@@ -190,7 +190,11 @@ def default_model_shape(image_size: int) -> dict[str, object]:
 SMALL_DATASET = 20_000
 
 
-def default_training(image_size: int, num_images: int) -> dict[str, object]:
+# Built-in data whose mirror image is not a sample of it (a mirrored 2 or 7 is not a digit): no flips by default.
+NOT_MIRRORABLE = ("builtin:digits",)
+
+
+def default_training(image_size: int, num_images: int, data: str = "") -> dict[str, object]:
     """Training defaults that fit the data (``train`` with no model/diffusion flags; explicit values always win).
 
     - T: 4000 steps (the paper's, for 32x32 and up) but 1000 below 32x32, where a long chain only adds near-identical
@@ -198,6 +202,7 @@ def default_training(image_size: int, num_images: int) -> dict[str, object]:
     - batch and learning rate: the paper's 64 / 1e-4 from 32x32 up; below 16x16 the network is small (32 channels)
       and 128 / 2e-4 converge in a few thousand steps.
     - dropout: 0.1 when the dataset has fewer than SMALL_DATASET images, else 0 (the reference's default).
+    - flips: random horizontal flips (the reference's), except on NOT_MIRRORABLE data.
     The parameterisation stays eps, the paper's, at every size.
     """
     tiny = image_size < 16
@@ -207,11 +212,12 @@ def default_training(image_size: int, num_images: int) -> dict[str, object]:
         "batch_size": 128 if tiny else 64,
         "lr": 2e-4 if tiny else 1e-4,
         "dropout": 0.1 if num_images < SMALL_DATASET else 0.0,
+        "flip": data not in NOT_MIRRORABLE,
     }
 
 
 # TrainConfig fields that default to None = "chosen from the data" (default_training / default_model_shape).
-DATA_DEFAULT_FIELDS = ("timesteps", "mean_type", "batch_size", "lr", "dropout")
+DATA_DEFAULT_FIELDS = ("timesteps", "mean_type", "batch_size", "lr", "dropout", "flip")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -237,7 +243,7 @@ class TrainConfig(_Frozen):
     image_size: int | None = Field(None, ge=4, le=1024)
     color: ColorMode = "auto"
     class_cond: bool = False
-    flip: bool = True
+    flip: bool | None = None  # None: random flips, except on data a mirror does not preserve (default_training)
     skip_bad_images: bool = False
 
     schedule: Schedule = "cosine"
@@ -300,7 +306,7 @@ class TrainConfig(_Frozen):
 
     def with_data_defaults(self, *, image_size: int, num_images: int) -> TrainConfig:
         """This config with every None of DATA_DEFAULT_FIELDS replaced by the value chosen for the data."""
-        chosen = default_training(image_size, num_images)
+        chosen = default_training(image_size, num_images, self.data)
         fill = {field: chosen[field] for field in DATA_DEFAULT_FIELDS if getattr(self, field) is None}
         return self.model_copy(update=fill) if fill else self
 

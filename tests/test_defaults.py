@@ -86,17 +86,17 @@ def test_no_shipped_config_forces_bf16() -> None:
 
 def test_defaults_fit_the_data() -> None:
     digits = TrainConfig(data="builtin:digits").with_data_defaults(image_size=8, num_images=1497)
-    assert (digits.timesteps, digits.mean_type, digits.batch_size, digits.lr, digits.dropout) == (
-        1000, "eps", 128, 2e-4, 0.1)
+    assert (digits.timesteps, digits.mean_type, digits.batch_size, digits.lr, digits.dropout, digits.flip) == (
+        1000, "eps", 128, 2e-4, 0.1, False)
     model = digits.make_model_config(image_size=8, channels=1, num_classes=None)
     assert (model.model_channels, model.channel_mult, model.num_res_blocks, model.attention_resolutions) == (
         32, (1, 2), 2, (4,))
     cifar = TrainConfig(data="x").with_data_defaults(image_size=32, num_images=50_000)
-    assert (cifar.timesteps, cifar.batch_size, cifar.lr, cifar.dropout) == (4000, 64, 1e-4, 0.0)
+    assert (cifar.timesteps, cifar.batch_size, cifar.lr, cifar.dropout, cifar.flip) == (4000, 64, 1e-4, 0.0, True)
     assert cifar.make_model_config(image_size=32, channels=3, num_classes=None).model_channels == 128
     assert default_training(32, 5_000)["dropout"] == 0.1
     # Explicit values always win.
-    given = TrainConfig(data="x", timesteps=50, mean_type="v", batch_size=8, lr=1e-3, dropout=0.0)
+    given = TrainConfig(data="x", timesteps=50, mean_type="v", batch_size=8, lr=1e-3, dropout=0.0, flip=False)
     assert given.with_data_defaults(image_size=8, num_images=10) == given
 
 

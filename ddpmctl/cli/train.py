@@ -247,7 +247,9 @@ def train_command(
                                      rich_help_panel=_DATA)] = "auto",
     class_cond: Annotated[bool, _opt("--class-cond/--no-class-cond", help="Condition on class labels (sub-folder "
                                      "names).", rich_help_panel=_DATA)] = False,
-    flip: Annotated[bool, _opt("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=_DATA)] = True,
+    flip: Annotated[Optional[bool], _opt(  # noqa: UP007
+        "--flip/--no-flip", help="Random horizontal flips.", show_default="on, except for builtin:digits",
+        rich_help_panel=_DATA)] = None,
     skip_bad_images: Annotated[bool, _opt("--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images "
                                           "(counted) instead of stopping.", rich_help_panel=_DATA)] = False,
     schedule: Annotated[Schedule, _opt("--schedule", help="Beta schedule.", rich_help_panel=_DIFFUSION)] = "cosine",
