@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
+from ddpmctl.choices import LossType, MeanType, VarType, is_learned_variance
 from ddpmctl.losses import discretized_gaussian_log_likelihood, normal_kl
 
-MEAN_TYPES = ("eps", "x0", "v")
-VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+MEAN_TYPES: tuple[str, ...] = get_args(MeanType)
+VAR_TYPES: tuple[str, ...] = get_args(VarType)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 # The float64 tables every instance exposes (reference names) and the private ones the steps gather from.
 _PUBLIC_TABLES = (
@@ -160,7 +161,7 @@ class GaussianDiffusion:
     @property
     def learned_sigma(self) -> bool:
         """True when the network outputs 2C channels: [mean part | variance values]."""
-        return self.var_type in ("learned", "learned_range")
+        return is_learned_variance(self.var_type)
 
     def __repr__(self) -> str:
         return (

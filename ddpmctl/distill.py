@@ -32,7 +32,8 @@ from ddpmctl.checkpoint import (
     save_tensors,
     write_json_atomic,
 )
-from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig, StudentParam
+from ddpmctl.choices import StudentParam
+from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig
 from ddpmctl.data import ImageDataset, load_dataset_for
 from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
 from ddpmctl.images import uint8_to_model

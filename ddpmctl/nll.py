@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from ddpmctl.choices import Estimator
 from ddpmctl.errors import ConfigError, DataError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.inference import MicroBatch, inference_network
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
     from ddpmctl.diffusion import GaussianDiffusion
 
-Estimator = Literal["exact", "mc"]
 
 # The exact-mode noise of one image is drawn in blocks of this many terms, each block from its own keyed
 # generator: a batch that needs terms 130..140 of image 7 draws one block, never the 130 before it.

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from ddpmctl.config import DistillConfig, StudentParam, Weighting
+from ddpmctl.choices import StudentParam, Weighting
+from ddpmctl.config import DistillConfig
 from ddpmctl.errors import ConfigError, OptionError
 
 if TYPE_CHECKING:  # pragma: no cover

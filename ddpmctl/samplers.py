@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ddpmctl.choices import Precision, Spacing
 from ddpmctl.errors import SamplerError, UnknownSamplerError
 from ddpmctl.images import model_to_uint8
-from ddpmctl.inference import MicroBatch, Precision, inference_network
+from ddpmctl.inference import MicroBatch, inference_network
 from ddpmctl.respace import space_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -370,7 +371,7 @@ def step_counts_with_ddim_stride(total: int) -> list[int]:
     return sorted({len(range(0, total, stride)) for stride in range(1, total + 1)})
 
 
-def choose_timesteps(total: int, steps: int, spacing: Literal["even", "ddim"]) -> set[int]:
+def choose_timesteps(total: int, steps: int, spacing: Spacing) -> set[int]:
     """K indices of a ``total``-step chain by the reference's rules; SamplerError (nearby K for "ddim") otherwise."""
     if not 1 <= steps <= total:
         raise SamplerError(f"--steps must be between 1 and the chain's {total} steps, not {steps}")

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 import ddpmctl
 from ddpmctl.build import build_diffusion
 from ddpmctl.checkpoint import LoadedCheckpoint
+from ddpmctl.choices import is_learned_variance
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.samplers import Sampler, SampleRNG, StepInfo
 
@@ -145,7 +146,7 @@ def _full_chain(diffusion: DiffusionConfig) -> Any:
 def _point_checkpoint(var_type: str, x_star: torch.Tensor, *, kind: str, class_cond: bool = False,
                       timesteps: int = 100) -> LoadedCheckpoint:
     dconf = DiffusionConfig(schedule="cosine", timesteps=timesteps, mean_type="eps", var_type=var_type,
-                            loss_type="rescaled_mse" if var_type.startswith("learned") else "mse")
+                            loss_type="rescaled_mse" if is_learned_variance(var_type) else "mse")
     model = ExactPointDenoiser(x_star, _full_chain(dconf).alphas_cumprod, learned_sigma=dconf.learned_sigma,
                                class_cond=class_cond, head="x" if kind == "student" else "eps")
     channels, size = x_star.shape[-3], x_star.shape[-1]

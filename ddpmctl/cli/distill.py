@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.cli.common import (Precision, console, device_option, guarded, out_console, print_json, resolve_device,
-                                usage_error)
+from ddpmctl.choices import Precision, StudentParam, Weighting
+from ddpmctl.cli.common import console, device_option, guarded, out_console, print_json, resolve_device, usage_error
 
 if TYPE_CHECKING:  # pragma: no cover
     from pydantic import ValidationError
 
-StudentParam = Literal["v", "x", "both"]
-Weighting = Literal["truncated-snr", "snr+1"]
 
 
 def _first_problem(err: ValidationError) -> str:

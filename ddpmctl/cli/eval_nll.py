@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddpmctl.choices import Estimator, Split
 from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
 
 DEFAULT_MC_TERMS = 64
-Split = Literal["test", "train"]
-Estimator = Literal["exact", "mc"]
 
 
 def _finite(value: float) -> float | None:

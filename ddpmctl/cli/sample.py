@@ -9,7 +9,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ddpmctl.cli.common import (Precision, console, device_option, guarded, option_errors, out_console, print_json,
+from ddpmctl.choices import Precision
+from ddpmctl.cli.common import (console, device_option, guarded, option_errors, out_console, print_json,
                                 resolve_device)
 from ddpmctl.errors import SamplerError
 

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import Precision, console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.choices import ColorMode, LossName, MeanType, NanPolicy, Precision, Schedule, TimestepSamplerName
+from ddpmctl.cli.common import console, device_option, guarded, print_json, resolve_device, usage_error
 
 try:  # Python >= 3.11
     import tomllib
@@ -29,14 +30,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ddpmctl.config import TrainConfig
 
-# The command line's spelling of TrainConfig's choices (tests/test_cli_options.py keeps them equal).
-ColorMode = Literal["auto", "rgb", "gray"]
-Schedule = Literal["cosine", "linear"]
-MeanType = Literal["eps", "x0", "v"]
+# The command line spells the variance types with hyphens (tests/test_cli_options.py keeps them equal to the
+# config's, whose other choices the CLI takes from ddpmctl.choices as they are).
 VarType = Literal["learned-range", "fixed-small", "fixed-large", "learned"]
-LossName = Literal["hybrid", "simple", "vlb"]
-TimestepSampler = Literal["uniform", "loss-second-moment"]
-NanPolicy = Literal["stop", "skip"]
 
 # Options whose value is a comma-separated list of integers.
 _INT_LISTS = ("channel_mult", "attention_resolutions")
@@ -255,7 +251,7 @@ def train_command(
                         ] = "learned-range",
     loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000, simple = L_simple, vlb = "
                                    "rescaled KL.", rich_help_panel=_DIFFUSION)] = "hybrid",
-    timestep_sampler: Annotated[TimestepSampler, _opt("--timestep-sampler", help="How t is drawn.",
+    timestep_sampler: Annotated[TimestepSamplerName, _opt("--timestep-sampler", help="How t is drawn.",
                                                       rich_help_panel=_DIFFUSION)] = "uniform",
     model_channels: Annotated[Optional[int], _opt(  # noqa: UP007
         "--model-channels", help="Base width.", show_default=_SCALED, rich_help_panel=_NETWORK)] = None,
