@@ -34,7 +34,7 @@ from pydantic import ValidationError
 import ddpmctl
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.config import CheckpointConfig
-from ddpmctl.errors import CheckpointError
+from ddpmctl.errors import CheckpointError, validation_problem
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.diffusion import GaussianDiffusion
@@ -388,13 +388,6 @@ def _read_header(path: Path) -> _Header:
     return _Header(metadata, tensors, offsets, size)
 
 
-def _first_validation_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
-    message = " ".join(str(first.get("msg", "invalid")).split())
-    return f"config.{where}: {message}" if where != "(top level)" else f"config: {message}"
-
-
 def _short(value: str, limit: int = 40) -> str:
     """A quoted, single-line excerpt of an untrusted string for an error message."""
     text = value if len(value) <= limit else value[:limit] + "..."
@@ -426,7 +419,8 @@ def _validate_metadata(path: Path, metadata: dict[str, str] | None) -> tuple[Che
     except ValidationError as err:
         if any(e.get("type") == "json_invalid" for e in err.errors()):
             raise CheckpointError(f"{path}: config metadata is not valid JSON") from None
-        raise CheckpointError(f"{path}: invalid {_first_validation_problem(err)}") from None
+        problem = validation_problem(err, lambda loc: ".".join(map(str, ("config", *loc))))
+        raise CheckpointError(f"{path}: invalid {problem}") from None
     problem = _check_consistency(config, kind)
     if problem is not None:
         raise CheckpointError(f"{path}: inconsistent config: {problem}")

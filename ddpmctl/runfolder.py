@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ddpmctl.checkpoint import write_json_atomic
-from ddpmctl.errors import CheckpointError, ConfigError
+from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -210,8 +210,8 @@ def config_differences(saved: dict[str, Any], given: BaseModel,
     """Fields (other than ``resumable``) where ``given`` differs from the saved run, as 'flag (saved, given)'."""
     try:
         saved_config = type(given).model_validate(saved)
-    except ValueError as err:
-        raise ConfigError(f"the saved run config is invalid: {str(err).splitlines()[0]}") from None
+    except ValidationError as err:
+        raise ConfigError(f"the saved run config is invalid: {validation_problem(err)}") from None
     diffs = []
     for field in type(given).model_fields:
         if field in resumable:

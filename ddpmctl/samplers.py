@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from ddpmctl.choices import Precision, Spacing
-from ddpmctl.errors import SamplerError, UnknownSamplerError
+from ddpmctl.errors import SamplerError, UnknownSamplerError, validation_problem
 from ddpmctl.images import model_to_uint8
 from ddpmctl.inference import MicroBatch, inference_network
 from ddpmctl.respace import space_timesteps
@@ -181,7 +181,7 @@ def _load(ep: importlib.metadata.EntryPoint) -> SamplerEntry:
         obj.Options()
     except ValidationError as err:
         return SamplerEntry(**base, error=f"{ep.value}.Options has options without defaults: "
-                                          f"{_first_problem(err)}")
+                                          f"{validation_problem(err)}")
     return SamplerEntry(**base, cls=obj)
 
 
@@ -224,12 +224,6 @@ def get_sampler(name: str) -> type[Sampler]:
     return entry.cls
 
 
-def _first_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "value"
-    return f"{where}: {first.get('msg', 'invalid')}"
-
-
 def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
     """``["eta=0.5", "spacing=ddim"]`` -> ``cls.Options``; one-line SamplerError for anything wrong (llm's -o)."""
     fields = cls.Options.model_fields
@@ -248,10 +242,11 @@ def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
     try:
         return cls.Options.model_validate(values)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = str(first.get("loc", ("?",))[0])
-        raw = values.get(key, "")
-        raise SamplerError(f"option {key}={raw}: {first.get('msg', 'invalid value')}") from None
+        def option(loc: tuple[str | int, ...]) -> str:
+            key = str(loc[0]) if loc else "?"
+            return f"option {key}={values.get(key, '')}"
+
+        raise SamplerError(validation_problem(err, option)) from None
 
 
 def describe_options(cls: type[Sampler]) -> list[dict[str, Any]]:

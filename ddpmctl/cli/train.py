@@ -19,6 +19,7 @@ import typer
 
 from ddpmctl.choices import ColorMode, LossName, MeanType, NanPolicy, Precision, Schedule, TimestepSamplerName
 from ddpmctl.cli.common import console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.errors import validation_problem
 
 try:  # Python >= 3.11
     import tomllib
@@ -123,16 +124,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def _validation_line(err: ValidationError) -> str:
     """The first pydantic problem as one line naming the option."""
-    first = err.errors()[0]
-    message = str(first.get("msg", "invalid value"))
-    message = re.sub(r"^(Value|Assertion) error, ", "", message)
-    loc = first.get("loc") or ()
-    if not loc:
-        return message
-    field = str(loc[0])
-    shown = first.get("input")
-    given = f" (got {shown!r})" if shown is not None and not isinstance(shown, dict) else ""
-    return f"{_flag(field)}: {message[:1].lower() + message[1:]}{given}"
+    return validation_problem(err, lambda loc: _flag(str(loc[0])) if loc else "", show_input=True)
 
 
 def _default_out(data: str) -> str:
