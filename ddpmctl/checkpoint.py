@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 import struct
 import zipfile
@@ -35,6 +34,7 @@ import ddpmctl
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.config import CheckpointConfig
 from ddpmctl.errors import CheckpointError, validation_problem
+from ddpmctl.fileio import atomic_write
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.diffusion import GaussianDiffusion
@@ -120,61 +120,16 @@ class LoadedCheckpoint:
 # Atomic writes
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); platforms that cannot open directories simply skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Callable[[Path], None], *, what: str) -> Path:
-    """Write via ``write(tmp)`` into a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    A crash or a failing write never leaves a half-written file under the final name: the old file stays.
-    """
+    """fileio.atomic_write with one-line CheckpointErrors that say whether a previous file is untouched."""
     path = Path(path)
-    existed = path.exists()
-    untouched = f"the previous {what} is untouched" if existed else f"no {what} was written"
+    untouched = f"the previous {what} is untouched" if path.exists() else f"no {what} was written"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CheckpointError(f"could not write {path}: {err.strerror or err}; {untouched}") from None
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        # O_EXCL: never follow or clobber something already there; mode 0o666 lets the umask decide, as open() does.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        os.close(fd)
-        write(tmp)
-        # safetensors re-creates the file owner-only; give it the mode an ordinary open() would have.
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        return atomic_write(path, write)
     except (OSError, safetensors.SafetensorError) as err:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise CheckpointError(f"could not write {path}: {reason}; {untouched}") from None
-    except BaseException:
-        # A bug or Ctrl-C mid-write: still never leave the temporary file behind.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
