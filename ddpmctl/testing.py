@@ -22,6 +22,7 @@ from ddpmctl.build import build_diffusion
 from ddpmctl.checkpoint import LoadedCheckpoint
 from ddpmctl.choices import is_learned_variance
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
+from ddpmctl.progressive import student_grid  # re-exported: the one grid k_i = round(i T / N) - 1
 from ddpmctl.samplers import Sampler, SampleRNG, StepInfo
 
 __all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "exact_checkpoint", "student_grid", "check_sampler"]
@@ -113,11 +114,6 @@ class ExactGaussianDenoiser(torch.nn.Module):
         return eps
 
 
-def student_grid(timesteps: int, steps: int) -> tuple[int, ...]:
-    """A distilled student's grid: k_i = round(i T / N) - 1, i = 1..N (PAPERS.md, progressive distillation)."""
-    return tuple(round(i * timesteps / steps) - 1 for i in range(1, steps + 1))
-
-
 def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, diffusion: DiffusionConfig,
                      num_classes: int | None = None, kind: str = "model",
                      student_steps: int = 8) -> LoadedCheckpoint:
@@ -127,7 +123,7 @@ def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, 
     """
     student = None
     if kind == "student":
-        student = StudentConfig(param="x", steps=student_grid(diffusion.timesteps, student_steps),
+        student = StudentConfig(param="x", steps=tuple(student_grid(diffusion.timesteps, student_steps)),
                                 teacher_steps=2 * student_steps)
     config = CheckpointConfig(
         model=ModelConfig(image_size=image_size, in_channels=channels, num_classes=num_classes),
