@@ -296,6 +296,16 @@ def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> torch.Te
     ], dtype=torch.int64)
 
 
+def check_sample_counts(num: int, batch_size: int, seed: int) -> None:
+    """What :func:`generate` accepts for ``num``, ``batch_size`` and ``seed`` (SamplerError naming the option)."""
+    if num < 1:
+        raise SamplerError(f"--num must be at least 1, not {num}")
+    if batch_size < 1:
+        raise SamplerError(f"--batch-size must be at least 1, not {batch_size}")
+    if seed < 0:
+        raise SamplerError(f"--seed must be >= 0, not {seed}")
+
+
 def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_size: int, seed: int,
              steps: int | None, class_label: int | None = None,
              callback: Callable[[SampleProgress], None] | None = None,
@@ -309,12 +319,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     ``micro_batch`` caps the images per network call ("auto": sized for the CPU, see ddpmctl.inference) and,
     like ``batch_size``, changes an image only at float rounding.
     """
-    if num < 1:
-        raise SamplerError(f"--num must be at least 1, not {num}")
-    if batch_size < 1:
-        raise SamplerError(f"--batch-size must be at least 1, not {batch_size}")
-    if seed < 0:
-        raise SamplerError(f"--seed must be >= 0, not {seed}")
+    check_sample_counts(num, batch_size, seed)
     total_steps = sampler.num_steps(checkpoint, steps)  # validates before any network call
 
     model_config = checkpoint.config.model

@@ -178,6 +178,7 @@ def _one_line_error(result: object, code: int | None = None) -> str:
     (["-O", "spacing=odd"], "option spacing=odd"),
     (["--num", "0"], "--num"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--seed", "-1"], "--seed must be >= 0"),  # checked by the library (samplers.check_sample_counts)
     (["--class", "dog"], "not class-conditional"),
 ])
 def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:

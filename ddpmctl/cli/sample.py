@@ -77,10 +77,11 @@ def sample_command(
         "--steps", min=1, help="Network steps, at most the checkpoint's chain.",
         show_default="the sampler's own: ddim and strided 50 or the whole chain if shorter, ancestral the whole "
                      "chain")] = None,
-    num: Annotated[int, typer.Option("--num", "-n", min=1, max=MAX_IMAGES, help="Number of images.")] = 64,
+    # (--num, --batch-size and --seed are checked by the library: samplers.check_sample_counts.)
+    num: Annotated[int, typer.Option("--num", "-n", max=MAX_IMAGES, help="Number of images.")] = 64,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", "-b", min=1, help="Images per batch (never changes an image).")] = 64,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Image i depends only on (seed, i).")] = 0,
+        "--batch-size", "-b", help="Images per batch (never changes an image).")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Image i depends only on (seed, i).")] = 0,
     option: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007
         "--opt", "-O", metavar="KEY=VALUE", help="Sampler option (repeatable), e.g. -O eta=0.5; `ddpmctl samplers` "
                                                  "lists each sampler's options.", show_default=False)] = None,
@@ -99,9 +100,10 @@ def sample_command(
     class-conditional model)."""
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.images import save_grid, save_npz, save_png
-    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options
+    from ddpmctl.samplers import SampleProgress, check_sample_counts, generate, get_sampler, parse_options
 
-    with option_errors(SamplerError):  # an unknown sampler or a bad -O option: the command line is wrong
+    with option_errors(SamplerError):  # an unknown sampler, a bad -O option or count: the command line is wrong
+        check_sample_counts(num, batch_size, seed)
         sampler_cls = get_sampler(sampler)
         options = parse_options(sampler_cls, option or [])
     torch_device = resolve_device(device)
