@@ -5,14 +5,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from pydantic import Field
 
 from ddpmctl import Sampler, SampleRNG, SamplerError, space_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl import LoadedCheckpoint
 
-from .ancestral import ancestral_loop, refuse_student, respaced_chain
+from .ancestral import AncestralSampler, ancestral_loop, refuse_student, respaced_chain
 
 DEFAULT_STEPS = 50
 
@@ -28,8 +27,7 @@ class StridedSampler(Sampler):
     name = "strided"
     description = "ancestral sampling on K evenly spaced steps, learned variances rescaled (IDDPM Sec. 4)"
 
-    class Options(Sampler.Options):
-        clip_denoised: bool = Field(True, description="clamp the predicted x_0 to [-1, 1] at every step")
+    Options = AncestralSampler.Options  # the same chain walk, so the same options
 
     def num_steps(self, checkpoint: LoadedCheckpoint, steps: int | None) -> int:
         refuse_student(checkpoint)
