@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmctl.config import ModelConfig
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import OptionError  # shapes the options ask for that no U-Net has: exit 2 in the CLI
 
 __all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32", "ResBlock", "AttentionBlock"]
 
@@ -167,7 +167,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int) -> None:
         super().__init__()
         if channels % num_heads:
-            raise ConfigError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
+            raise OptionError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
                               "choose --heads dividing every level's channel count")
         self.channels = channels
         self.num_heads = num_heads
@@ -237,12 +237,12 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         levels = len(config.channel_mult)
         if config.image_size % 2 ** (levels - 1):
-            raise ConfigError(f"image size {config.image_size} cannot be halved {levels - 1} times "
+            raise OptionError(f"image size {config.image_size} cannot be halved {levels - 1} times "
                               f"(channel_mult has {levels} levels): use fewer levels or another image size")
         resolutions = {config.image_size // 2**level for level in range(levels)}
         unreached = sorted(set(config.attention_resolutions) - resolutions)
         if unreached:
-            raise ConfigError(f"attention resolution(s) {unreached} never occur in this network "
+            raise OptionError(f"attention resolution(s) {unreached} never occur in this network "
                               f"(its feature maps are {sorted(resolutions, reverse=True)} pixels)")
 
         mc, heads = config.model_channels, config.num_heads
