@@ -11,7 +11,7 @@ import typer
 
 from ddpmctl.cli.common import (Precision, console, device_option, guarded, option_errors, out_console, print_json,
                                 resolve_device)
-from ddpmctl.errors import SamplerError
+from ddpmctl.errors import SamplerError, UnknownSamplerError
 
 _SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
 MAX_IMAGES = 999_999  # the file names have six digits
@@ -100,8 +100,9 @@ def sample_command(
     from ddpmctl.images import save_grid, save_npz, save_png
     from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options
 
-    with option_errors(SamplerError):  # an unknown sampler or a bad -O option: the command line is wrong
+    with option_errors(UnknownSamplerError):  # an unknown name is a bad command line; a broken plugin is not
         sampler_cls = get_sampler(sampler)
+    with option_errors(SamplerError):  # a bad -O option
         options = parse_options(sampler_cls, option or [])
     torch_device = resolve_device(device)
     ckpt = load_checkpoint(checkpoint, device=torch_device)
