@@ -48,7 +48,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "available_samplers": ("ddpmctl.samplers", "available_samplers"),
     "get_sampler": ("ddpmctl.samplers", "get_sampler"),
     "choose_timesteps": ("ddpmctl.samplers", "choose_timesteps"),
-    "student_predict_xstart": ("ddpmctl.distill", "student_predict_xstart"),
+    "student_predict_xstart": ("ddpmctl.progressive", "student_predict_xstart"),
 }
 
 __all__ = [

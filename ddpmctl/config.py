@@ -25,6 +25,7 @@ Precision = Literal["fp32", "bf16"]
 LEARNED_VARIANCES = ("learned", "learned_range")
 ColorMode = Literal["auto", "rgb", "gray"]
 StudentParam = Literal["v", "x", "both"]
+Weighting = Literal["truncated-snr", "snr+1"]
 
 
 def is_learned_variance(var_type: str) -> bool:
@@ -281,3 +282,26 @@ class TrainConfig(_Frozen):
             num_heads=self.heads,
             num_classes=num_classes if self.class_cond else None,
         )
+
+
+class DistillConfig(_Frozen):
+    """A distillation run (``ddpmctl distill``'s flags); stored in the run folder's distill.json."""
+
+    checkpoint: str
+    data: str
+    out: str
+    from_steps: int | None = Field(None, ge=2, description="None: 1024 (or T's largest power of two), or a "
+                                                           "student's own N")
+    to_steps: int = Field(4, ge=1)
+    iters_per_stage: int = Field(ge=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
+    param: StudentParam | None = Field(None, description="None: v for a v model, x for an x0 model; for eps: both "
+                                                         "with 2C outputs, else v")
+    weighting: Weighting = "truncated-snr"
+    precision: Precision = "fp32"
+    grad_clip: float = Field(1.0, gt=0.0)
+    flip: bool = True
+    seed: int = Field(0, ge=0)
+    report_samples: int = Field(64, ge=0)
+    save_every: int = Field(200, ge=1)

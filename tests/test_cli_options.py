@@ -118,9 +118,7 @@ def test_cli_choices_match_the_config() -> None:
         assert spelled(field, config_values) == set(typing.get_args(cli_type)), field
     assert set(typing.get_args(common.Precision)) == set(typing.get_args(config_module.Precision))
     assert set(typing.get_args(distill.StudentParam)) == set(typing.get_args(config_module.StudentParam))
-    from ddpmctl.distill import Weighting
-
-    assert set(typing.get_args(distill.Weighting)) == set(typing.get_args(Weighting))
+    assert set(typing.get_args(distill.Weighting)) == set(typing.get_args(config_module.Weighting))
     assert set(typing.get_args(respace.Spacing)) == {"even", "ddim"}
     assert set(typing.get_args(eval_nll.Estimator)) == {"exact", "mc"}
 

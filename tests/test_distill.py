@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from ddpmctl.build import build_diffusion, build_model
-from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
-from ddpmctl.distill import (
+from ddpmctl.distill import DistillConfig, DistillEvent, distill
+from ddpmctl.progressive import (
     CLEAN,
-    DistillConfig,
     GridDenoiser,
     ddim_on_grid,
-    distill,
     distillation_target,
     midpoint_grid,
     stage_times,
@@ -286,7 +287,7 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     assert (tmp_path / "b" / "student_4.safetensors").exists()
     with pytest.raises(ConfigError, match="--resume"):
         distill(_config(tiny_teacher, tmp_path / "b"))
-    with pytest.raises(ConfigError, match="lr was"):
+    with pytest.raises(ConfigError, match="--lr"):
         distill(_config(tiny_teacher, tmp_path / "b", lr=2e-3), resume=True)
     resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
     assert not resumed.interrupted and not (tmp_path / "b" / "state_2.safetensors").exists()
@@ -306,6 +307,31 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     assert student.lineage[1]["parent"] == "ema.safetensors" and len(student.lineage[1]["parent_sha256"]) == 64
 
 
+def test_sigint_saves_the_stage_and_a_0_1_state_with_slash_keys_still_resumes(tiny_teacher: Path,
+                                                                              tmp_path: Path) -> None:
+    straight = distill(_config(tiny_teacher, tmp_path / "a"))
+
+    def ctrl_c(event: DistillEvent) -> None:  # Ctrl-C in stage 1 after its 3rd update
+        if event.kind == "step" and event.stage == 1 and event.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = distill(_config(tiny_teacher, tmp_path / "b"), callback=ctrl_c)
+    state = tmp_path / "b" / "state_4.safetensors"
+    assert first.interrupted and state.exists() and not first.stages
+    # Rewrite the state as ddpmctl 0.1 did: "/" separators and the optimizer's param_groups in the metadata.
+    tensors, meta = load_tensors(state)
+    assert any(k.startswith("optim.") for k in tensors) and "rng.generator" in tensors
+    old = {("model/" + k[len("model."):] if k.startswith("model.") else k.replace(".", "/")): v
+           for k, v in tensors.items()}
+    save_tensors(state, old, {**meta, "param_groups": "[]"})
+    resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
+    for steps in (4, 2):
+        a, _ = load_tensors(tmp_path / "a" / f"student_{steps}.safetensors")
+        b, _ = load_tensors(tmp_path / "b" / f"student_{steps}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [s.student_distance for s in resumed.stages] == [s.student_distance for s in straight.stages]
+
+
 def test_bad_plans_are_one_line_errors(tiny_teacher: Path, tmp_path: Path) -> None:
     cases = [({"to_steps": 3}, "not a power of two"), ({"from_steps": 12}, "not a power of two"),
              ({"from_steps": 32}, "exceeds the 16 steps"), ({"to_steps": 8}, "must be smaller")]
@@ -315,10 +341,11 @@ def test_bad_plans_are_one_line_errors(tiny_teacher: Path, tmp_path: Path) -> No
 
 
 def test_default_head_and_both_initialisation() -> None:
-    from ddpmctl.distill import _default_param, zero_extra_head
+    from ddpmctl.distill import zero_extra_head
+    from ddpmctl.progressive import default_param
 
-    assert _default_param("v", 2, 1) == "v" and _default_param("x0", 1, 1) == "x"  # exact copies of the teacher
-    assert _default_param("eps", 2, 1) == "both" and _default_param("eps", 1, 1) == "v"
+    assert default_param("v", 2, 1) == "v" and default_param("x0", 1, 1) == "x"  # exact copies of the teacher
+    assert default_param("eps", 2, 1) == "both" and default_param("eps", 1, 1) == "v"
     torch.manual_seed(0)
     model = build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=16)))
     with torch.no_grad():

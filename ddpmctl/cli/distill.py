@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
@@ -45,32 +43,6 @@ def report_table(result: Any) -> Table:
                       f"{s.seconds:.0f}s", _fmt(s.student_distance, ".3g"), _fmt(s.ddim_distance, ".3g"),
                       _fmt(s.ratio, ".3f"))
     return table
-
-
-class _StopFlag:
-    """First Ctrl-C: finish the iteration, save the stage state, stop. Second Ctrl-C: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print("[yellow]stopping after this iteration (Ctrl-C again to abort without saving)[/yellow]")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def __call__(self) -> bool:
-        return self.requested
 
 
 @guarded
@@ -139,7 +111,9 @@ def distill_command(
     tasks: dict[int, Any] = {}
 
     def on_event(event: Any) -> None:
-        if event.kind in ("plan", "reference", "saved") and not quiet:
+        if event.kind == "stopping":
+            console.print(Text(event.message, style="yellow"))
+        elif event.kind in ("plan", "reference", "saved") and not quiet:
             console.print(Text(event.message))
         elif event.kind == "stage_start":
             if not tasks:  # the bars appear once set-up has succeeded, so a set-up error prints alone
@@ -153,13 +127,11 @@ def distill_command(
             speed = progress.tasks[task].speed
             progress.update(task, speed="-" if not speed else f"{speed:.1f}")
 
-    with _StopFlag() as stop:
-        try:
-            result = distill(config, device=torch_device, resume=resume, force=force, callback=on_event,
-                             should_stop=stop)
-        finally:
-            if tasks:
-                progress.stop()
+    try:  # Ctrl-C: distill() saves the stage state and returns (a second one aborts)
+        result = distill(config, device=torch_device, resume=resume, force=force, callback=on_event)
+    finally:
+        if tasks:
+            progress.stop()
     if json_output:
         print_json(result.to_json())
     elif result.stages:

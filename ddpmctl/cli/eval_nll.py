@@ -138,29 +138,17 @@ def eval_nll_command(
     torch_device = resolve_device(device)
 
     from ddpmctl.checkpoint import load_checkpoint
-    from ddpmctl.data import load_dataset
-    from ddpmctl.errors import DataError
+    from ddpmctl.data import load_dataset_for
     from ddpmctl.nll import evaluate_nll
 
     loaded = load_checkpoint(checkpoint, device=torch_device)
-    model_config = loaded.config.model
     source, data_split = _resolve_data(loaded.config, data, split)
-    if model_config.in_channels not in (1, 3):
-        raise DataError(f"the model takes {model_config.in_channels}-channel images; datasets are 1 or 3 channels")
 
     def note(message: str) -> None:
         if not quiet:
             console.print(f"note: {message}", markup=False, highlight=False)
 
-    dataset = load_dataset(source, image_size=model_config.image_size,
-                           color="gray" if model_config.in_channels == 1 else "rgb",
-                           class_cond=bool(model_config.num_classes), split=data_split or "train", on_warning=note)
-    if dataset.channels != model_config.in_channels or dataset.image_size != model_config.image_size:
-        raise DataError(f"{source} gives {dataset.channels}-channel {dataset.image_size}px images but the model takes "
-                        f"{model_config.in_channels}-channel {model_config.image_size}px")
-    if model_config.num_classes and dataset.num_classes != model_config.num_classes:
-        raise DataError(f"the model is conditioned on {model_config.num_classes} classes but {source} has "
-                        f"{dataset.num_classes}")
+    dataset = load_dataset_for(loaded.config.model, source, split=data_split or "train", on_warning=note)
     count = len(dataset)
     if num_images is not None and num_images > count:
         note(f"--num {num_images}: {source} has {count} images, evaluating all of them")
