@@ -110,7 +110,7 @@ class LoadedCheckpoint:
     kind: str
     lineage: list[dict[str, Any]]
     created_with: str
-    model: nn.Module  # the UNetModel (inside generate(): an InferenceNetwork wrapping it)
+    model: nn.Module  # the UNetModel
     diffusion: GaussianDiffusion
     num_parameters: int
     sha256: str = field(repr=False)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 import numpy as np
 import torch
 
-from ddpmctl.errors import ConfigError, DataError
+from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.inference import MicroBatch, inference_network
 
@@ -86,7 +86,13 @@ class NllResult:
 
     @property
     def stderr(self) -> float:
-        """Standard error of the mean over images, std (ddof=1) / sqrt(N); nan for one image."""
+        """Standard error of the mean over images, std (ddof=1) / sqrt(N).
+
+        With one image there is no spread over images: for ``mc`` the image's own Monte-Carlo error is the whole
+        error (nan only when M == 1), for ``exact`` it is nan.
+        """
+        if self.num_images == 1 and self.bpd_stderr is not None:
+            return float(self.bpd_stderr[0])
         return _stderr(self.bpd)
 
     def breakdown(self) -> list[tuple[str, tuple[int, int] | None, float, float]]:
@@ -391,6 +397,13 @@ def evaluate_bound(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch
                      num_terms, per_image, terms=values if keep_terms else None)
 
 
+def check_has_bound(checkpoint: LoadedCheckpoint) -> None:
+    """A distilled student predicts x_0 on a few-step grid, not eps and a variance on a chain: it has no bound."""
+    if checkpoint.kind == "student" or checkpoint.config.student is not None:
+        raise CheckpointError(f"{checkpoint.path.name} is a distilled student: a student has no variational bound "
+                              "(evaluate the teacher it was distilled from)")
+
+
 def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, labels: torch.Tensor | None = None, *,
                  batch_size: int = 256, estimator: Estimator = "exact", terms: int | None = None, seed: int = 0,
                  pilot_images: int = 4, keep_terms: bool = False,
@@ -402,6 +415,7 @@ def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, label
     ``labels`` are required for a class-conditional model and ignored otherwise. ``micro_batch`` caps the images
     per forward pass ("auto": sized for the CPU, see ddpmctl.inference); it changes results only at float rounding.
     """
+    check_has_bound(checkpoint)
     model_config = checkpoint.config.model
     x_start = _check_images(images_uint8, scale_images)
     expected = (model_config.in_channels, model_config.image_size, model_config.image_size)

@@ -12,19 +12,18 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ddpmctl.config import DistillConfig, StudentParam, Weighting
+from ddpmctl.denoiser import CLEAN, Head, student_predict_xstart
 from ddpmctl.errors import ConfigError, OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
 
-Head = Literal["eps", "x0", "v", "x", "both"]  # eps / x0 / v: a trained model's mean_type; v / x / both: a student's
-
-CLEAN = -1  # the "timestep" of clean data on a grid: abar = 1, alpha = 1, sigma = 0
+__all__ = ["CLEAN", "Head", "student_predict_xstart"]  # re-exported: distill and tests import them from here too
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,26 +58,6 @@ def stage_times(num_timesteps: int, steps: int) -> tuple[list[int], list[int], l
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parameterisations and the DDIM step (alpha = sqrt(abar), sigma = sqrt(1 - abar), broadcastable to z)
-
-
-def student_predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                           param: StudentParam) -> torch.Tensor:
-    """x_hat of a distilled student's output (Salimans & Ho Sec. 4): "v", "x" or "both" ([eps-head | x-head]).
-
-    v: x_hat = alpha z - sigma v; x: the first C channels are x_hat; both: x_hat = sigma^2 x_head +
-    alpha (z - sigma eps_head), which needs 2C output channels. Not clipped.
-    """
-    channels = z.shape[1]
-    if param == "v":
-        return alpha * z - sigma * model_output[:, :channels]
-    if param == "x":
-        return model_output[:, :channels]
-    if param == "both":
-        if model_output.shape[1] < 2 * channels:
-            raise ValueError(f"param 'both' needs {2 * channels} output channels, got {model_output.shape[1]}")
-        eps_head, x_head = model_output[:, :channels], model_output[:, channels:2 * channels]
-        return sigma**2 * x_head + alpha * (z - sigma * eps_head)
-    raise ValueError(f"unknown student parameterization {param!r} (v, x or both)")
 
 
 def predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,

@@ -179,11 +179,19 @@ def _one_line_error(result: object, code: int | None = None) -> str:
     (["--num", "0"], "--num"),
     (["--batch-size", "0"], "--batch-size"),
     (["--class", "dog"], "not class-conditional"),
+    (["-O", "eta=1.5"], "option eta=1.5: Input should be less than or equal to 1"),
 ])
 def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
     result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", *extra)
     assert expected in _one_line_error(result, 2)  # every one of these is a bad command line
     assert not (tmp_path / "s").exists()  # nothing is written before the inputs are known to be good
+
+
+def test_dpmpp_2m_samples_through_the_cli(ckpt: Path, tmp_path: Path) -> None:
+    result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", "--sampler", "dpmpp-2m",
+                     "--steps", "6", "--num", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 6
 
 
 def test_bad_class_and_bad_checkpoint(class_ckpt: Path, tmp_path: Path) -> None:

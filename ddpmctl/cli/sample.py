@@ -74,8 +74,8 @@ def sample_command(
     sampler: Annotated[str, typer.Option("--sampler", "-s", help="Sampler plugin (see `ddpmctl samplers`).")] = "ddim",
     steps: Annotated[Optional[int], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
         "--steps", min=1, help="Network steps, at most the checkpoint's chain.",
-        show_default="the sampler's own: ddim and strided 50 or the whole chain if shorter, ancestral the whole "
-                     "chain")] = None,
+        show_default="the sampler's own: ddim and strided 50, dpmpp-2m 20, or the whole chain if shorter; "
+                     "ancestral the whole chain")] = None,
     num: Annotated[int, typer.Option("--num", "-n", min=1, max=MAX_IMAGES, help="Number of images.")] = 64,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", "-b", min=1, help="Images per batch (never changes an image).")] = 64,
@@ -98,7 +98,7 @@ def sample_command(
     class-conditional model)."""
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.images import save_grid, save_npz, save_png
-    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options
+    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options, sampling_timesteps
 
     with option_errors(UnknownSamplerError):  # an unknown name is a bad command line; a broken plugin is not
         sampler_cls = get_sampler(sampler)
@@ -113,7 +113,7 @@ def sample_command(
             label = resolve_class(class_label, ckpt.config.model.num_classes,
                                   data.class_names if data is not None else None, checkpoint.name)
         instance = sampler_cls(options)
-        total_steps = instance.num_steps(ckpt, steps)  # bad --steps fails before --out is touched
+        total_steps = len(sampling_timesteps(ckpt, instance, steps))  # bad --steps fails before --out is touched
     created = prepare_out_dir(out, force=force)
     try:
         started = time.perf_counter()
