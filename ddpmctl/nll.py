@@ -215,7 +215,8 @@ class _MCPairs:
 
 def _vb_terms(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """L_t (L_0 at t = 0) in bits/dim for a stack of pairs, as calc_bpd_loop computes each (conventions 8-11)."""
+    """L_t (L_0 at t = 0) in bits/dim for a stack of pairs, as calc_bpd_loop computes each
+    (docs/conventions.md #8-11)."""
     x_t = diffusion.q_sample(x_start, t, noise=noise)
     model_kwargs = {"y": y} if y is not None else None
     return diffusion.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=True, model_kwargs=model_kwargs)["output"]
@@ -255,7 +256,7 @@ def _run_pairs(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch.Ten
 
 
 def _check_images(images: torch.Tensor, scale_images: bool) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32 on the 8-bit grid in [-1, 1] (convention 11: x / 127.5 - 1 exactly)."""
+    """uint8 [N, C, H, W] -> float32 on the 8-bit grid in [-1, 1] (docs/conventions.md #11: x / 127.5 - 1 exactly)."""
     if images.dim() != 4:
         raise DataError(f"expected images of shape [N, C, H, W], got {tuple(images.shape)}")
     if images.shape[0] == 0:

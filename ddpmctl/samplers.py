@@ -101,7 +101,7 @@ StepCallback = Callable[[StepInfo], None]
 
 
 class SamplerOptions(BaseModel):
-    """Base of every sampler's ``Options``: frozen, unknown keys rejected (so ``-o typo=1`` is an error)."""
+    """Base of every sampler's ``Options``: frozen, unknown keys rejected (so ``-O typo=1`` is an error)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -255,7 +255,7 @@ def _first_problem(err: ValidationError) -> str:
 
 
 def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
-    """``["eta=0.5", "spacing=ddim"]`` -> ``cls.Options``; one-line SamplerError for anything wrong (llm's -o)."""
+    """``["eta=0.5", "spacing=ddim"]`` -> ``cls.Options``; one-line SamplerError for anything wrong (-O)."""
     fields = cls.Options.model_fields
     known = ", ".join(fields) if fields else "none"
     values: dict[str, str] = {}
@@ -326,7 +326,7 @@ def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> torch.Te
 
 
 def step_counts_with_ddim_stride(total: int) -> list[int]:
-    """Every K the "ddimK" stride rule (range(0, total, i), convention 13) can give on a chain of ``total``."""
+    """Every K the "ddimK" stride rule (range(0, total, i); docs/conventions.md #13) gives on a ``total`` chain."""
     return sorted({len(range(0, total, stride)) for stride in range(1, total + 1)})
 
 
@@ -364,10 +364,11 @@ def choose_timesteps(total: int, steps: int, spacing: Spacing, *,
                      log_snr: Sequence[float] | None = None) -> set[int]:
     """K positions of a ``total``-step chain (the one --steps check and the one spacing helper of ddpmctl).
 
-    even: the IDDPM rule (convention 12); ddim: the reference's stride range(0, total, i) (convention 13; a
-    SamplerError names nearby K that work); logsnr: uniform in lambda = log alpha - log sigma between the top and
-    the bottom step (``log_snr``: lambda of each position, ascending positions). One step is always the TOP step:
-    a single network call on pure noise must be made where the network expects pure noise.
+    even: the IDDPM rule (docs/conventions.md #12); ddim: the reference's stride range(0, total, i)
+    (docs/conventions.md #13; a SamplerError names nearby K that work); logsnr: uniform in lambda = log alpha -
+    log sigma between the top and the bottom step (``log_snr``: lambda of each position, ascending positions).
+    One step is always the TOP step: a single network call on pure noise must be made where the network expects
+    pure noise.
     """
     if not 1 <= steps <= total:
         raise SamplerError(f"--steps must be between 1 and the chain's {total} steps, not {steps}")

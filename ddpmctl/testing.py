@@ -67,9 +67,9 @@ class ExactGaussianDenoiser(torch.nn.Module):
     """The exact eps-predictor for data x_0 ~ N(mean, std^2) elementwise (Bayes' rule for a linear Gaussian).
 
     E[x_0 | x_t] = m + sqrt(abar) s^2 / (abar s^2 + 1 - abar) * (x_t - sqrt(abar) m); eps is re-derived from it.
-    With ``learned_sigma`` the v channel encodes (learned_range, convention 5) the exact reverse variance of the
-    original chain, Var[x_{t-1} | x_t] = beta_tilde_t + coef1_t^2 Var[x_0 | x_t], which makes ancestral sampling on
-    that chain exact for this data; ``betas`` (the original chain's) is then required.
+    With ``learned_sigma`` the v channel encodes (learned_range, docs/conventions.md #5) the exact reverse variance
+    of the original chain, Var[x_{t-1} | x_t] = beta_tilde_t + coef1_t^2 Var[x_0 | x_t], which makes ancestral
+    sampling on that chain exact for this data; ``betas`` (the original chain's) is then required.
     """
 
     def __init__(self, mean: float, std: float, alphas_cumprod: torch.Tensor, *, betas: torch.Tensor | None = None,
@@ -116,7 +116,7 @@ class ExactGaussianDenoiser(torch.nn.Module):
 
 
 def student_grid(timesteps: int, steps: int) -> tuple[int, ...]:
-    """A distilled student's grid: k_i = round(i T / N) - 1, i = 1..N (PAPERS.md, progressive distillation)."""
+    """A distilled student's grid: k_i = round(i T / N) - 1, i = 1..N (docs/conventions.md "Distillation grid")."""
     return tuple(round(i * timesteps / steps) - 1 for i in range(1, steps + 1))
 
 

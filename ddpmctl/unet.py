@@ -27,7 +27,7 @@ __all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32",
 
 
 def _frequencies(half: int, max_period: float) -> torch.Tensor:
-    """exp(-ln(max_period) k / half), k = 0..half-1 (PAPERS.md convention 17), float32."""
+    """exp(-ln(max_period) k / half), k = 0..half-1 (docs/conventions.md #17), float32."""
     # A real (CPU) tensor also in a network built on the meta device: checkpoint loading assigns the stored
     # weights to such a network, and this table is not stored, so it must already hold its values.
     device = "cpu" if torch.get_default_device().type == "meta" else None
@@ -45,7 +45,7 @@ def _embed(t_scaled: torch.Tensor, freqs: torch.Tensor, dim: int) -> torch.Tenso
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (PAPERS.md convention 17)."""
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (docs/conventions.md #17)."""
     return _embed(t, _frequencies(dim // 2, max_period).to(t.device), dim)
 
 
@@ -248,7 +248,7 @@ class UNetModel(nn.Module):
         mc, heads = config.model_channels, config.num_heads
         emb_dim = 4 * mc
         self.num_classes = config.num_classes
-        # Original index -> the reference's 0..1000 time scale (PAPERS.md convention 17, DESIGN "Model call").
+        # Original index -> the reference's 0..1000 time scale (docs/conventions.md #17, "Index spaces").
         self.time_scale = 1000.0 / num_timesteps
         self.register_buffer("freqs", _frequencies(mc // 2, 10000), persistent=False)
 

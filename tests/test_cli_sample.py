@@ -137,7 +137,7 @@ def test_respace_composes_and_ddim_spacing(ckpt: Path, tmp_path: Path) -> None:
     chain20 = load_checkpoint(first).config.diffusion.use_timesteps
     chain5 = load_checkpoint(second).config.diffusion.use_timesteps
     assert chain20 is not None and chain5 is not None
-    # Even spacing of 5 over the 20-step chain, as original indices (convention 12 on 20 steps: 0,5,10,14,19).
+    # Even spacing of 5 over the 20-step chain, as original indices (docs/conventions.md #12 on 20 steps: 0,5,10,14,19).
     assert chain5 == tuple(chain20[k] for k in (0, 5, 10, 14, 19))
     ddim = tmp_path / "d.safetensors"
     assert _invoke("respace", str(ckpt), "--steps", "8", "--spacing", "ddim", "--out", str(ddim), "-q").exit_code == 0
