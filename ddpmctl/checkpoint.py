@@ -110,7 +110,7 @@ class LoadedCheckpoint:
     kind: str
     lineage: list[dict[str, Any]]
     created_with: str
-    model: nn.Module  # the UNetModel (inside generate(): an InferenceNetwork wrapping it)
+    model: nn.Module  # the UNetModel
     diffusion: GaussianDiffusion
     num_parameters: int
     sha256: str = field(repr=False)
@@ -196,7 +196,7 @@ def _check_consistency(config: CheckpointConfig, kind: str) -> str | None:
 
 def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
                     config: CheckpointConfig, *, kind: str, lineage: list[dict[str, Any]]) -> Path:
-    """Atomically write a ddpmctl checkpoint (DESIGN.md "The checkpoint format"); returns the path."""
+    """Atomically write a ddpmctl checkpoint (docs/design.md "The checkpoint format"); returns the path."""
     problem = _check_consistency(config, kind)
     if problem is not None:
         raise ValueError(f"refusing to write an inconsistent checkpoint: {problem}")
@@ -353,7 +353,7 @@ _FORMAT_RE = re.compile(r"^ddpmctl/(\d{1,9})$")
 
 
 def _validate_metadata(path: Path, metadata: dict[str, str] | None) -> tuple[CheckpointConfig, str, list, str]:
-    """format, kind, config, lineage, created_with -> validated values (DESIGN.md "The checkpoint format")."""
+    """format, kind, config, lineage, created_with -> validated values (docs/design.md "The checkpoint format")."""
     if not metadata or "format" not in metadata:
         raise CheckpointError(f"{path} has no ddpmctl metadata: was it written by ddpmctl?")
     fmt = metadata["format"]

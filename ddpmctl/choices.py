@@ -26,7 +26,7 @@ Split = Literal["test", "train"]
 StudentParam = Literal["v", "x", "both"]
 Weighting = Literal["truncated-snr", "snr+1"]
 Estimator = Literal["exact", "mc"]
-Spacing = Literal["even", "ddim"]
+Spacing = Literal["even", "ddim", "logsnr"]  # how a sampler places its steps on the chain
 
 LEARNED_VARIANCES: tuple[str, ...] = ("learned", "learned_range")
 

@@ -73,16 +73,6 @@ class InferenceNetwork(nn.Module):
         self.micro_batch = micro_batch
         self._call = AutocastModel(module, torch.bfloat16 if precision == "bf16" else None)
 
-    def __getattr__(self, name: str) -> Any:
-        # Samplers see this wrapper as checkpoint.model: let them read the network's own attributes (config, ...).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            module = self.__dict__["_modules"].get("module")
-            if module is None:
-                raise
-            return getattr(module, name)
-
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         n = x.shape[0]
         size = self.micro_batch

@@ -49,6 +49,12 @@ def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, s
         "seed": seed,
         "bits_per_dim": result.mean,
         "stderr": _finite(result.stderr),
+        # Each image's own bits/dim and, for mc, its Monte-Carlo standard error (null when M == 1).
+        "per_image": [
+            {"bits_per_dim": float(bpd),
+             "mc_stderr": _finite(float(result.bpd_stderr[i])) if result.bpd_stderr is not None else None}
+            for i, bpd in enumerate(result.bpd.tolist())
+        ],
         "breakdown": [
             {"term": name, "t_range": list(span) if span is not None else None, "bits_per_dim": mean,
              "stderr": _finite(stderr)}
@@ -138,9 +144,10 @@ def eval_nll_command(
 
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.data import load_dataset_for
-    from ddpmctl.nll import evaluate_nll
+    from ddpmctl.nll import check_has_bound, evaluate_nll
 
     loaded = load_checkpoint(checkpoint, device=torch_device)
+    check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)
 
     def note(message: str) -> None:

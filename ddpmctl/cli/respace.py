@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.choices import Spacing
 from ddpmctl.cli.common import device_option, guarded, option_errors, out_console, print_json, resolve_device
 from ddpmctl.errors import CheckpointError, SamplerError
 
+Spacing = Literal["even", "ddim"]  # the sampler spacings a respaced checkpoint can be made with
 
 
 def respaced_config(config: Any, steps: int, spacing: Spacing) -> Any:
