@@ -313,14 +313,7 @@ def evaluate_bound(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch
     ``labels`` (int64 [N]) are passed to the model as ``y``. ``proposal`` (float [K], p(0) = 0) replaces the
     pilot estimate in mc mode. Image i's noise depends only on (seed, i), whatever ``batch_size`` is.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    if estimator not in ("exact", "mc"):
-        raise ConfigError(f"unknown estimator {estimator!r}: use exact or mc")
-    if estimator == "exact" and terms is not None:
-        raise ConfigError("terms is for the mc estimator (exact evaluates every term)")
-    if estimator == "mc" and (terms is None or terms < 1):
-        raise ConfigError(f"the mc estimator needs terms >= 1, got {terms}")
+    _check_estimator(batch_size, estimator, terms)
     num_terms = diffusion.num_timesteps
     n, shape, device = x_start.shape[0], tuple(x_start.shape[1:]), x_start.device
     if labels is not None:
@@ -378,24 +371,43 @@ def evaluate_bound(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch
         values[rows] = _run_pairs(diffusion, model, x_chunk, y_chunk, list(range(rows.start, rows.stop)), pairs,
                                   batch_size, progress).double().cpu()
 
-    decoder = values[:, 0].clone()
     if isinstance(pairs, _MCPairs):
         assert terms is not None and proposal is not None
-        t_mc = torch.stack([pairs.drawn[i] for i in range(n)]).cpu()
-        # Importance weights 1/(M p(t_k)): E_p[L_t / p(t)] = sum_t L_t (the sum over t >= 1 of the KL terms).
-        weighted = values[:, 1:] / proposal[t_mc]
-        kl_quartiles = _kl_split(weighted / terms, t_mc, num_terms)
-        if terms > 1:
-            kl_within = weighted.std(dim=1, correction=1) / math.sqrt(terms)
-        else:
-            kl_within = torch.full((n,), float("nan"), dtype=torch.float64)
-        return NllResult("mc", prior + decoder + kl_quartiles.sum(1), prior, decoder, kl_quartiles,
-                         _quartile_ranges(num_terms), num_terms, per_image, mc_terms=terms, pilot_images=pilot,
-                         bpd_stderr=kl_within)
+        return _mc_result(pairs, prior, values, proposal, terms, num_terms, pilot)
+    decoder = values[:, 0].clone()
     t_all = torch.arange(num_terms).expand(n, num_terms)
     kl_quartiles = _kl_split(values, t_all, num_terms)
     return NllResult("exact", prior + values.sum(1), prior, decoder, kl_quartiles, _quartile_ranges(num_terms),
                      num_terms, per_image, terms=values if keep_terms else None)
+
+
+def _check_estimator(batch_size: int, estimator: str, terms: int | None) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if estimator not in ("exact", "mc"):
+        raise ConfigError(f"unknown estimator {estimator!r}: use exact or mc")
+    if estimator == "exact" and terms is not None:
+        raise ConfigError("terms is for the mc estimator (exact evaluates every term)")
+    if estimator == "mc" and (terms is None or terms < 1):
+        raise ConfigError(f"the mc estimator needs terms >= 1, got {terms}")
+
+
+def _mc_result(pairs: _MCPairs, prior: torch.Tensor, values: torch.Tensor, proposal: torch.Tensor, terms: int,
+               num_terms: int, pilot: int) -> NllResult:
+    """The importance-sampled bound of every image from its ``terms`` drawn KL terms (and its exact L_0, prior)."""
+    n = values.shape[0]
+    decoder = values[:, 0].clone()
+    t_mc = torch.stack([pairs.drawn[i] for i in range(n)]).cpu()
+    # Importance weights 1/(M p(t_k)): E_p[L_t / p(t)] = sum_t L_t (the sum over t >= 1 of the KL terms).
+    weighted = values[:, 1:] / proposal[t_mc]
+    kl_quartiles = _kl_split(weighted / terms, t_mc, num_terms)
+    if terms > 1:
+        kl_within = weighted.std(dim=1, correction=1) / math.sqrt(terms)
+    else:
+        kl_within = torch.full((n,), float("nan"), dtype=torch.float64)
+    return NllResult("mc", prior + decoder + kl_quartiles.sum(1), prior, decoder, kl_quartiles,
+                     _quartile_ranges(num_terms), num_terms, pairs.per_image, mc_terms=terms, pilot_images=pilot,
+                     bpd_stderr=kl_within)
 
 
 def check_has_bound(checkpoint: LoadedCheckpoint) -> None:
