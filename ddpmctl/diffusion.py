@@ -59,6 +59,56 @@ def _table_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype if x.dtype in (torch.float64, torch.float32) else torch.float32
 
 
+def _tables(b: np.ndarray) -> dict[str, np.ndarray]:
+    """Every table of a chain with betas ``b`` (float64), by the reference's names."""
+    # All tables in numpy float64 with the reference's expressions, so they match it bit for bit.
+    alphas = 1.0 - b
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # abar before step 0 is 1 (docs/conventions.md #3)
+    alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
+    # Posterior q(x_{k-1} | x_k, x0), IDDPM eq. 10-12.
+    posterior_variance = b * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # beta_tilde_0 = 0, so its log is clipped to log(beta_tilde_1) (docs/conventions.md #3). A one-step chain has no
+    # beta_tilde_1 (the reference raises there); beta_0 is the only variance it has, so it stands in.
+    first_var = posterior_variance[1] if len(b) > 1 else b[0]
+    fixed_large_variance = np.append(first_var, b[1:])  # docs/conventions.md #4
+    return {
+        "betas": b,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "alphas_cumprod_next": alphas_cumprod_next,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.append(first_var, posterior_variance[1:])),
+        "posterior_mean_coef1": b * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        "one_minus_alphas_cumprod": 1.0 - alphas_cumprod,
+        "log_betas": np.log(b),
+        "fixed_large_variance": fixed_large_variance,
+        "fixed_large_log_variance": np.log(fixed_large_variance),
+    }
+
+
+def _timestep_map(timestep_map: torch.Tensor | np.ndarray | list[int] | None, T: int) -> torch.Tensor:
+    """Original index of each of the ``T`` steps, int64 (arange for an unrespaced chain)."""
+    if timestep_map is None:
+        tmap = torch.arange(T, dtype=torch.int64)
+    elif isinstance(timestep_map, torch.Tensor):
+        tmap = timestep_map.detach().to(device="cpu", dtype=torch.int64).clone()
+    else:
+        tmap = torch.from_numpy(np.array(timestep_map, dtype=np.int64))
+    if timestep_map is not None:
+        if tmap.shape != (T,):
+            raise ValueError(f"timestep_map must have one entry per step ({T}), got shape {tuple(tmap.shape)}")
+        if (tmap < 0).any():
+            raise ValueError("timestep_map entries must be >= 0")
+    return tmap
+
+
 class GaussianDiffusion:
     """Utilities for training and sampling an IDDPM diffusion over ``len(betas)`` steps (Nichol & Dhariwal 2021).
 
@@ -100,51 +150,12 @@ class GaussianDiffusion:
         T = int(b.shape[0])
         self.num_timesteps = T
 
-        # All tables in numpy float64 with the reference's expressions, so they match it bit for bit.
-        alphas = 1.0 - b
-        alphas_cumprod = np.cumprod(alphas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # abar before step 0 is 1 (docs/conventions.md #3)
-        alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
-        # Posterior q(x_{k-1} | x_k, x0), IDDPM eq. 10-12.
-        posterior_variance = b * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # beta_tilde_0 = 0, so its log is clipped to log(beta_tilde_1) (docs/conventions.md #3). A one-step chain has no
-        # beta_tilde_1 (the reference raises there); beta_0 is the only variance it has, so it stands in.
-        first_var = posterior_variance[1] if T > 1 else b[0]
-        fixed_large_variance = np.append(first_var, b[1:])  # docs/conventions.md #4
-        tables: dict[str, np.ndarray] = {
-            "betas": b,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "alphas_cumprod_next": alphas_cumprod_next,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": np.log(np.append(first_var, posterior_variance[1:])),
-            "posterior_mean_coef1": b * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-            "one_minus_alphas_cumprod": 1.0 - alphas_cumprod,
-            "log_betas": np.log(b),
-            "fixed_large_variance": fixed_large_variance,
-            "fixed_large_log_variance": np.log(fixed_large_variance),
-        }
+        tables = _tables(b)
         self._cpu_tables = {name: torch.from_numpy(np.ascontiguousarray(arr)) for name, arr in tables.items()}
         for name in _PUBLIC_TABLES:
             setattr(self, name, self._cpu_tables[name])
 
-        if timestep_map is None:
-            tmap = torch.arange(T, dtype=torch.int64)
-        elif isinstance(timestep_map, torch.Tensor):
-            tmap = timestep_map.detach().to(device="cpu", dtype=torch.int64).clone()
-        else:
-            tmap = torch.from_numpy(np.array(timestep_map, dtype=np.int64))
-        if timestep_map is not None:
-            if tmap.shape != (T,):
-                raise ValueError(f"timestep_map must have one entry per step ({T}), got shape {tuple(tmap.shape)}")
-            if (tmap < 0).any():
-                raise ValueError("timestep_map entries must be >= 0")
+        tmap = _timestep_map(timestep_map, T)
         self.timestep_map = tmap
         if original_num_steps is None:
             original_num_steps = T if timestep_map is None else int(tmap.max()) + 1
