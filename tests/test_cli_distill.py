@@ -13,6 +13,7 @@ import ddpmctl.distill
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
+from conftest import perturb_weights
 
 T = 8
 
@@ -27,10 +28,7 @@ def _checkpoint(path: Path, *, learned: bool) -> Path:
     model_config = _model_config(2 if learned else 1)
     diffusion = DiffusionConfig(timesteps=T) if learned else DiffusionConfig(timesteps=T, var_type="fixed_small",
                                                                             loss_type="mse")
-    model = model_config.build()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(model_config.build(), 0.05)
     return save_checkpoint(path, model.state_dict(), CheckpointConfig(model=model_config, diffusion=diffusion),
                            kind="model", lineage=[])
 

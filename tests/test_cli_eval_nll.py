@@ -16,6 +16,7 @@ from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelCon
 from ddpmctl.data import load_dataset
 from ddpmctl.images import save_png
 from ddpmctl.nll import evaluate_nll
+from conftest import perturb_weights
 
 T = 10
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -26,11 +27,7 @@ DIGITS = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=
 
 def _save(path: Path, *, data: DataInfo | None = DIGITS, model: ModelConfig = MODEL) -> Path:
     torch.manual_seed(0)
-    network = model.build()
-    with torch.no_grad():  # give the zero-initialised output layers weights, so the terms depend on the input
-        for p in network.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
+    network = perturb_weights(model.build(), 0.05, only_zero=True)  # the terms must depend on the input
     config = CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T), data=data)
     return save_checkpoint(path, network.state_dict(), config, kind="model", lineage=[])
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
+from conftest import perturb_weights
 
 T = 40
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -23,11 +24,7 @@ DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_ra
 
 def _state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
     # The U-Net zero-initialises its output layer; perturb every weight so the network really shapes the samples.
-    net = model_config.build()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    net = perturb_weights(model_config.build(), 0.05, generator=torch.Generator().manual_seed(0))
     return dict(net.state_dict())
 
 

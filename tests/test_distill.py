@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.distill import (
     CLEAN,
@@ -26,6 +26,7 @@ from ddpmctl.distill import (
 from ddpmctl.errors import ConfigError, SamplerError
 from ddpmctl.schedules import beta_schedule
 from ddpmctl_samplers.student import StudentSampler
+from conftest import assert_same_files, perturb_weights
 
 
 def _abar(T: int, schedule: str = "cosine") -> torch.Tensor:
@@ -223,10 +224,7 @@ def test_student_sampler_exact_student_returns_the_point(param: str) -> None:
 def test_student_sampler_matches_distill_sampling_and_validates() -> None:
     T = 40
     torch.manual_seed(0)
-    model = _tiny_model_config(T).build()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(_tiny_model_config(T).build(), 0.05)
     model.eval()
     checkpoint = _fake_student(model, T, "both", 4)
     from ddpmctl import SampleRNG
@@ -255,10 +253,7 @@ def tiny_teacher(tmp_path: Path) -> Path:
     T = 16
     torch.manual_seed(0)
     model_config = _tiny_model_config(T)
-    model = model_config.build()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(model_config.build(), 0.05)
     config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T))
     return save_checkpoint(tmp_path / "ema.safetensors", model.state_dict(), config, kind="model",
                            lineage=[{"op": "train", "step": 1}])
@@ -290,10 +285,7 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
     assert not resumed.interrupted and not (tmp_path / "b" / "state_2.safetensors").exists()
 
-    for steps in (4, 2):
-        a, _ = load_tensors(tmp_path / "a" / f"student_{steps}.safetensors")
-        b, _ = load_tensors(tmp_path / "b" / f"student_{steps}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["student_4.safetensors", "student_2.safetensors"])
     assert [s.student_distance for s in resumed.stages] == [s.student_distance for s in straight.stages]
 
     student = load_checkpoint(tmp_path / "a" / "student_2.safetensors")
@@ -319,10 +311,7 @@ def test_default_head_and_both_initialisation() -> None:
     assert _default_param("v", 2, 1) == "v" and _default_param("x0", 1, 1) == "x"  # exact copies of the teacher
     assert _default_param("eps", 2, 1) == "both" and _default_param("eps", 1, 1) == "v"
     torch.manual_seed(0)
-    model = _tiny_model_config(16).build()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(_tiny_model_config(16).build(), 0.05)
     torch.manual_seed(1)
     z, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
     reference = model(z, t)

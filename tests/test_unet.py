@@ -11,6 +11,7 @@ from ddpmctl.config import ModelConfig
 from ddpmctl.errors import ConfigError
 import ddpmctl.unet as unet
 from ddpmctl.unet import AttentionBlock, GroupNorm32, UNetModel, count_parameters, timestep_embedding
+from conftest import assert_same, perturb_weights
 
 CIFAR10 = ModelConfig(image_size=32, in_channels=3, model_channels=128, out_channels=6, num_res_blocks=3,
                       attention_resolutions=(16, 8), dropout=0.3, channel_mult=(1, 2, 2, 2), num_heads=4,
@@ -27,12 +28,7 @@ def tiny(**overrides: object) -> ModelConfig:
 def randomized(config: ModelConfig, seed: int = 0) -> UNetModel:
     """A model whose zero-initialised layers are filled too, so the output depends on every path."""
     torch.manual_seed(seed)
-    model = UNetModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.1)
-    return model
+    return perturb_weights(UNetModel(config), 0.1, only_zero=True)
 
 
 def inputs(config: ModelConfig, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,7 +229,7 @@ def test_deterministic_given_seed() -> None:
     c = UNetModel(config).state_dict()
     torch.manual_seed(3)
     d = UNetModel(config).state_dict()
-    assert all(torch.equal(c[k], d[k]) for k in c)
+    assert_same(c, d)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
