@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_same_files
+
+pytestmark = pytest.mark.slow  # kill trials: each starts and kills Python processes
 
 # Trains the tiny config; with HANG_AT=k it stops making progress after step k (the parent then kills it).
 SCRIPT = r"""

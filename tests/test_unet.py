@@ -319,7 +319,9 @@ def test_channels_last_bf16_groupnorm_gradients_match_fp32() -> None:
 
 def test_channels_last_bf16_groupnorm_inference_takes_mixed_kernel_on_large_maps(monkeypatch) -> None:
     # Forward-only calls on maps of >= 32x32 pixels hand bf16 straight to the mixed-type kernel (faster there);
-    # its output must be bit-identical to the float round trip. Calls that need a gradient keep the round trip.
+    # calls that need a gradient keep the float round trip. Either way the result is the exact normalisation
+    # rounded once to bf16: within half a bf16 ulp (2^-8 relative) plus fp32 arithmetic error (1e-5 absolute on
+    # these O(1) outputs) of float64, whichever kernel this PyTorch build happens to pick.
     torch.manual_seed(0)
     norm = GroupNorm32(64)
     with torch.no_grad():
@@ -338,9 +340,10 @@ def test_channels_last_bf16_groupnorm_inference_takes_mixed_kernel_on_large_maps
     with torch.inference_mode():
         out_large, out_small = norm(large), norm(small)
     assert seen == [torch.bfloat16, torch.float32]
-    expected = group_norm(large.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16()
-    assert torch.equal(out_large, expected)
-    assert torch.equal(out_small, group_norm(small.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16())
+    for x, out in ((large, out_large), (small, out_small)):
+        exact = group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5)
     seen.clear()
     norm(large.clone().requires_grad_()).sum().backward()
     assert seen == [torch.float32]
