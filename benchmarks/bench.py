@@ -32,7 +32,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddpmctl import train as train_loop  # noqa: E402
-from ddpmctl.config import TrainConfig  # noqa: E402
+from ddpmctl.build import build_diffusion, build_model  # noqa: E402
+from ddpmctl.config import CheckpointConfig, TrainConfig  # noqa: E402
 from ddpmctl.allocator import tune_malloc  # noqa: E402
 from ddpmctl.ema import EMA  # noqa: E402
 from ddpmctl.inference import AutocastModel, inference_network  # noqa: E402
@@ -73,9 +74,11 @@ def build_trainer(config: TrainConfig, *, seed: int = 0) -> Trainer:
     """train.py's pieces for ``config``; the network in channels_last (the layout the U-Net is tuned for)."""
     device = torch.device("cpu")
     model_config = config.make_model_config(image_size=32, channels=3, num_classes=None)
-    diffusion = config.make_diffusion_config().build()
+    diffusion_config = config.make_diffusion_config()
+    diffusion = build_diffusion(diffusion_config)
     torch.manual_seed(seed)
-    model = model_config.build().to(device, memory_format=torch.channels_last)
+    model = build_model(CheckpointConfig(model=model_config, diffusion=diffusion_config))
+    model = model.to(device, memory_format=torch.channels_last)
     model.train()
     params = list(model.parameters())
     optimizer = train_loop.make_optimizer(params, config, device)

@@ -2,18 +2,18 @@
 
 Flags (cli/) -> a frozen model with ``extra="forbid"`` -> keyword arguments of one library function. A checkpoint
 stores the :class:`CheckpointConfig` that rebuilds its network and diffusion, so no flag has to be repeated.
+This module only describes: it imports pydantic and the standard library, nothing of ddpmctl, and builds nothing
+(``ddpmctl.build`` turns these descriptions into networks and diffusions). Each fact is stored once: the chain
+length T lives in :class:`DiffusionConfig`, and the network's output channels follow from its input channels
+and whether the variance is learned (:attr:`CheckpointConfig.out_channels`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ddpmctl.diffusion import GaussianDiffusion
-    from ddpmctl.unet import UNetModel
 
 Schedule = Literal["linear", "cosine"]
 MeanType = Literal["eps", "x0", "v"]
@@ -22,8 +22,15 @@ LossType = Literal["mse", "rescaled_mse", "kl", "rescaled_kl"]
 LossName = Literal["hybrid", "simple", "vlb"]
 TimestepSamplerName = Literal["uniform", "loss-second-moment"]
 Precision = Literal["fp32", "bf16"]
+LEARNED_VARIANCES = ("learned", "learned_range")
 ColorMode = Literal["auto", "rgb", "gray"]
 StudentParam = Literal["v", "x", "both"]
+Weighting = Literal["truncated-snr", "snr+1"]
+
+
+def is_learned_variance(var_type: str) -> bool:
+    """Whether the network predicts its own variance (its output has 2C channels: the mean's C, then the v's C)."""
+    return var_type in LEARNED_VARIANCES
 
 
 class _Frozen(BaseModel):
@@ -31,12 +38,12 @@ class _Frozen(BaseModel):
 
 
 class ModelConfig(_Frozen):
-    """Everything that rebuilds the IDDPM U-Net (``ddpmctl.unet.UNetModel``)."""
+    """The IDDPM U-Net's architecture (``ddpmctl.unet.UNetModel``); with a :class:`DiffusionConfig` it rebuilds the
+    network (the chain length T and the learned variance's extra output channels come from there)."""
 
     image_size: int = Field(ge=4, le=4096)  # bounded: an untrusted config must not ask for gigapixel images
     in_channels: int = Field(3, ge=1, le=4)
     model_channels: int = Field(128, ge=1)
-    out_channels: int = Field(6, ge=1)
     num_res_blocks: int = Field(3, ge=1)
     attention_resolutions: tuple[int, ...] = (16, 8)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -44,8 +51,6 @@ class ModelConfig(_Frozen):
     num_heads: int = Field(4, ge=1)
     use_scale_shift_norm: bool = True
     num_classes: int | None = Field(None, ge=1)
-    # The training chain's length T: the network scales original indices to t * 1000 / T itself.
-    num_timesteps: int = Field(4000, ge=1)
 
     @field_validator("channel_mult")
     @classmethod
@@ -53,11 +58,6 @@ class ModelConfig(_Frozen):
         if not v or any(m < 1 for m in v):
             raise ValueError("channel_mult must be a non-empty list of positive integers")
         return v
-
-    def build(self) -> UNetModel:
-        from ddpmctl.unet import UNetModel
-
-        return UNetModel(self)
 
 
 class DiffusionConfig(_Frozen):
@@ -89,23 +89,7 @@ class DiffusionConfig(_Frozen):
 
     @property
     def learned_sigma(self) -> bool:
-        return self.var_type in ("learned", "learned_range")
-
-    def build(self) -> GaussianDiffusion:
-        """The full-chain diffusion, respaced onto ``use_timesteps`` when that is set."""
-        from ddpmctl.diffusion import GaussianDiffusion
-        from ddpmctl.respace import respace
-        from ddpmctl.schedules import beta_schedule
-
-        base = GaussianDiffusion(
-            beta_schedule(self.schedule, self.timesteps),
-            mean_type=self.mean_type,
-            var_type=self.var_type,
-            loss_type=self.loss_type,
-        )
-        if self.use_timesteps is None:
-            return base
-        return respace(base, set(self.use_timesteps))
+        return is_learned_variance(self.var_type)
 
 
 def _check_linear_length(schedule: str, timesteps: int) -> None:
@@ -140,6 +124,34 @@ class CheckpointConfig(_Frozen):
     diffusion: DiffusionConfig
     data: DataInfo | None = None
     student: StudentConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_model_fields(cls, data: Any) -> Any:
+        """Checkpoints of ddpmctl 0.1 also stored T as ``model.num_timesteps`` and the output channels as
+        ``model.out_channels``: accepted when they agree with what the rest of the config says, then dropped."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        model = dict(data["model"])
+        diffusion = data.get("diffusion") if isinstance(data.get("diffusion"), dict) else {}
+        timesteps = diffusion.get("timesteps", DiffusionConfig.model_fields["timesteps"].default)
+        if "num_timesteps" in model and model.pop("num_timesteps") != timesteps:
+            raise ValueError(f"model.num_timesteps differs from diffusion.timesteps ({timesteps})")
+        if "out_channels" in model:
+            stored = model.pop("out_channels")
+            var_type = diffusion.get("var_type", DiffusionConfig.model_fields["var_type"].default)
+            channels = model.get("in_channels", ModelConfig.model_fields["in_channels"].default)
+            expected = channels * 2 if is_learned_variance(str(var_type)) else channels
+            if stored != expected:
+                raise ValueError(f"model.out_channels is {stored} but var_type {var_type} with {channels} input "
+                                 f"channel(s) needs {expected}")
+        return {**data, "model": model}
+
+    @property
+    def out_channels(self) -> int:
+        """The network's output channels: the mean's C, and C more for a learned variance (or a "both" student)."""
+        channels = self.model.in_channels
+        return 2 * channels if self.diffusion.learned_sigma else channels
 
 
 LOSS_TYPES: dict[str, LossType] = {"hybrid": "rescaled_mse", "simple": "mse", "vlb": "rescaled_kl"}
@@ -239,7 +251,7 @@ class TrainConfig(_Frozen):
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
         _check_linear_length(self.schedule, self.timesteps)
-        learned = self.var_type in ("learned", "learned_range")
+        learned = is_learned_variance(self.var_type)
         if self.loss == "hybrid" and not learned:
             raise ValueError("--loss hybrid trains a learned variance: use --var-type learned-range "
                              "(or learned), or --loss simple for a fixed variance")
@@ -258,12 +270,10 @@ class TrainConfig(_Frozen):
     def make_model_config(self, *, image_size: int, channels: int, num_classes: int | None) -> ModelConfig:
         """The U-Net for this run: explicit options first, then the size-scaled defaults."""
         shape = default_model_shape(image_size)
-        learned = self.var_type in ("learned", "learned_range")
         return ModelConfig(
             image_size=image_size,
             in_channels=channels,
             model_channels=self.model_channels or shape["model_channels"],
-            out_channels=channels * (2 if learned else 1),
             num_res_blocks=self.res_blocks or shape["num_res_blocks"],
             attention_resolutions=(self.attention_resolutions if self.attention_resolutions is not None
                                    else shape["attention_resolutions"]),
@@ -271,5 +281,27 @@ class TrainConfig(_Frozen):
             channel_mult=self.channel_mult or shape["channel_mult"],
             num_heads=self.heads,
             num_classes=num_classes if self.class_cond else None,
-            num_timesteps=self.timesteps,
         )
+
+
+class DistillConfig(_Frozen):
+    """A distillation run (``ddpmctl distill``'s flags); stored in the run folder's distill.json."""
+
+    checkpoint: str
+    data: str
+    out: str
+    from_steps: int | None = Field(None, ge=2, description="None: 1024 (or T's largest power of two), or a "
+                                                           "student's own N")
+    to_steps: int = Field(4, ge=1)
+    iters_per_stage: int = Field(ge=1)
+    batch_size: int = Field(64, ge=1, le=65536)
+    lr: float = Field(5e-5, gt=0.0, le=1.0)
+    param: StudentParam | None = Field(None, description="None: v for a v model, x for an x0 model; for eps: both "
+                                                         "with 2C outputs, else v")
+    weighting: Weighting = "truncated-snr"
+    precision: Precision = "fp32"
+    grad_clip: float = Field(1.0, gt=0.0)
+    flip: bool = True
+    seed: int = Field(0, ge=0)
+    report_samples: int = Field(64, ge=0)
+    save_every: int = Field(200, ge=1)

@@ -34,10 +34,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ddpmctl.config import DataInfo
+from ddpmctl.config import DataInfo, ModelConfig
 from ddpmctl.errors import ConfigError, DataError
 
-__all__ = ["BUILTIN_DATASETS", "IMAGE_EXTENSIONS", "ImageDataset", "load_dataset"]
+__all__ = ["BUILTIN_DATASETS", "IMAGE_EXTENSIONS", "ImageDataset", "load_dataset", "load_dataset_for"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # The only decoders Pillow may use (JPEG includes camera multi-picture files). Restricting them keeps exotic or
@@ -143,6 +143,23 @@ def load_dataset(
     if source.startswith("builtin:"):
         return _load_builtin(source, image_size, color, class_cond, split, warn)
     return _load_folder(source, image_size, color, class_cond, skip_bad_images, warn)
+
+
+def load_dataset_for(model: ModelConfig, source: str, *, split: Split = "train",
+                     on_warning: Callable[[str], None] | None = None) -> ImageDataset:
+    """``source`` as the network ``model`` takes it (its size; gray for 1 channel, RGB for 3; labels when it is
+    class-conditional). DataError when the images or classes cannot fit the network."""
+    if model.in_channels not in (1, 3):
+        raise DataError(f"the model takes {model.in_channels}-channel images; datasets are 1 or 3 channels")
+    dataset = load_dataset(source, image_size=model.image_size, color="gray" if model.in_channels == 1 else "rgb",
+                           class_cond=model.num_classes is not None, split=split, on_warning=on_warning)
+    if dataset.channels != model.in_channels or dataset.image_size != model.image_size:
+        raise DataError(f"{source} gives {dataset.channels}-channel {dataset.image_size}px images but the model takes "
+                        f"{model.in_channels}-channel {model.image_size}px")
+    if model.num_classes is not None and dataset.num_classes != model.num_classes:
+        raise DataError(f"the model is conditioned on {model.num_classes} classes but {source} has "
+                        f"{dataset.num_classes or 'no class labels'}")
+    return dataset
 
 
 def _default_warning(message: str) -> None:

@@ -1,4 +1,4 @@
-"""Errors a user can act on. The CLI prints ``str(err)`` as one line and exits 1."""
+"""Errors a user can act on. The CLI prints ``str(err)`` as one line and exits 1 (2 for an :class:`OptionError`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ class DdpmctlError(Exception):
 
 class ConfigError(DdpmctlError):
     """An option or configuration value is invalid or inconsistent."""
+
+
+class OptionError(ConfigError):
+    """An option's value does not fit what it is used with (e.g. more steps than the checkpoint's chain has).
+
+    The command line is what is wrong, so the CLI exits 2, like for a value of the wrong type.
+    """
 
 
 class DataError(DdpmctlError):

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 import ddpmctl
+from ddpmctl.build import build_diffusion
 from ddpmctl.checkpoint import LoadedCheckpoint
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.samplers import Sampler, SampleRNG, StepInfo
@@ -128,19 +129,17 @@ def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, 
         student = StudentConfig(param="x", steps=student_grid(diffusion.timesteps, student_steps),
                                 teacher_steps=2 * student_steps)
     config = CheckpointConfig(
-        model=ModelConfig(image_size=image_size, in_channels=channels,
-                          out_channels=channels * (2 if diffusion.learned_sigma else 1),
-                          num_classes=num_classes, num_timesteps=diffusion.timesteps),
+        model=ModelConfig(image_size=image_size, in_channels=channels, num_classes=num_classes),
         diffusion=diffusion,
         student=student,
     )
     return LoadedCheckpoint(path=Path("exact-denoiser.safetensors"), config=config, kind=kind, lineage=[],
-                            created_with=ddpmctl.__version__, model=model.eval(), diffusion=diffusion.build(),
+                            created_with=ddpmctl.__version__, model=model.eval(), diffusion=build_diffusion(diffusion),
                             num_parameters=0, sha256="0" * 64)
 
 
 def _full_chain(diffusion: DiffusionConfig) -> Any:
-    return diffusion.model_copy(update={"use_timesteps": None}).build()
+    return build_diffusion(diffusion.model_copy(update={"use_timesteps": None}))
 
 
 def _point_checkpoint(var_type: str, x_star: torch.Tensor, *, kind: str, class_cond: bool = False,

@@ -10,34 +10,31 @@ these states are saved, so a resumed run continues bit for bit. Reports through 
 from __future__ import annotations
 
 import hashlib
-import json
-import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from ddpmctl import __version__
 from ddpmctl import distributed as dist_utils
 from ddpmctl import runfolder
+from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, TrainConfig
 from ddpmctl.data import load_dataset
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ddpmctl.inference import AutocastModel
+from ddpmctl.loop import StopSignals, derive_seed, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
 
 EventKind = Literal["start", "step", "log", "save", "warning", "end"]
 StopReason = Literal["max_steps", "max_time", "interrupted", "stopped"]
 STATE_FORMAT = "ddpmctl-train-state/1"
-RUN_FORMAT = "ddpmctl-run/1"
 # ModelConfig.image_size's lower bound (the U-Net needs a few pixels to halve).
 MIN_IMAGE_SIZE = 4
 
@@ -111,29 +108,6 @@ class _IndexStream:
         return torch.cat(parts)
 
 
-class _StopSignals:
-    """SIGINT/SIGTERM set a flag (the loop saves and returns); a second Ctrl-C interrupts at once."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """Global L2 norm of all gradients (as torch.nn.utils.get_total_norm), kept on the device."""
     if not grads:
@@ -155,16 +129,6 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torc
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
 
 
-def _match_param_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give loaded optimizer moments their parameter's memory layout (saved state is contiguous; the fused/foreach
-    update then sees the same strides it had before the save, so a resumed run stays bit-identical)."""
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape and value.dim() == 4:
-                    optimizer.state[param][key] = value.contiguous(memory_format=torch.channels_last)
-
-
 def _param_digest(module: nn.Module) -> torch.Tensor:
     """SHA-256 of every parameter's bytes, in order, as a uint8 tensor [32] (ranks compare these)."""
     digest = hashlib.sha256()
@@ -172,11 +136,6 @@ def _param_digest(module: nn.Module) -> torch.Tensor:
         digest.update(name.encode())
         digest.update(param.detach().float().cpu().contiguous().numpy().tobytes())
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).clone()
-
-
-def _rank_seed(seed: int, rank: int) -> int:
-    """A well-mixed seed for rank ``rank``'s global RNG (dropout) from the run seed."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 class _Trainer:
@@ -220,10 +179,10 @@ class _Trainer:
         # The same initial weights on every rank (DDP also broadcasts rank 0's); then a per-rank dropout stream.
         torch.manual_seed(config.seed)
         # channels_last: oneDNN's convolutions run without layout round trips (about 10% faster fp32 steps on CPU).
-        self.model = self.model_config.build().to(self.device, memory_format=torch.channels_last)
+        self.model = build_model(self.ckpt_config).to(self.device, memory_format=torch.channels_last)
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
-        torch.manual_seed(_rank_seed(config.seed, dist.rank))
-        self.diffusion = self.diffusion_config.build()
+        torch.manual_seed(derive_seed(config.seed, dist.rank))
+        self.diffusion = build_diffusion(self.diffusion_config)
         self.params = list(self.model.parameters())
         self.optimizer = make_optimizer(self.params, config, self.device)
         self.ema = EMA(self.model, config.ema)
@@ -271,24 +230,12 @@ class _Trainer:
 
     def _check_run_dir(self, resume: bool, force: bool) -> dict[str, Any] | None:
         """Refuse to mix runs; on --resume return the saved config.json after checking it matches."""
-        run_dir = self.run_dir
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError(f"--out {run_dir} is a file, not a folder")
-        if resume:
-            saved = runfolder.read_run_config(run_dir)
-            diffs = runfolder.config_differences(saved["train"], self.config)
-            if diffs:
-                raise ConfigError(f"cannot resume {run_dir}: its config differs in " + "; ".join(diffs)
-                                  + " (omit these options to keep the saved values)")
-            return saved
-        if runfolder.holds_run(run_dir):
-            if not force:
-                raise ConfigError(f"{run_dir} already holds a training run: use --resume to continue it, "
-                                  "--force to delete it and start over, or another --out")
+        saved = runfolder.check_run_dir(self.run_dir, runfolder.TRAINING, self.config, resume=resume, force=force)
+        if force and runfolder.holds_run(self.run_dir):
             dist_utils.barrier(self.dist)  # every rank has looked before rank 0 deletes
             if self.dist.is_main:
-                runfolder.clear_run(run_dir)
-        return None
+                runfolder.clear_run(self.run_dir)
+        return saved
 
     def _check_saved_model(self, saved: dict[str, Any]) -> None:
         old = saved.get("model")
@@ -301,7 +248,6 @@ class _Trainer:
 
     def _run_config_payload(self) -> dict[str, Any]:
         return {
-            "format": RUN_FORMAT,
             "train": self.config.model_dump(mode="json"),
             "model": self.model_config.model_dump(mode="json"),
             "diffusion": self.diffusion_config.model_dump(mode="json"),
@@ -351,10 +297,7 @@ class _Trainer:
                         lineage=self._lineage(step, self.config.ema))
         raw = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         save_checkpoint(model_path, raw, self.ckpt_config, kind="model", lineage=self._lineage(step, None))
-        tensors: dict[str, torch.Tensor] = {}
-        for index, entry in self.optimizer.state_dict()["state"].items():
-            for key, value in entry.items():
-                tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+        tensors = optimizer_state_tensors(self.optimizer)
         for key, value in self.sampler.state_dict().items():
             tensors[f"sampler.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         tensors["data.perm"] = self.stream.perm.clone()
@@ -381,10 +324,7 @@ class _Trainer:
     def _load_state(self, step: int) -> None:
         """Restore everything _save wrote at ``step`` (exact resume)."""
         ema_path, model_path, state_path, json_path = self._paths(step)
-        try:
-            meta = json.loads(json_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise CheckpointError(f"{json_path}: cannot read the training state ({err})") from None
+        meta = runfolder.read_json(json_path)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{json_path} is not a ddpmctl training state")
         model_tensors, _ = load_tensors(model_path)
@@ -396,18 +336,9 @@ class _Trainer:
         except (RuntimeError, KeyError) as err:
             raise CheckpointError(f"{model_path.parent}: saved weights do not fit the network "
                                   f"({str(err).splitlines()[0]})") from None
-        optim_state: dict[int, dict[str, torch.Tensor]] = {}
-        sampler_state: dict[str, torch.Tensor] = {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                _, index, name = key.split(".", 2)
-                optim_state.setdefault(int(index), {})[name] = value
-            elif key.startswith("sampler."):
-                sampler_state[key[len("sampler."):]] = value
+        sampler_state = {key[len("sampler."):]: value for key, value in state.items() if key.startswith("sampler.")}
         try:
-            self.optimizer.load_state_dict({"state": optim_state,
-                                            "param_groups": self.optimizer.state_dict()["param_groups"]})
-            _match_param_layouts(self.optimizer)
+            load_optimizer_state(self.optimizer, state)
             self.sampler.load_state_dict(sampler_state)
             self.generator.set_state(state["rng.generator"])
             self.stream.perm = state["data.perm"].to(torch.int64)
@@ -457,7 +388,7 @@ class _Trainer:
             return True
         return step % c.log_every == 0 or step % c.save_every == 0 or step == c.max_steps
 
-    def _stop_reason(self, signals: _StopSignals) -> StopReason | None:
+    def _stop_reason(self, signals: StopSignals) -> StopReason | None:
         """Whether to stop now, agreed by every rank (max over ranks of each condition)."""
         c = self.config
         flags = torch.tensor([
@@ -546,7 +477,7 @@ class _Trainer:
         reason: StopReason = "max_steps"
         self._emit("start", message=f"{self.num_parameters:,} parameters")
         self.model.train()
-        with _StopSignals() as signals:
+        with StopSignals() as signals:
             while c.max_steps is None or self.step < c.max_steps:
                 x_start, t, weights, noise, kwargs = self._batch()
                 losses = compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)

@@ -28,7 +28,10 @@ __all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32",
 
 def _frequencies(half: int, max_period: float) -> torch.Tensor:
     """exp(-ln(max_period) k / half), k = 0..half-1 (PAPERS.md convention 17), float32."""
-    k = torch.arange(half, dtype=torch.float64)
+    # A real (CPU) tensor also in a network built on the meta device: checkpoint loading assigns the stored
+    # weights to such a network, and this table is not stored, so it must already hold its values.
+    device = "cpu" if torch.get_default_device().type == "meta" else None
+    k = torch.arange(half, dtype=torch.float64, device=device)
     return torch.exp(-math.log(max_period) * k / half).to(torch.float32)
 
 
@@ -224,11 +227,14 @@ class UNetModel(nn.Module):
     """The IDDPM U-Net; ``forward(x, t, y=None)`` with t the ORIGINAL training-chain indices [N] (int64).
 
     ``config.attention_resolutions`` are feature-map sizes in pixels (16 = attention where the map is 16x16).
+    ``out_channels`` (2C with a learned variance) and ``num_timesteps`` (T: t is scaled to t * 1000 / T) belong to
+    the diffusion config; :func:`ddpmctl.build.build_model` passes them.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, out_channels: int, num_timesteps: int) -> None:
         super().__init__()
         self.config = config
+        self.out_channels = out_channels
         levels = len(config.channel_mult)
         if config.image_size % 2 ** (levels - 1):
             raise ConfigError(f"image size {config.image_size} cannot be halved {levels - 1} times "
@@ -243,7 +249,7 @@ class UNetModel(nn.Module):
         emb_dim = 4 * mc
         self.num_classes = config.num_classes
         # Original index -> the reference's 0..1000 time scale (PAPERS.md convention 17, DESIGN "Model call").
-        self.time_scale = 1000.0 / config.num_timesteps
+        self.time_scale = 1000.0 / num_timesteps
         self.register_buffer("freqs", _frequencies(mc // 2, 10000), persistent=False)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -284,7 +290,7 @@ class UNetModel(nn.Module):
                     size *= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), _zero(_conv3x3(ch, config.out_channels)))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), _zero(_conv3x3(ch, out_channels)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C, H, W] in [-1, 1], t [N] original indices, y [N] class labels -> [N, out_channels, H, W]."""

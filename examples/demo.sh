@@ -20,7 +20,7 @@ CKPT=${TRAIN_OUT##*EMA checkpoint: }
 echo "checkpoint: $CKPT"
 
 echo "== sampling 64 digits with DDIM, 50 steps"
-"$DDPMCTL" sample "$CKPT" --out "$RUN_DIR/samples" --sampler ddim --steps 50 --num 64 --seed 0 --force --quiet
+"$DDPMCTL" sample "$CKPT" -o "$RUN_DIR/samples" --sampler ddim --steps 50 -n 64 --seed 0 --force --quiet
 echo "sample grid: $RUN_DIR/samples/grid.png"
 
 echo "== bits/dim on the held-out digits (variational bound; KL terms importance-sampled, 64 per image)"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
@@ -20,14 +21,15 @@ from conftest import perturb_weights
 
 T = 10
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=T)
+                    attention_resolutions=(4,))
 DIGITS = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=1437)
 
 
 
 def _save(path: Path, *, data: DataInfo | None = DIGITS, model: ModelConfig = MODEL) -> Path:
     torch.manual_seed(0)
-    network = perturb_weights(model.build(), 0.05, only_zero=True)  # the terms must depend on the input
+    network = perturb_weights(build_model(CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T))), 0.05,
+                              only_zero=True)  # the terms must depend on the input
     config = CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T), data=data)
     return save_checkpoint(path, network.state_dict(), config, kind="model", lineage=[])
 
@@ -106,11 +108,12 @@ def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
     ("args", "message"),
     [
         (["--terms", "4"], "--terms is for --estimator mc"),
-        (["--num-images", "0"], "--num-images must be at least 1"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--estimator", "mc", "--terms", "0"], "--terms must be at least 1"),
-        (["--estimator", "bogus"], "--estimator must be exact or mc"),
-        (["--split", "val"], "--split must be test or train"),
+        (["--num", "0"], "--num"),
+        (["-n", "1", "--num-images", "1"], "--num-images is the old name of --num"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--estimator", "mc", "--terms", "0"], "--terms"),
+        (["--estimator", "bogus"], "--estimator"),
+        (["--split", "val"], "--split"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(digits_ckpt: Path, args: list[str], message: str) -> None:

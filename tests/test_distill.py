@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from ddpmctl.build import build_diffusion, build_model
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
-from ddpmctl.distill import (
+from ddpmctl.distill import DistillConfig, DistillEvent, distill
+from ddpmctl.progressive import (
     CLEAN,
-    DistillConfig,
     GridDenoiser,
     ddim_on_grid,
-    distill,
     distillation_target,
     midpoint_grid,
     stage_times,
@@ -176,18 +178,18 @@ def test_ddim_on_grid_recovers_a_single_point() -> None:
 # The student sampler
 
 
-def _tiny_model_config(T: int, out_channels: int = 2) -> ModelConfig:
-    return ModelConfig(image_size=8, in_channels=1, model_channels=16, out_channels=out_channels, num_res_blocks=1,
-                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1, num_timesteps=T)
+def _tiny_model_config() -> ModelConfig:
+    return ModelConfig(image_size=8, in_channels=1, model_channels=16, num_res_blocks=1,
+                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1)
 
 
 def _fake_student(model: torch.nn.Module, T: int, param: str, steps: int) -> LoadedCheckpoint:
     diffusion = DiffusionConfig(timesteps=T)
-    config = CheckpointConfig(model=_tiny_model_config(T), diffusion=diffusion,
+    config = CheckpointConfig(model=_tiny_model_config(), diffusion=diffusion,
                               student=StudentConfig(param=param, steps=tuple(student_grid(T, steps)),
                                                     teacher_steps=2 * steps))
     return LoadedCheckpoint(path=Path("student_4.safetensors"), config=config, kind="student", lineage=[],
-                            created_with="test", model=model, diffusion=diffusion.build(), num_parameters=0,
+                            created_with="test", model=model, diffusion=build_diffusion(diffusion), num_parameters=0,
                             sha256="0" * 64)
 
 
@@ -224,7 +226,8 @@ def test_student_sampler_exact_student_returns_the_point(param: str) -> None:
 def test_student_sampler_matches_distill_sampling_and_validates() -> None:
     T = 40
     torch.manual_seed(0)
-    model = perturb_weights(_tiny_model_config(T).build(), 0.05)
+    model = perturb_weights(build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T))),
+                            0.05)
     model.eval()
     checkpoint = _fake_student(model, T, "both", 4)
     from ddpmctl import SampleRNG
@@ -238,7 +241,7 @@ def test_student_sampler_matches_distill_sampling_and_validates() -> None:
     with pytest.raises(SamplerError, match="4-step student.*--steps 4"):
         StudentSampler().num_steps(checkpoint, 8)
     teacher = LoadedCheckpoint(path=Path("ema.safetensors"), config=CheckpointConfig(
-        model=_tiny_model_config(T), diffusion=DiffusionConfig(timesteps=T)), kind="model", lineage=[],
+        model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T)), kind="model", lineage=[],
         created_with="test", model=model, diffusion=checkpoint.diffusion, num_parameters=0, sha256="")
     with pytest.raises(SamplerError, match="not a distilled student"):
         StudentSampler().num_steps(teacher, None)
@@ -252,8 +255,8 @@ def test_student_sampler_matches_distill_sampling_and_validates() -> None:
 def tiny_teacher(tmp_path: Path) -> Path:
     T = 16
     torch.manual_seed(0)
-    model_config = _tiny_model_config(T)
-    model = perturb_weights(model_config.build(), 0.05)
+    model_config = _tiny_model_config()
+    model = perturb_weights(build_model(CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T))), 0.05)
     config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T))
     return save_checkpoint(tmp_path / "ema.safetensors", model.state_dict(), config, kind="model",
                            lineage=[{"op": "train", "step": 1}])
@@ -280,7 +283,7 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     assert (tmp_path / "b" / "student_4.safetensors").exists()
     with pytest.raises(ConfigError, match="--resume"):
         distill(_config(tiny_teacher, tmp_path / "b"))
-    with pytest.raises(ConfigError, match="lr was"):
+    with pytest.raises(ConfigError, match="--lr"):
         distill(_config(tiny_teacher, tmp_path / "b", lr=2e-3), resume=True)
     resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
     assert not resumed.interrupted and not (tmp_path / "b" / "state_2.safetensors").exists()
@@ -297,6 +300,28 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     assert student.lineage[1]["parent"] == "ema.safetensors" and len(student.lineage[1]["parent_sha256"]) == 64
 
 
+def test_sigint_saves_the_stage_and_a_0_1_state_with_slash_keys_still_resumes(tiny_teacher: Path,
+                                                                              tmp_path: Path) -> None:
+    straight = distill(_config(tiny_teacher, tmp_path / "a"))
+
+    def ctrl_c(event: DistillEvent) -> None:  # Ctrl-C in stage 1 after its 3rd update
+        if event.kind == "step" and event.stage == 1 and event.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = distill(_config(tiny_teacher, tmp_path / "b"), callback=ctrl_c)
+    state = tmp_path / "b" / "state_4.safetensors"
+    assert first.interrupted and state.exists() and not first.stages
+    # Rewrite the state as ddpmctl 0.1 did: "/" separators and the optimizer's param_groups in the metadata.
+    tensors, meta = load_tensors(state)
+    assert any(k.startswith("optim.") for k in tensors) and "rng.generator" in tensors
+    old = {("model/" + k[len("model."):] if k.startswith("model.") else k.replace(".", "/")): v
+           for k, v in tensors.items()}
+    save_tensors(state, old, {**meta, "param_groups": "[]"})
+    resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["student_4.safetensors", "student_2.safetensors"])
+    assert [s.student_distance for s in resumed.stages] == [s.student_distance for s in straight.stages]
+
+
 def test_bad_plans_are_one_line_errors(tiny_teacher: Path, tmp_path: Path) -> None:
     cases = [({"to_steps": 3}, "not a power of two"), ({"from_steps": 12}, "not a power of two"),
              ({"from_steps": 32}, "exceeds the 16 steps"), ({"to_steps": 8}, "must be smaller")]
@@ -306,12 +331,14 @@ def test_bad_plans_are_one_line_errors(tiny_teacher: Path, tmp_path: Path) -> No
 
 
 def test_default_head_and_both_initialisation() -> None:
-    from ddpmctl.distill import _default_param, zero_extra_head
+    from ddpmctl.distill import zero_extra_head
+    from ddpmctl.progressive import default_param
 
-    assert _default_param("v", 2, 1) == "v" and _default_param("x0", 1, 1) == "x"  # exact copies of the teacher
-    assert _default_param("eps", 2, 1) == "both" and _default_param("eps", 1, 1) == "v"
+    assert default_param("v", 2, 1) == "v" and default_param("x0", 1, 1) == "x"  # exact copies of the teacher
+    assert default_param("eps", 2, 1) == "both" and default_param("eps", 1, 1) == "v"
     torch.manual_seed(0)
-    model = perturb_weights(_tiny_model_config(16).build(), 0.05)
+    model = perturb_weights(build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=16))),
+                            0.05)
     torch.manual_seed(1)
     z, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
     reference = model(z, t)

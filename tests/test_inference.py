@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
@@ -20,13 +21,14 @@ from conftest import perturb_weights
 
 T = 30
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=T)
+                    attention_resolutions=(4,))
 DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_range")
 
 
 def _perturbed(model_config: ModelConfig) -> torch.nn.Module:
     # The zero-initialised output layers would make every output 0: perturb every weight.
-    return perturb_weights(model_config.build(), 0.05, generator=torch.Generator().manual_seed(0)).eval()
+    net = build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION))
+    return perturb_weights(net, 0.05, generator=torch.Generator().manual_seed(0)).eval()
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +142,7 @@ def test_cli_sample_precision(ckpt_path: Path, tmp_path: Path) -> None:
     assert (tmp_path / "s" / "000001.png").is_file()
     bad = runner.invoke(app, ["sample", str(ckpt_path), "--out", str(tmp_path / "b"), "--precision", "fp16"])
     assert bad.exit_code == 2
-    assert "--precision must be one of fp32, bf16" in bad.output
+    assert "--precision" in bad.output and "fp16" in bad.output and len(bad.output.splitlines()) == 1
     assert "Traceback" not in bad.output and not (tmp_path / "b").exists()
 
 

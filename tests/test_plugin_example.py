@@ -20,6 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ddpmctl import samplers
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
@@ -71,8 +72,8 @@ def test_passes_contract_and_its_own_tests(installed: Path) -> None:
 
 def test_samples_through_the_cli(installed: Path, tmp_path: Path) -> None:
     model = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                        attention_resolutions=(4,), out_channels=2, num_timesteps=50)
-    ckpt = save_checkpoint(tmp_path / "m.safetensors", dict(model.build().state_dict()),
+                        attention_resolutions=(4,))
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", dict(build_model(CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=50))).state_dict()),
                            CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=50)),
                            kind="model", lineage=[])
     out = tmp_path / "s"

@@ -14,6 +14,7 @@ import math
 import pytest
 import torch
 
+from ddpmctl.build import build_diffusion
 from ddpmctl.config import DiffusionConfig
 from ddpmctl.respace import space_timesteps
 from ddpmctl.samplers import SampleRNG, generate, get_sampler
@@ -26,7 +27,7 @@ SIZE = 64  # 32 images of 1x64x64: many values (131,072), few per-image generato
 def _checkpoint(var_type: str) -> object:
     dconf = DiffusionConfig(schedule="cosine", timesteps=T, var_type=var_type,
                             loss_type="rescaled_mse" if var_type.startswith("learned") else "mse")
-    full = dconf.build()
+    full = build_diffusion(dconf)
     # learned_range: the v channel encodes the exact reverse variance of the T-step chain (see the denoiser).
     model = ExactGaussianDenoiser(M, S, full.alphas_cumprod, betas=full.betas, learned_sigma=dconf.learned_sigma)
     return exact_checkpoint(model, channels=1, image_size=SIZE, diffusion=dconf)
@@ -119,7 +120,7 @@ def test_strided_equals_ancestral_on_respaced_chain_bit_for_bit(learned: object)
 
 @pytest.mark.parametrize("name,steps", [("ddim", 10), ("strided", 10)])
 def test_generate_batch_size_invariance_and_reproducibility(name: str, steps: int) -> None:
-    ckpt = exact_checkpoint(ExactGaussianDenoiser(M, S, DiffusionConfig(schedule="cosine", timesteps=T).build()
+    ckpt = exact_checkpoint(ExactGaussianDenoiser(M, S, build_diffusion(DiffusionConfig(schedule="cosine", timesteps=T))
                                                   .alphas_cumprod, learned_sigma=False),
                             channels=1, image_size=4, diffusion=DiffusionConfig(schedule="cosine", timesteps=T,
                                                                                 var_type="fixed_small",

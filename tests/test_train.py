@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ddpmctl.train as train_module
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import ConfigError, TrainingError
@@ -61,7 +62,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     ckpt = load_checkpoint(result.ema_checkpoint)
     assert ckpt.kind == "model"
     assert ckpt.lineage == [{"op": "train", "run": "run", "step": 4, "ema": 0.99, "data": "builtin:digits"}]
-    assert ckpt.config.model.out_channels == 2  # 1 channel, learned sigma
+    assert ckpt.config.out_channels == 2  # 1 channel, learned sigma
     record = metrics(run)[-1]
     for key in ("step", "loss", "mse", "vb", "q0", "q1", "q2", "q3", "grad_norm", "lr", "img_per_s", "elapsed"):
         assert key in record
@@ -75,7 +76,7 @@ def test_ema_is_the_reference_average(tmp_path: Path) -> None:
     train(config, device=CPU)
     ckpt = load_checkpoint(run / "model_000001.safetensors")
     torch.manual_seed(3)  # train() builds the network right after seeding the global RNG with --seed
-    initial = ckpt.config.model.build().state_dict()
+    initial = build_model(ckpt.config).state_dict()
     after = tensors(run / "model_000001.safetensors")
     ema = tensors(run / "ema_0.75_000001.safetensors")
     moved = 0

@@ -1,23 +1,36 @@
-"""What every command shares: the one-line error contract, consoles, ``--device`` and ``--json`` output."""
+"""What every command shares: the one-line error contract, consoles, ``--device``, choices and ``--json`` output.
+
+Exit codes: 2 = the command line is wrong (an unknown option, a value of the wrong type, a choice that does not
+exist, a number out of range, also a range that the named checkpoint sets, such as ``--steps`` > T, an unknown
+sampler or sampler option); 1 = anything else (files, data, checkpoints, run folders, the machine); 130 = Ctrl-C.
+Every error is one ``error: ...`` line on stderr.
+
+No heavy import here (torch, numpy, pydantic): ``ddpmctl --help`` imports this module.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, TypeVar
 
 import typer
 from rich.console import Console
 
-from ddpmctl.errors import DdpmctlError
+from ddpmctl.errors import DdpmctlError, OptionError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console(stderr=True)  # progress, tables meant for people
 out_console = Console()  # stdout: tables and results
+
+# The command line's spelling of ddpmctl.config's choices (typer lists them in --help and refuses others with
+# exit 2). tests/test_cli_options.py checks that they stay equal to the config's Literals.
+Precision = Literal["fp32", "bf16"]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -54,6 +67,8 @@ def guarded(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except OptionError as err:
+            raise usage_error(_first_line(err)) from None
         except DdpmctlError as err:
             raise fail(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
         except KeyboardInterrupt:
@@ -91,6 +106,15 @@ def resolve_device(spec: str) -> "torch.device":  # noqa: F821
     raise usage_error(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}")
 
 
+@contextlib.contextmanager
+def option_errors(*kinds: type[DdpmctlError]) -> Iterator[None]:
+    """Library errors of these kinds raised inside are about the command line's values: exit 2, not 1."""
+    try:
+        yield
+    except kinds as err:
+        raise usage_error(_first_line(err)) from None
+
+
 def print_json(payload: Any) -> None:
     """Machine-readable output on stdout (one JSON document)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
@@ -100,6 +124,7 @@ def print_json(payload: Any) -> None:
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto = CUDA when available)."
 
 
-def device_option() -> Any:
-    """A fresh ``--device`` option (typer mutates option objects, so each command needs its own)."""
-    return typer.Option("auto", "--device", help=DEVICE_HELP)
+def device_option(help: str = DEVICE_HELP, **kwargs: Any) -> Any:
+    """A fresh ``--device`` option, for ``Annotated[str, device_option()] = "auto"`` (typer mutates option objects,
+    so each command needs its own)."""
+    return typer.Option("--device", help=help, metavar="DEVICE", **kwargs)

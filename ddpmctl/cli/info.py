@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.checkpoint import CheckpointInfo, file_sha256, read_checkpoint_info
-from ddpmctl.cli.common import guarded, out_console, print_json
+from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ddpmctl.checkpoint import CheckpointInfo
 
 
 def _steps_summary(steps: tuple[int, ...]) -> str:
@@ -57,7 +59,7 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
         ("parameters", f"{info.num_parameters:,}"),
         ("tensors", str(info.num_tensors)),
         ("image size", f"{model.image_size}x{model.image_size}"),
-        ("channels", f"{model.in_channels} in, {model.out_channels} out"),
+        ("channels", f"{model.in_channels} in, {info.config.out_channels} out"),
         ("network", f"{model.model_channels} ch, mult {','.join(map(str, model.channel_mult))}, "
                     f"{model.num_res_blocks} res blocks, attention at "
                     f"{','.join(map(str, model.attention_resolutions)) or 'none'}, {model.num_heads} heads, "
@@ -94,10 +96,18 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
 @guarded
 def info_command(
     checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    device: Annotated[Optional[str], device_option(  # noqa: UP007 - typer needs Optional on 3.10
+        "Also build the network and load every weight on this device (auto | cpu | cuda | cuda:N) to check the "
+        "whole file.", show_default="none: read and validate the header only")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts."""
+    from ddpmctl.checkpoint import file_sha256, load_checkpoint, read_checkpoint_info
+
+    torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)
+    if torch_device is not None:
+        load_checkpoint(checkpoint, device=torch_device)
     sha256 = file_sha256(checkpoint)
     if json_output:
         print_json(info_payload(info, sha256))

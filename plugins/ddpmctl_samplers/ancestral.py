@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import Field
 
-from ddpmctl import Sampler, SampleRNG, SamplerError, StepInfo
+from ddpmctl import Sampler, SampleRNG, SamplerError, StepInfo, build_diffusion
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl import GaussianDiffusion, LoadedCheckpoint
@@ -31,7 +31,7 @@ def respaced_chain(checkpoint: LoadedCheckpoint, use: set[int]) -> GaussianDiffu
     if len(use) == diffusion.num_timesteps:
         return diffusion
     original = tuple(sorted(int(diffusion.timestep_map[k]) for k in use))
-    return checkpoint.config.diffusion.model_copy(update={"use_timesteps": original}).build()
+    return build_diffusion(checkpoint.config.diffusion.model_copy(update={"use_timesteps": original}))
 
 
 def run_chain(step: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
