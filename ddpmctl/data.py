@@ -28,12 +28,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ddpmctl.choices import ColorMode, Split
 from ddpmctl.config import DataInfo, ModelConfig
 from ddpmctl.errors import ConfigError, DataError
 
@@ -53,8 +54,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "test = index % 5 == 0 (360), train = the rest (1,437)",
 }
 
-Split = Literal["train", "test"]
-Color = Literal["auto", "rgb", "gray"]
+Color = ColorMode
 
 
 @dataclass

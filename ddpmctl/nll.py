@@ -17,12 +17,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
-from ddpmctl.errors import ConfigError, DataError
+from ddpmctl.choices import Estimator
+from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.inference import MicroBatch, inference_network
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
     from ddpmctl.diffusion import GaussianDiffusion
 
-Estimator = Literal["exact", "mc"]
 
 # The exact-mode noise of one image is drawn in blocks of this many terms, each block from its own keyed
 # generator: a batch that needs terms 130..140 of image 7 draws one block, never the 130 before it.
@@ -86,7 +86,13 @@ class NllResult:
 
     @property
     def stderr(self) -> float:
-        """Standard error of the mean over images, std (ddof=1) / sqrt(N); nan for one image."""
+        """Standard error of the mean over images, std (ddof=1) / sqrt(N).
+
+        With one image there is no spread over images: for ``mc`` the image's own Monte-Carlo error is the whole
+        error (nan only when M == 1), for ``exact`` it is nan.
+        """
+        if self.num_images == 1 and self.bpd_stderr is not None:
+            return float(self.bpd_stderr[0])
         return _stderr(self.bpd)
 
     def breakdown(self) -> list[tuple[str, tuple[int, int] | None, float, float]]:
@@ -209,7 +215,8 @@ class _MCPairs:
 
 def _vb_terms(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """L_t (L_0 at t = 0) in bits/dim for a stack of pairs, as calc_bpd_loop computes each (conventions 8-11)."""
+    """L_t (L_0 at t = 0) in bits/dim for a stack of pairs, as calc_bpd_loop computes each
+    (docs/conventions.md #8-11)."""
     x_t = diffusion.q_sample(x_start, t, noise=noise)
     model_kwargs = {"y": y} if y is not None else None
     return diffusion.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=True, model_kwargs=model_kwargs)["output"]
@@ -249,7 +256,7 @@ def _run_pairs(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch.Ten
 
 
 def _check_images(images: torch.Tensor, scale_images: bool) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32 on the 8-bit grid in [-1, 1] (convention 11: x / 127.5 - 1 exactly)."""
+    """uint8 [N, C, H, W] -> float32 on the 8-bit grid in [-1, 1] (docs/conventions.md #11: x / 127.5 - 1 exactly)."""
     if images.dim() != 4:
         raise DataError(f"expected images of shape [N, C, H, W], got {tuple(images.shape)}")
     if images.shape[0] == 0:
@@ -391,6 +398,13 @@ def evaluate_bound(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch
                      num_terms, per_image, terms=values if keep_terms else None)
 
 
+def check_has_bound(checkpoint: LoadedCheckpoint) -> None:
+    """A distilled student predicts x_0 on a few-step grid, not eps and a variance on a chain: it has no bound."""
+    if checkpoint.kind == "student" or checkpoint.config.student is not None:
+        raise CheckpointError(f"{checkpoint.path.name} is a distilled student: a student has no variational bound "
+                              "(evaluate the teacher it was distilled from)")
+
+
 def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, labels: torch.Tensor | None = None, *,
                  batch_size: int = 256, estimator: Estimator = "exact", terms: int | None = None, seed: int = 0,
                  pilot_images: int = 4, keep_terms: bool = False,
@@ -402,6 +416,7 @@ def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, label
     ``labels`` are required for a class-conditional model and ignored otherwise. ``micro_batch`` caps the images
     per forward pass ("auto": sized for the CPU, see ddpmctl.inference); it changes results only at float rounding.
     """
+    check_has_bound(checkpoint)
     model_config = checkpoint.config.model
     x_start = _check_images(images_uint8, scale_images)
     expected = (model_config.in_channels, model_config.image_size, model_config.image_size)

@@ -29,7 +29,7 @@ from ddpmctl.data import load_dataset
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ddpmctl.inference import AutocastModel
-from ddpmctl.loop import StopSignals, derive_seed, load_optimizer_state, optimizer_state_tensors
+from ddpmctl.loop import StopSignals, clip_gradients, derive_seed, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
 
 EventKind = Literal["start", "step", "log", "save", "warning", "end"]
@@ -106,19 +106,6 @@ class _IndexStream:
             parts.append(self.perm[self.pos:self.pos + n])
             self.pos, count = self.pos + n, count - n
         return torch.cat(parts)
-
-
-def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of all gradients (as torch.nn.utils.get_total_norm), kept on the device."""
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def _clip_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients down to ``max_norm`` (torch.nn.utils.clip_grad_norm_'s formula), without a host sync."""
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef)
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -485,8 +472,7 @@ class _Trainer:
                 loss = (per_sample * weights).mean()
                 self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
                 loss.backward()
-                grads = [p.grad for p in self.params if p.grad is not None]
-                total_norm = grad_norm(grads)
+                total_norm = clip_gradients(self.params, c.grad_clip)
                 bad = ~(torch.isfinite(loss) & torch.isfinite(total_norm))
                 step_dev += 1
                 next_step = self.step + 1
@@ -503,8 +489,6 @@ class _Trainer:
                     self._emit("warning", message=f"step {next_step}: non-finite loss, step skipped "
                                                   f"({self.nan_skips} so far)")
                 else:
-                    if c.grad_clip is not None:
-                        _clip_(grads, c.grad_clip, total_norm)
                     self.optimizer.step()
                     self.ema.update(self.model)
                     if self.loss_aware:

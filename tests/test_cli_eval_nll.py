@@ -92,6 +92,35 @@ def test_mc_estimator(digits_ckpt: Path) -> None:
     assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image)" in line.stdout
 
 
+def test_mc_per_image_error_in_json_and_one_image_is_not_nan(digits_ckpt: Path) -> None:
+    result = _run(str(digits_ckpt), "-n", "1", "--device", "cpu", "--estimator", "mc", "--terms", "4",
+                  "--pilot-images", "1", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    (image,) = payload["per_image"]
+    assert image["bits_per_dim"] == pytest.approx(payload["bits_per_dim"], rel=1e-12)
+    assert image["mc_stderr"] is not None and image["mc_stderr"] > 0
+    # One image: no spread over images, so the error of the mean is that image's own Monte-Carlo error.
+    assert payload["stderr"] == pytest.approx(image["mc_stderr"], rel=1e-12)
+    exact = json.loads(_run(str(digits_ckpt), "-n", "2", "--device", "cpu", "--json", "--quiet").stdout)
+    assert all(row["mc_stderr"] is None for row in exact["per_image"]) and len(exact["per_image"]) == 2
+
+
+def test_student_checkpoint_is_refused(tmp_path: Path) -> None:
+    from ddpmctl.config import StudentConfig
+
+    config = CheckpointConfig(model=MODEL, diffusion=DiffusionConfig(timesteps=T), data=DIGITS,
+                              student=StudentConfig(param="v", steps=(4, 9), teacher_steps=4))
+    network = build_model(config)
+    path = save_checkpoint(tmp_path / "student_2.safetensors", network.state_dict(), config, kind="student",
+                           lineage=[])
+    result = _run(str(path), "-n", "2", "--device", "cpu", "--json")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == ("error: student_2.safetensors is a distilled student: a student has no "
+                                     "variational bound (evaluate the teacher it was distilled from)")
+    assert result.stdout == ""
+
+
 def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -135,7 +135,7 @@ def test_respace_composes_and_ddim_spacing(ckpt: Path, tmp_path: Path) -> None:
     chain20 = load_checkpoint(first).config.diffusion.use_timesteps
     chain5 = load_checkpoint(second).config.diffusion.use_timesteps
     assert chain20 is not None and chain5 is not None
-    # Even spacing of 5 over the 20-step chain, as original indices (convention 12 on 20 steps: 0,5,10,14,19).
+    # Even spacing of 5 over the 20-step chain, as original indices (docs/conventions.md #12 on 20 steps: 0,5,10,14,19).
     assert chain5 == tuple(chain20[k] for k in (0, 5, 10, 14, 19))
     ddim = tmp_path / "d.safetensors"
     assert _invoke("respace", str(ckpt), "--steps", "8", "--spacing", "ddim", "--out", str(ddim), "-q").exit_code == 0
@@ -176,12 +176,21 @@ def _one_line_error(result: object, code: int | None = None) -> str:
     (["-O", "spacing=odd"], "option spacing=odd"),
     (["--num", "0"], "--num"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--seed", "-1"], "--seed must be >= 0"),  # checked by the library (samplers.check_sample_counts)
     (["--class", "dog"], "not class-conditional"),
+    (["-O", "eta=1.5"], "option eta=1.5: Input should be less than or equal to 1"),
 ])
 def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
     result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", *extra)
     assert expected in _one_line_error(result, 2)  # every one of these is a bad command line
     assert not (tmp_path / "s").exists()  # nothing is written before the inputs are known to be good
+
+
+def test_dpmpp_2m_samples_through_the_cli(ckpt: Path, tmp_path: Path) -> None:
+    result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", "--sampler", "dpmpp-2m",
+                     "--steps", "6", "--num", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 6
 
 
 def test_bad_class_and_bad_checkpoint(class_ckpt: Path, tmp_path: Path) -> None:

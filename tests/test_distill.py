@@ -26,7 +26,9 @@ from ddpmctl.progressive import (
     teacher_target,
 )
 from ddpmctl.errors import ConfigError, SamplerError
+from ddpmctl.samplers import SampleRNG, build_denoiser, sampling_timesteps
 from ddpmctl.schedules import beta_schedule
+from ddpmctl_samplers.ddim import DDIMSampler
 from ddpmctl_samplers.student import StudentSampler
 from conftest import assert_same_files, perturb_weights
 
@@ -211,12 +213,11 @@ def test_student_sampler_exact_student_returns_the_point(param: str) -> None:
 
     checkpoint = _fake_student(ExactStudent(), T, param, 4)
     sampler = StudentSampler()
-    assert sampler.num_steps(checkpoint, None) == 4
+    timesteps = sampling_timesteps(checkpoint, sampler, None)
+    assert len(timesteps) == 4
     infos = []
-    from ddpmctl import SampleRNG
-
-    out = sampler.sample(checkpoint, torch.randn(2, 1, 8, 8), steps=4, rng=SampleRNG(0, range(2)),
-                         callback=infos.append)
+    out = sampler.sample(build_denoiser(checkpoint, timesteps), torch.randn(2, 1, 8, 8), timesteps,
+                         noise=SampleRNG(0, range(2)), callback=infos.append)
     torch.testing.assert_close(out, x_star.expand(2, -1, -1, -1), rtol=0, atol=1e-5)
     assert seen == student_grid(T, 4)[::-1]  # exactly N network calls, top step first
     assert [i.index for i in infos] == [0, 1, 2, 3] and infos[-1].t == student_grid(T, 4)[0]
@@ -230,21 +231,23 @@ def test_student_sampler_matches_distill_sampling_and_validates() -> None:
                             0.05)
     model.eval()
     checkpoint = _fake_student(model, T, "both", 4)
-    from ddpmctl import SampleRNG
-
     x_T = torch.randn(3, 1, 8, 8)
+    timesteps = sampling_timesteps(checkpoint, StudentSampler(), None)
     with torch.no_grad():
-        out = StudentSampler().sample(checkpoint, x_T, steps=None, rng=SampleRNG(0, range(3)))
+        out = StudentSampler().sample(build_denoiser(checkpoint, timesteps), x_T, timesteps,
+                                      noise=SampleRNG(0, range(3)))
         ref = ddim_on_grid(GridDenoiser(model, "both", checkpoint.diffusion.alphas_cumprod), x_T,
                            student_grid(T, 4))
     torch.testing.assert_close(out, ref)
     with pytest.raises(SamplerError, match="4-step student.*--steps 4"):
-        StudentSampler().num_steps(checkpoint, 8)
+        sampling_timesteps(checkpoint, StudentSampler(), 8)
+    with pytest.raises(SamplerError, match="is a distilled student: sample it with --sampler student"):
+        sampling_timesteps(checkpoint, DDIMSampler(), None)
     teacher = LoadedCheckpoint(path=Path("ema.safetensors"), config=CheckpointConfig(
         model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T)), kind="model", lineage=[],
         created_with="test", model=model, diffusion=checkpoint.diffusion, num_parameters=0, sha256="")
     with pytest.raises(SamplerError, match="not a distilled student"):
-        StudentSampler().num_steps(teacher, None)
+        sampling_timesteps(teacher, StudentSampler(), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Timestep samplers: uniform and loss-second-moment importance sampling (PAPERS.md convention 16)."""
+"""Timestep samplers: uniform and loss-second-moment importance sampling (docs/conventions.md #16)."""
 
 from __future__ import annotations
 

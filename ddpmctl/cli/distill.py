@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.cli.common import (Precision, console, device_option, guarded, out_console, print_json, resolve_device,
-                                usage_error)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pydantic import ValidationError
-
-StudentParam = Literal["v", "x", "both"]
-Weighting = Literal["truncated-snr", "snr+1"]
-
-
-def _first_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = "--" + "-".join(str(p) for p in first.get("loc", ())).replace("_", "-")
-    return f"{where}: {first.get('msg', 'invalid value')}"
+from ddpmctl.choices import Precision, StudentParam, Weighting
+from ddpmctl.cli.common import console, device_option, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.errors import validation_problem
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -101,7 +90,8 @@ def distill_command(
             precision=precision, seed=seed, report_samples=report_samples, save_every=save_every,
             flip=flip)
     except ValidationError as err:
-        raise usage_error(_first_problem(err)) from None
+        raise usage_error(validation_problem(err, lambda loc: "--" + "-".join(map(str, loc)).replace("_", "-"))) \
+            from None
     torch_device = resolve_device(device)
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from ddpmctl.choices import Estimator, Split
 from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
 
 DEFAULT_MC_TERMS = 64
-Split = Literal["test", "train"]
-Estimator = Literal["exact", "mc"]
 
 
 def _finite(value: float) -> float | None:
@@ -50,6 +49,12 @@ def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, s
         "seed": seed,
         "bits_per_dim": result.mean,
         "stderr": _finite(result.stderr),
+        # Each image's own bits/dim and, for mc, its Monte-Carlo standard error (null when M == 1).
+        "per_image": [
+            {"bits_per_dim": float(bpd),
+             "mc_stderr": _finite(float(result.bpd_stderr[i])) if result.bpd_stderr is not None else None}
+            for i, bpd in enumerate(result.bpd.tolist())
+        ],
         "breakdown": [
             {"term": name, "t_range": list(span) if span is not None else None, "bits_per_dim": mean,
              "stderr": _finite(stderr)}
@@ -139,9 +144,10 @@ def eval_nll_command(
 
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.data import load_dataset_for
-    from ddpmctl.nll import evaluate_nll
+    from ddpmctl.nll import check_has_bound, evaluate_nll
 
     loaded = load_checkpoint(checkpoint, device=torch_device)
+    check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)
 
     def note(message: str) -> None:
