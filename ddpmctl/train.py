@@ -140,10 +140,7 @@ class _Trainer:
         self.run_dir = Path(config.out)
         self.t0 = time.monotonic()
         self.step = 0
-        if config.batch_size % dist.world_size:
-            raise ConfigError(f"--batch-size {config.batch_size} is the global batch and must divide evenly "
-                              f"among {dist.world_size} ranks")
-        self.local_batch = config.batch_size // dist.world_size
+        self.local_batch = dist_utils.split_batch(config.batch_size, dist.world_size)
 
         saved = self._check_run_dir(resume, force)
         # Every rank has looked at the folder before rank 0 writes into it.
@@ -197,13 +194,9 @@ class _Trainer:
         if dist.is_main:
             runfolder.rewrite_metrics(self.run_dir, self.step)
 
-        if dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.net: nn.Module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                      else None)
-        else:
-            self.net = self.model
+        # Under DDP the gradients are the all-reduce buckets themselves: they are zeroed, never set to None.
+        self.net: nn.Module = dist_utils.data_parallel(self.model, dist) if dist.distributed else self.model
+        self.grads_set_to_none = not dist.distributed
         autocast = torch.bfloat16 if config.precision == "bf16" else None
         self.model_call = AutocastModel(self.net, autocast)
         # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
@@ -406,21 +399,22 @@ class _Trainer:
                              "(try a lower --lr, --grad-clip 1, or --nan-policy skip)")
 
     def _log(self, acc: torch.Tensor, since: float, steps_since: int) -> None:
+        # acc[3] counts steps on every rank, so after the sum it is steps x world size: dividing by it alone gives
+        # the mean of the ranks' per-step means, which is the global batch's mean (every rank holds an equal share).
         acc = dist_utils.all_reduce_sum(self.dist, acc).cpu().double()
         n = max(float(acc[3]), 1.0)
-        world = self.dist.world_size
         now = time.monotonic()
         record: dict[str, Any] = {
             "step": self.step,
-            "loss": float(acc[0]) / n / world,
-            "mse": float(acc[1]) / n / world,
-            "vb": float(acc[2]) / n / world,
+            "loss": float(acc[0]) / n,
+            "mse": float(acc[1]) / n,
+            "vb": float(acc[2]) / n,
         }
         for q in range(4):
             count = float(acc[8 + q])
             record[f"q{q}"] = float(acc[4 + q]) / count if count else None
         record.update({
-            "grad_norm": float(acc[12]) / n / world,
+            "grad_norm": float(acc[12]) / n,
             "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": steps_since * self.config.batch_size / max(now - since, 1e-9),
             "elapsed": self.elapsed_before + now - self.t0,
@@ -476,7 +470,7 @@ class _Trainer:
                 losses = compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)
                 per_sample = losses["loss"]
                 loss = (per_sample * weights).mean()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
                 loss.backward()
                 total_norm = clip_gradients(self.params, c.grad_clip)
                 bad = ~(torch.isfinite(loss) & torch.isfinite(total_norm))
@@ -491,7 +485,7 @@ class _Trainer:
                     first_bad = torch.where(bad & (first_bad < 0), step_dev, first_bad)
                 if skip:
                     self.nan_skips += 1
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
                     self._emit("warning", message=f"step {next_step}: non-finite loss, step skipped "
                                                   f"({self.nan_skips} so far)")
                 else:

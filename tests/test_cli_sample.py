@@ -17,6 +17,7 @@ from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
+from conftest import perturb_weights
 
 T = 40
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -26,11 +27,8 @@ DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_ra
 
 def _state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
     # The U-Net zero-initialises its output layer; perturb every weight so the network really shapes the samples.
-    net = build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    net = perturb_weights(build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION)), 0.05,
+                          generator=torch.Generator().manual_seed(0))
     return dict(net.state_dict())
 
 

@@ -296,6 +296,8 @@ def train_command(
     from pydantic import ValidationError
 
     from ddpmctl.config import TrainConfig
+    from ddpmctl.distributed import env_world_size, split_batch
+    from ddpmctl.errors import ConfigError
     from ddpmctl.runfolder import saved_train_config
     from ddpmctl.train import train
 
@@ -319,6 +321,10 @@ def train_command(
     except ValidationError as err:
         raise usage_error(_validation_line(err)) from None
 
+    try:  # before any rank joins the process group: every rank stops at once with the same line
+        split_batch(config.batch_size, env_world_size())
+    except ConfigError as err:
+        raise usage_error(str(err)) from None
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
     show = main_rank and not quiet
     torch_device = resolve_device(device)
