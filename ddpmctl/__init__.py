@@ -45,10 +45,16 @@ _LAZY: dict[str, tuple[str, str]] = {
     "SampleRNG": ("ddpmctl.samplers", "SampleRNG"),
     "SampleProgress": ("ddpmctl.samplers", "SampleProgress"),
     "StepInfo": ("ddpmctl.samplers", "StepInfo"),
+    "StepCallback": ("ddpmctl.samplers", "StepCallback"),
+    "API_VERSION": ("ddpmctl.samplers", "API_VERSION"),
+    "sampling_timesteps": ("ddpmctl.samplers", "sampling_timesteps"),
+    "Denoiser": ("ddpmctl.denoiser", "Denoiser"),
+    "Prediction": ("ddpmctl.denoiser", "Prediction"),
+    "CLEAN": ("ddpmctl.denoiser", "CLEAN"),
     "available_samplers": ("ddpmctl.samplers", "available_samplers"),
     "get_sampler": ("ddpmctl.samplers", "get_sampler"),
     "choose_timesteps": ("ddpmctl.samplers", "choose_timesteps"),
-    "student_predict_xstart": ("ddpmctl.progressive", "student_predict_xstart"),
+    "student_predict_xstart": ("ddpmctl.denoiser", "student_predict_xstart"),
 }
 
 __all__ = [

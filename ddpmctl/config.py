@@ -2,38 +2,35 @@
 
 Flags (cli/) -> a frozen model with ``extra="forbid"`` -> keyword arguments of one library function. A checkpoint
 stores the :class:`CheckpointConfig` that rebuilds its network and diffusion, so no flag has to be repeated.
-This module only describes: it imports pydantic and the standard library, nothing of ddpmctl, and builds nothing
-(``ddpmctl.build`` turns these descriptions into networks and diffusions). Each fact is stored once: the chain
-length T lives in :class:`DiffusionConfig`, and the network's output channels follow from its input channels
+This module only describes: it imports pydantic, the standard library and the Literal types of ``ddpmctl.choices``
+(itself standard library only), and builds nothing (``ddpmctl.build`` turns these descriptions into networks and
+diffusions). Each fact is stored once: the chain length T lives in :class:`DiffusionConfig`, and the network's output channels follow from its input channels
 and whether the variance is learned (:attr:`CheckpointConfig.out_channels`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Schedule = Literal["linear", "cosine"]
-MeanType = Literal["eps", "x0", "v"]
-VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
-LossType = Literal["mse", "rescaled_mse", "kl", "rescaled_kl"]
-LossName = Literal["hybrid", "simple", "vlb"]
-TimestepSamplerName = Literal["uniform", "loss-second-moment"]
-Precision = Literal["fp32", "bf16"]
-# What --precision accepts: auto = bf16 where the device computes it natively, else fp32 (ddpmctl.hardware).
-PrecisionRequest = Literal["auto", "fp32", "bf16"]
-EmaWarmup = Literal["power", "none"]
-LEARNED_VARIANCES = ("learned", "learned_range")
-ColorMode = Literal["auto", "rgb", "gray"]
-StudentParam = Literal["v", "x", "both"]
-Weighting = Literal["truncated-snr", "snr+1"]
-
-
-def is_learned_variance(var_type: str) -> bool:
-    """Whether the network predicts its own variance (its output has 2C channels: the mean's C, then the v's C)."""
-    return var_type in LEARNED_VARIANCES
+from ddpmctl.choices import (
+    ColorMode,
+    LossName,
+    LossType,
+    MeanType,
+    EmaWarmup,
+    NanPolicy,
+    Precision,
+    PrecisionRequest,
+    Schedule,
+    StudentParam,
+    TimestepSamplerName,
+    VarType,
+    Weighting,
+    is_learned_variance,
+)
 
 
 class _Frozen(BaseModel):
@@ -274,7 +271,7 @@ class TrainConfig(_Frozen):
     log_every: int = Field(10, ge=1)
     precision: PrecisionRequest = "auto"
     seed: int = Field(0, ge=0)
-    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_policy: NanPolicy = "stop"
 
     @field_validator("channel_mult", "attention_resolutions")
     @classmethod

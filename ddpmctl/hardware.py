@@ -18,7 +18,8 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16"]
+from ddpmctl.choices import Precision
+
 PrecisionRequest = Literal["auto", "fp32", "bf16"]
 PRECISION_REQUESTS: tuple[str, ...] = ("auto", "fp32", "bf16")
 

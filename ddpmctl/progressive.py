@@ -2,7 +2,7 @@
 grids, the student heads, the deterministic DDIM step, the two-teacher-step target, the loss weights, and a
 network seen as an x_hat predictor on original indices. No I/O; ``ddpmctl.distill`` runs the stages.
 
-Discrete-time adaptation (PAPERS.md "Progressive distillation"): the teacher's own abar table over its T training
+Discrete-time adaptation (docs/conventions.md "Distillation grid"): the teacher's own abar table over its T training
 steps; the N-step grid is k_i = round(i T / N) - 1, i = 1..N (the top step T - 1 has SNR ~ 0), its midpoints
 k'_i = round((i - 1/2) T / N) - 1, and index -1 stands for clean data (abar = 1). Starting from a power of two every
 grid nests in the previous one.
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ddpmctl.config import DistillConfig, StudentParam, Weighting
+from ddpmctl.choices import StudentParam, Weighting
+from ddpmctl.config import DistillConfig
+from ddpmctl.denoiser import CLEAN, Head, student_predict_xstart
 from ddpmctl.errors import ConfigError, OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
 
-Head = Literal["eps", "x0", "v", "x", "both"]  # eps / x0 / v: a trained model's mean_type; v / x / both: a student's
-
-CLEAN = -1  # the "timestep" of clean data on a grid: abar = 1, alpha = 1, sigma = 0
+__all__ = ["CLEAN", "Head", "student_predict_xstart"]  # re-exported: distill and tests import them from here too
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def is_power_of_two(n: int) -> bool:
 
 
 def student_grid(num_timesteps: int, steps: int) -> list[int]:
-    """Original indices k_i = round(i T / N) - 1, i = 1..N, ascending (PAPERS.md, discrete-time adaptation).
+    """Original indices k_i = round(i T / N) - 1, i = 1..N, ascending (docs/conventions.md "Distillation grid").
 
     Rounding is Python's round of the exact rational i T / N (half to even). The grid for N is the even-numbered
     points of the grid for 2N because i T / N and 2i T / (2N) are the same rational, whatever the rounding rule.
@@ -61,30 +61,11 @@ def stage_times(num_timesteps: int, steps: int) -> tuple[list[int], list[int], l
 # Parameterisations and the DDIM step (alpha = sqrt(abar), sigma = sqrt(1 - abar), broadcastable to z)
 
 
-def student_predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-                           param: StudentParam) -> torch.Tensor:
-    """x_hat of a distilled student's output (Salimans & Ho Sec. 4): "v", "x" or "both" ([eps-head | x-head]).
-
-    v: x_hat = alpha z - sigma v; x: the first C channels are x_hat; both: x_hat = sigma^2 x_head +
-    alpha (z - sigma eps_head), which needs 2C output channels. Not clipped.
-    """
-    channels = z.shape[1]
-    if param == "v":
-        return alpha * z - sigma * model_output[:, :channels]
-    if param == "x":
-        return model_output[:, :channels]
-    if param == "both":
-        if model_output.shape[1] < 2 * channels:
-            raise ValueError(f"param 'both' needs {2 * channels} output channels, got {model_output.shape[1]}")
-        eps_head, x_head = model_output[:, :channels], model_output[:, channels:2 * channels]
-        return sigma**2 * x_head + alpha * (z - sigma * eps_head)
-    raise ValueError(f"unknown student parameterization {param!r} (v, x or both)")
-
-
 def predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
                    head: Head) -> torch.Tensor:
     """x_hat of a trained model (mean_type eps / x0 / v: its first C channels; variance channels ignored) or of a
-    student (v / x / both). eps: x_hat = (z - sigma eps) / alpha (PAPERS.md, IDDPM parameterizations)."""
+    student (v / x / both). eps: x_hat = (z - sigma eps) / alpha
+    (docs/conventions.md "Parameterisations and variances")."""
     channels = z.shape[1]
     if head == "eps":
         return (z - sigma * model_output[:, :channels]) / alpha

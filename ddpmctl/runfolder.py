@@ -12,17 +12,17 @@ starts with the JSON for the same reason. Distillation (:data:`DISTILLATION`): `
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ddpmctl.checkpoint import write_json_atomic
 from ddpmctl.config import TrainConfig
-from ddpmctl.errors import CheckpointError, ConfigError
+from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
+from ddpmctl.fileio import atomic_write
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -154,6 +154,7 @@ def remove_temp_files(run_dir: Path, layout: RunLayout = TRAINING) -> list[str]:
     """Delete the temporary files of killed writers (never complete, never read); returns their names."""
     if not run_dir.is_dir():
         return []
+    # (metrics.jsonl.tmp: the metrics rewrite of ddpmctl 0.1, before it went through fileio.atomic_write.)
     removed = [p for p in run_dir.iterdir() if layout.is_temp_file(p.name) or _SAFETENSORS_TMP.match(p.name)
                or p.name == METRICS_FILE + ".tmp"]
     for path in removed:
@@ -235,8 +236,8 @@ def config_differences(saved: dict[str, Any], given: BaseModel,
     A training option ``given`` leaves to its default choice (None) takes the saved value and is no difference."""
     try:
         saved_config = type(given).model_validate(saved)
-    except ValueError as err:
-        raise ConfigError(f"the saved run config is invalid: {str(err).splitlines()[0]}") from None
+    except ValidationError as err:
+        raise ConfigError(f"the saved run config is invalid: {validation_problem(err)}") from None
     diffs = []
     for field in type(given).model_fields:
         if field in resumable:
@@ -260,9 +261,8 @@ def rewrite_metrics(run_dir: Path, up_to_step: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= up_to_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

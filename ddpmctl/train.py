@@ -30,7 +30,7 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ddpmctl.hardware import resolve_precision
 from ddpmctl.inference import AutocastModel
-from ddpmctl.loop import StopSignals, derive_seed, load_optimizer_state, optimizer_state_tensors
+from ddpmctl.loop import StopSignals, clip_gradients, derive_seed, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
 
 EventKind = Literal["start", "step", "log", "save", "warning", "end"]
@@ -110,19 +110,6 @@ class _IndexStream:
         return torch.cat(parts)
 
 
-def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of all gradients (as torch.nn.utils.get_total_norm), kept on the device."""
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def _clip_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients down to ``max_norm`` (torch.nn.utils.clip_grad_norm_'s formula), without a host sync."""
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef)
-
-
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused where this torch/device supports it, else multi-tensor (foreach)."""
     try:
@@ -168,20 +155,7 @@ class _Trainer:
                             f"{MIN_IMAGE_SIZE} minimum: pass --image-size 8 (or larger) to upscale them")
         if config.class_cond and not self.dataset.num_classes:
             raise ConfigError(f"--class-cond: {config.data} has no class labels")
-        # Options left to their default choice: a resumed run keeps its saved values, a new one fits the data.
-        if saved is not None:
-            config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
-                                               if getattr(config, f) is None and saved["train"].get(f) is not None})
-        config = config.with_data_defaults(image_size=self.dataset.image_size,
-                                           num_images=len(self.dataset.images))
-        self.config = config
-        if config.batch_size % dist.world_size:
-            raise ConfigError(f"--batch-size {config.batch_size} is the global batch and must divide evenly "
-                              f"among {dist.world_size} ranks")
-        self.local_batch = config.batch_size // dist.world_size
-        self.precision, precision_warning = resolve_precision(config.precision, self.device)
-        if precision_warning is not None:
-            self._warn(precision_warning)
+        config = self._fit_to_data(config, saved)
         self.model_config = config.make_model_config(
             image_size=self.dataset.image_size, channels=self.dataset.channels,
             num_classes=self.dataset.num_classes if config.class_cond else None)
@@ -222,13 +196,9 @@ class _Trainer:
         if dist.is_main:
             runfolder.rewrite_metrics(self.run_dir, self.step)
 
-        if dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.net: nn.Module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                      else None)
-        else:
-            self.net = self.model
+        # Under DDP the gradients are the all-reduce buckets themselves: they are zeroed, never set to None.
+        self.net: nn.Module = dist_utils.data_parallel(self.model, dist) if dist.distributed else self.model
+        self.grads_set_to_none = not dist.distributed
         autocast = torch.bfloat16 if self.precision == "bf16" else None
         self.model_call = AutocastModel(self.net, autocast)
         # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
@@ -239,6 +209,21 @@ class _Trainer:
             self.labels = self.labels.to(self.device) if self.labels is not None else None
 
     # ----------------------------------------------------------------------------------------- set-up helpers
+    def _fit_to_data(self, config: TrainConfig, saved: dict[str, Any] | None) -> TrainConfig:
+        """Options left to their default choice: a resumed run keeps its saved values, a new one fits the data.
+        Then each rank's share of the batch and the precision this device runs (one warning where bf16 is
+        emulated)."""
+        if saved is not None:
+            config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
+                                               if getattr(config, f) is None and saved["train"].get(f) is not None})
+        self.config = config = config.with_data_defaults(image_size=self.dataset.image_size,
+                                                         num_images=len(self.dataset.images))
+        self.local_batch = dist_utils.split_batch(config.batch_size, self.dist.world_size)
+        self.precision, warning = resolve_precision(config.precision, self.device)
+        if warning is not None:
+            self._warn(warning)
+        return config
+
     def _warn(self, message: str) -> None:
         self._emit("warning", message=message)
 
@@ -438,21 +423,22 @@ class _Trainer:
                              "(try a lower --lr, --grad-clip 1, or --nan-policy skip)")
 
     def _log(self, acc: torch.Tensor, since: float, steps_since: int) -> None:
+        # acc[3] counts steps on every rank, so after the sum it is steps x world size: dividing by it alone gives
+        # the mean of the ranks' per-step means, which is the global batch's mean (every rank holds an equal share).
         acc = dist_utils.all_reduce_sum(self.dist, acc).cpu().double()
         n = max(float(acc[3]), 1.0)
-        world = self.dist.world_size
         now = time.monotonic()
         record: dict[str, Any] = {
             "step": self.step,
-            "loss": float(acc[0]) / n / world,
-            "mse": float(acc[1]) / n / world,
-            "vb": float(acc[2]) / n / world,
+            "loss": float(acc[0]) / n,
+            "mse": float(acc[1]) / n,
+            "vb": float(acc[2]) / n,
         }
         for q in range(4):
             count = float(acc[8 + q])
             record[f"q{q}"] = float(acc[4 + q]) / count if count else None
         record.update({
-            "grad_norm": float(acc[12]) / n / world,
+            "grad_norm": float(acc[12]) / n,
             "lr": self.optimizer.param_groups[0]["lr"],
             "img_per_s": steps_since * self.config.batch_size / max(now - since, 1e-9),
             "elapsed": self.elapsed_before + now - self.t0,
@@ -509,10 +495,9 @@ class _Trainer:
                 losses = compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)
                 per_sample = losses["loss"]
                 loss = (per_sample * weights).mean()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
                 loss.backward()
-                grads = [p.grad for p in self.params if p.grad is not None]
-                total_norm = grad_norm(grads)
+                total_norm = clip_gradients(self.params, c.grad_clip)
                 bad = ~(torch.isfinite(loss) & torch.isfinite(total_norm))
                 step_dev += 1
                 next_step = self.step + 1
@@ -525,12 +510,10 @@ class _Trainer:
                     first_bad = torch.where(bad & (first_bad < 0), step_dev, first_bad)
                 if skip:
                     self.nan_skips += 1
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
                     self._emit("warning", message=f"step {next_step}: non-finite loss, step skipped "
                                                   f"({self.nan_skips} so far)")
                 else:
-                    if c.grad_clip is not None:
-                        _clip_(grads, c.grad_clip, total_norm)
                     self.optimizer.step()
                     self.ema.update(self.model)
                     if self.loss_aware:

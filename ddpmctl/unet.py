@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmctl.config import ModelConfig
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import OptionError  # shapes the options ask for that no U-Net has: exit 2 in the CLI
 
 __all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32", "ResBlock", "AttentionBlock"]
 
 
 def _frequencies(half: int, max_period: float) -> torch.Tensor:
-    """exp(-ln(max_period) k / half), k = 0..half-1 (PAPERS.md convention 17), float32."""
+    """exp(-ln(max_period) k / half), k = 0..half-1 (docs/conventions.md #17), float32."""
     # A real (CPU) tensor also in a network built on the meta device: checkpoint loading assigns the stored
     # weights to such a network, and this table is not stored, so it must already hold its values.
     device = "cpu" if torch.get_default_device().type == "meta" else None
@@ -45,7 +45,7 @@ def _embed(t_scaled: torch.Tensor, freqs: torch.Tensor, dim: int) -> torch.Tenso
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (PAPERS.md convention 17)."""
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (docs/conventions.md #17)."""
     return _embed(t, _frequencies(dim // 2, max_period).to(t.device), dim)
 
 
@@ -167,7 +167,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int) -> None:
         super().__init__()
         if channels % num_heads:
-            raise ConfigError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
+            raise OptionError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
                               "choose --heads dividing every level's channel count")
         self.channels = channels
         self.num_heads = num_heads
@@ -237,18 +237,18 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         levels = len(config.channel_mult)
         if config.image_size % 2 ** (levels - 1):
-            raise ConfigError(f"image size {config.image_size} cannot be halved {levels - 1} times "
+            raise OptionError(f"image size {config.image_size} cannot be halved {levels - 1} times "
                               f"(channel_mult has {levels} levels): use fewer levels or another image size")
         resolutions = {config.image_size // 2**level for level in range(levels)}
         unreached = sorted(set(config.attention_resolutions) - resolutions)
         if unreached:
-            raise ConfigError(f"attention resolution(s) {unreached} never occur in this network "
+            raise OptionError(f"attention resolution(s) {unreached} never occur in this network "
                               f"(its feature maps are {sorted(resolutions, reverse=True)} pixels)")
 
         mc, heads = config.model_channels, config.num_heads
         emb_dim = 4 * mc
         self.num_classes = config.num_classes
-        # Original index -> the reference's 0..1000 time scale (PAPERS.md convention 17, DESIGN "Model call").
+        # Original index -> the reference's 0..1000 time scale (docs/conventions.md #17, "Index spaces").
         self.time_scale = 1000.0 / num_timesteps
         self.register_buffer("freqs", _frequencies(mc // 2, 10000), persistent=False)
 

@@ -13,10 +13,11 @@ import torch
 
 import ddpmctl.train as train_module
 from ddpmctl.build import build_model
-from ddpmctl.checkpoint import load_checkpoint, load_tensors
+from ddpmctl.checkpoint import load_checkpoint
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import ConfigError, TrainingError
 from ddpmctl.train import TrainEvent, train
+from conftest import assert_same, tensors
 
 CPU = torch.device("cpu")
 # A tiny network (about 60k parameters) on the 8x8 digits: a training step takes a few milliseconds.
@@ -31,16 +32,6 @@ def tiny(out: Path, **overrides: object) -> TrainConfig:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_tensors(path)[0]
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_loss_decreases(tmp_path: Path) -> None:

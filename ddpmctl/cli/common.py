@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,9 +28,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=True)  # progress, tables meant for people
 out_console = Console()  # stdout: tables and results
 
-# The command line's spelling of ddpmctl.config's choices (typer lists them in --help and refuses others with
-# exit 2). tests/test_cli_options.py checks that they stay equal to the config's Literals.
-Precision = Literal["auto", "fp32", "bf16"]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

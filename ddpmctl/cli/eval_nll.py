@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ddpmctl.cli.common import (PRECISION_HELP, Precision, console, device_option, guarded, out_console, print_json,
+from ddpmctl.choices import Estimator, PrecisionRequest, Split
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
                                 resolve_device, resolve_precision_option, usage_error)
 
 DEFAULT_MC_TERMS = 64
-Split = Literal["test", "train"]
-Estimator = Literal["exact", "mc"]
 
 
 def _finite(value: float) -> float | None:
@@ -51,6 +50,12 @@ def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, s
         "seed": seed,
         "bits_per_dim": result.mean,
         "stderr": _finite(result.stderr),
+        # Each image's own bits/dim and, for mc, its Monte-Carlo standard error (null when M == 1).
+        "per_image": [
+            {"bits_per_dim": float(bpd),
+             "mc_stderr": _finite(float(result.bpd_stderr[i])) if result.bpd_stderr is not None else None}
+            for i, bpd in enumerate(result.bpd.tolist())
+        ],
         "breakdown": [
             {"term": name, "t_range": list(span) if span is not None else None, "bits_per_dim": mean,
              "stderr": _finite(stderr)}
@@ -126,7 +131,7 @@ def eval_nll_command(
         show_default=f"{DEFAULT_MC_TERMS} with mc")] = None,
     pilot_images: Annotated[int, typer.Option(
         "--pilot-images", min=1, help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
-    precision: Annotated[Precision, typer.Option("--precision", help=PRECISION_HELP + (
+    precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
         " bf16 runs the network under autocast; the bound's arithmetic stays fp64."))] = "auto",
     device: Annotated[str, device_option()] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
@@ -145,9 +150,10 @@ def eval_nll_command(
 
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.data import load_dataset_for
-    from ddpmctl.nll import evaluate_nll
+    from ddpmctl.nll import check_has_bound, evaluate_nll
 
     loaded = load_checkpoint(checkpoint, device=torch_device)
+    check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)
 
     def note(message: str) -> None:

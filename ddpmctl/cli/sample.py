@@ -9,10 +9,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ddpmctl.cli.common import (PRECISION_HELP, Precision, console, device_option, guarded, option_errors,
-                                out_console, print_json, resolve_precision_option,
+from ddpmctl.choices import PrecisionRequest
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, option_errors, out_console, print_json,
+                                resolve_precision_option,
                                 resolve_device)
-from ddpmctl.errors import SamplerError
+from ddpmctl.errors import SamplerError, UnknownSamplerError
 
 _SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
 MAX_IMAGES = 999_999  # the file names have six digits
@@ -75,12 +76,13 @@ def sample_command(
     sampler: Annotated[str, typer.Option("--sampler", "-s", help="Sampler plugin (see `ddpmctl samplers`).")] = "ddim",
     steps: Annotated[Optional[int], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
         "--steps", min=1, help="Network steps, at most the checkpoint's chain.",
-        show_default="the sampler's own: ddim and strided 50 or the whole chain if shorter, ancestral the whole "
-                     "chain")] = None,
-    num: Annotated[int, typer.Option("--num", "-n", min=1, max=MAX_IMAGES, help="Number of images.")] = 64,
+        show_default="the sampler's own: ddim and strided 50, dpmpp-2m 20, or the whole chain if shorter; "
+                     "ancestral the whole chain")] = None,
+    # (--num, --batch-size and --seed are checked by the library: samplers.check_sample_counts.)
+    num: Annotated[int, typer.Option("--num", "-n", max=MAX_IMAGES, help="Number of images.")] = 64,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", "-b", min=1, help="Images per batch (never changes an image).")] = 64,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Image i depends only on (seed, i).")] = 0,
+        "--batch-size", "-b", help="Images per batch (never changes an image).")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Image i depends only on (seed, i).")] = 0,
     option: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007
         "--opt", "-O", metavar="KEY=VALUE", help="Sampler option (repeatable), e.g. -O eta=0.5; `ddpmctl samplers` "
                                                  "lists each sampler's options.", show_default=False)] = None,
@@ -88,7 +90,7 @@ def sample_command(
         "--class", help="Class name or index for a class-conditional model.",
         show_default="drawn per image")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace samples already in --out.")] = False,
-    precision: Annotated[Precision, typer.Option(
+    precision: Annotated[PrecisionRequest, typer.Option(
         "--precision", help=PRECISION_HELP + " bf16 runs the network under autocast (about 1.7x faster on CPUs with "
                             "AVX-512 BF16); the sampler's arithmetic stays fp32.")] = "auto",
     device: Annotated[str, device_option()] = "auto",
@@ -99,10 +101,14 @@ def sample_command(
     class-conditional model)."""
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.images import save_grid, save_npz, save_png
-    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options
+    from ddpmctl.samplers import (SampleProgress, check_sample_counts, generate, get_sampler, parse_options,
+                                  sampling_timesteps)
 
-    with option_errors(SamplerError):  # an unknown sampler or a bad -O option: the command line is wrong
+    with option_errors(SamplerError):  # a bad count: the command line is wrong
+        check_sample_counts(num, batch_size, seed)
+    with option_errors(UnknownSamplerError):  # an unknown name is a bad command line; a broken plugin is not
         sampler_cls = get_sampler(sampler)
+    with option_errors(SamplerError):  # a bad -O option
         options = parse_options(sampler_cls, option or [])
     torch_device = resolve_device(device)
     precision = resolve_precision_option(precision, torch_device)
@@ -114,7 +120,7 @@ def sample_command(
             label = resolve_class(class_label, ckpt.config.model.num_classes,
                                   data.class_names if data is not None else None, checkpoint.name)
         instance = sampler_cls(options)
-        total_steps = instance.num_steps(ckpt, steps)  # bad --steps fails before --out is touched
+        total_steps = len(sampling_timesteps(ckpt, instance, steps))  # bad --steps fails before --out is touched
     created = prepare_out_dir(out, force=force)
     try:
         started = time.perf_counter()

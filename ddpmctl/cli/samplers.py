@@ -23,6 +23,7 @@ def samplers_payload() -> list[dict[str, Any]]:
             row["options"] = describe_options(entry.cls)
         else:
             row["error"] = entry.error
+            row["incompatible"] = entry.incompatible
         rows.append(row)
     return rows
 
@@ -51,5 +52,6 @@ def samplers_command(
                                 for o in row["options"]) or "-"
             table.add_row(row["name"], row["description"], options, row["package"] or "-")
         else:
-            table.add_row(row["name"], f"[red]broken: {row['error']}[/red]", "-", row["package"] or "-")
+            state = "incompatible" if row["incompatible"] else "broken"
+            table.add_row(row["name"], f"[red]{state}: {row['error']}[/red]", "-", row["package"] or "-")
     out_console.print(table)

@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import Precision, console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, NanPolicy, PrecisionRequest, Schedule,
+                             TimestepSamplerName)
+from ddpmctl.cli.common import console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.errors import validation_problem
 
 try:  # Python >= 3.11
     import tomllib
@@ -29,15 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ddpmctl.config import TrainConfig
 
-# The command line's spelling of TrainConfig's choices (tests/test_cli_options.py keeps them equal).
-ColorMode = Literal["auto", "rgb", "gray"]
-Schedule = Literal["cosine", "linear"]
-MeanType = Literal["eps", "x0", "v"]
+# The command line spells the variance types with hyphens (tests/test_cli_options.py keeps them equal to the
+# config's, whose other choices the CLI takes from ddpmctl.choices as they are).
 VarType = Literal["learned-range", "fixed-small", "fixed-large", "learned"]
-LossName = Literal["hybrid", "simple", "vlb"]
-TimestepSampler = Literal["uniform", "loss-second-moment"]
-NanPolicy = Literal["stop", "skip"]
-EmaWarmup = Literal["power", "none"]
 
 # Options whose value is a comma-separated list of integers.
 _INT_LISTS = ("channel_mult", "attention_resolutions")
@@ -128,16 +125,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def _validation_line(err: ValidationError) -> str:
     """The first pydantic problem as one line naming the option."""
-    first = err.errors()[0]
-    message = str(first.get("msg", "invalid value"))
-    message = re.sub(r"^(Value|Assertion) error, ", "", message)
-    loc = first.get("loc") or ()
-    if not loc:
-        return message
-    field = str(loc[0])
-    shown = first.get("input")
-    given = f" (got {shown!r})" if shown is not None and not isinstance(shown, dict) else ""
-    return f"{_flag(field)}: {message[:1].lower() + message[1:]}{given}"
+    return validation_problem(err, lambda loc: _flag(str(loc[0])) if loc else "", show_input=True)
 
 
 def _default_out(data: str) -> str:
@@ -262,7 +250,7 @@ def train_command(
                         ] = "learned-range",
     loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000, simple = L_simple, vlb = "
                                    "rescaled KL.", rich_help_panel=_DIFFUSION)] = "hybrid",
-    timestep_sampler: Annotated[TimestepSampler, _opt("--timestep-sampler", help="How t is drawn.",
+    timestep_sampler: Annotated[TimestepSamplerName, _opt("--timestep-sampler", help="How t is drawn.",
                                                       rich_help_panel=_DIFFUSION)] = "uniform",
     model_channels: Annotated[Optional[int], _opt(  # noqa: UP007
         "--model-channels", help="Base width.", show_default=_SCALED, rich_help_panel=_NETWORK)] = None,
@@ -296,7 +284,7 @@ def train_command(
     grad_clip: Annotated[Optional[float], _opt(  # noqa: UP007
         "--grad-clip", metavar="NORM", help="Clip the global gradient norm (the norm is logged always).",
         show_default="no clipping", rich_help_panel=_OPTIMISATION)] = None,
-    precision: Annotated[Precision, _opt("--precision", help="bf16: autocast for the network; weights, optimizer "
+    precision: Annotated[PrecisionRequest, _opt("--precision", help="bf16: autocast for the network; weights, optimizer "
                                          "and losses stay fp32. auto: bf16 where the device has it natively (CUDA "
                                          "with bf16, a CPU with AVX-512-BF16 or AMX), else fp32.",
                                          rich_help_panel=_OPTIMISATION)] = "auto",
@@ -327,6 +315,8 @@ def train_command(
     from pydantic import ValidationError
 
     from ddpmctl.config import TrainConfig
+    from ddpmctl.distributed import env_world_size, split_batch
+    from ddpmctl.errors import ConfigError
     from ddpmctl.runfolder import saved_train_config
     from ddpmctl.train import train
 
@@ -350,6 +340,11 @@ def train_command(
     except ValidationError as err:
         raise usage_error(_validation_line(err)) from None
 
+    try:  # before any rank joins the process group: every rank stops at once with the same line
+        if config.batch_size is not None:  # (a batch chosen from the data is checked once the data is loaded)
+            split_batch(config.batch_size, env_world_size())
+    except ConfigError as err:
+        raise usage_error(str(err)) from None
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
     show = main_rank and not quiet
     torch_device = resolve_device(device)
