@@ -22,8 +22,8 @@ from torch import nn
 
 EmaWarmup = Literal["power", "none"]
 EMA_WARMUPS: tuple[str, ...] = ("power", "none")
-# k-diffusion / diffusers' exponent for runs up to about a million steps (their recommendation for 3/4 is shorter
-# runs; 2/3 measured better on builtin:digits at 500-2000 steps, see the README).
+# k-diffusion / diffusers' exponent for runs of a million steps or more (3/4 for shorter ones); on builtin:digits
+# after 2,000 steps both measured the same (4.387 and 4.388 bits/dim, README "EMA").
 POWER = 2.0 / 3.0
 
 
