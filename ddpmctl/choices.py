@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 __all__ = ["ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "NanPolicy", "Precision",
-           "Schedule", "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
+           "PrecisionRequest", "EmaWarmup", "Schedule", "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
            "is_learned_variance"]
 
 Schedule = Literal["cosine", "linear"]  # (the default first: --help lists them in this order)
@@ -21,6 +21,9 @@ LossName = Literal["hybrid", "simple", "vlb"]
 TimestepSamplerName = Literal["uniform", "loss-second-moment"]
 NanPolicy = Literal["stop", "skip"]
 Precision = Literal["fp32", "bf16"]
+# What --precision accepts: auto = bf16 where the device computes it natively, else fp32 (ddpmctl.hardware).
+PrecisionRequest = Literal["auto", "fp32", "bf16"]
+EmaWarmup = Literal["power", "none"]  # ddpmctl.ema
 ColorMode = Literal["auto", "rgb", "gray"]
 Split = Literal["test", "train"]
 StudentParam = Literal["v", "x", "both"]

@@ -97,6 +97,5 @@ def resolve_precision(requested: str, device: torch.device | str) -> tuple[Preci
         return ("bf16" if native else "fp32"), None
     if native:
         return "bf16", None
-    what = "this CPU has neither AVX-512-BF16 nor AMX" if device.type == "cpu" else f"{device} lacks native bf16"
-    return "bf16", (f"--precision bf16: {what}, so bf16 is emulated here and runs slower than fp32 "
-                    "(use --precision auto or fp32)")
+    what = "this CPU has no AVX-512-BF16 or AMX" if device.type == "cpu" else f"{device} has no native bf16"
+    return "bf16", f"--precision bf16: {what}, so bf16 is emulated and slower than fp32 (use auto or fp32)"

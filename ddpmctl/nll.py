@@ -25,7 +25,7 @@ import torch
 from ddpmctl.choices import Estimator
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.images import uint8_to_model
-from ddpmctl.inference import MicroBatch, inference_network
+from ddpmctl.inference import MicroBatch, Precision, inference_network
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
@@ -421,12 +421,13 @@ def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, label
                  batch_size: int = 256, estimator: Estimator = "exact", terms: int | None = None, seed: int = 0,
                  pilot_images: int = 4, keep_terms: bool = False,
                  callback: Callable[[NllProgress], None] | None = None, scale_images: bool = True,
-                 micro_batch: MicroBatch = "auto") -> NllResult:
+                 micro_batch: MicroBatch = "auto", precision: Precision = "fp32") -> NllResult:
     """Bits/dim of 8-bit images under a checkpoint's own chain (IDDPM Table 1-2's NLL); see the module docstring.
 
     ``images_uint8``: uint8 [N, C, H, W] (``scale_images=False``: floats already on the 8-bit grid in [-1, 1]).
     ``labels`` are required for a class-conditional model and ignored otherwise. ``micro_batch`` caps the images
     per forward pass ("auto": sized for the CPU, see ddpmctl.inference); it changes results only at float rounding.
+    ``precision`` "bf16" runs the network under bf16 autocast (its outputs, and everything after, stay fp32/fp64).
     """
     check_has_bound(checkpoint)
     model_config = checkpoint.config.model
@@ -447,7 +448,7 @@ def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, label
     device = next(iter(checkpoint.model.parameters())).device
     checkpoint.model.eval()
     network = inference_network(checkpoint.model, device, model_config.image_size, model_config.model_channels,
-                                micro_batch=micro_batch)
+                                micro_batch=micro_batch, precision=precision)
     return evaluate_bound(checkpoint.diffusion, network, x_start.to(device), labels,
                           batch_size=batch_size, estimator=estimator, terms=terms, seed=seed,
                           pilot_images=pilot_images, keep_terms=keep_terms, callback=callback)

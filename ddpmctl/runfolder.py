@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from ddpmctl.checkpoint import write_json_atomic
+from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
 from ddpmctl.fileio import atomic_write
 
@@ -188,7 +189,29 @@ def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, An
     if payload.get("format", layout.format) != layout.format:  # (hand-written settings files may omit it)
         raise ConfigError(f"{path} was not written by this version of ddpmctl (format "
                           f"{str(payload.get('format'))[:40]!r}, expected {layout.format})")
+    if layout is TRAINING:
+        payload["train"] = _with_legacy_values(payload["train"], payload.get("model"))
     return payload
+
+
+# A run folder written before a field existed was trained as these values say: it resumes exactly so.
+_LEGACY_TRAIN_VALUES = {"ema_warmup": "none"}
+# Network-shape options left to the size-scaled defaults (None) by older versions: their saved network decides.
+_LEGACY_MODEL_FIELDS = {"model_channels": "model_channels", "channel_mult": "channel_mult",
+                        "res_blocks": "num_res_blocks", "attention_resolutions": "attention_resolutions"}
+
+
+def _with_legacy_values(train: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Fill fields an older ddpmctl did not save with what that version did (EMA without warm-up; the network it
+    built), so a run folder written before them resumes bit for bit under today's defaults."""
+    train = dict(train)
+    for field, value in _LEGACY_TRAIN_VALUES.items():
+        train.setdefault(field, value)
+    if isinstance(model, dict):
+        for field, model_field in _LEGACY_MODEL_FIELDS.items():
+            if train.get(field) is None and model.get(model_field) is not None:
+                train[field] = model[model_field]
+    return train
 
 
 def saved_train_config(run_dir: Path) -> dict[str, Any]:
@@ -208,7 +231,9 @@ def _show(value: Any) -> str:
 
 def config_differences(saved: dict[str, Any], given: BaseModel,
                        resumable: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
-    """Fields (other than ``resumable``) where ``given`` differs from the saved run, as 'flag (saved, given)'."""
+    """Fields (other than ``resumable``) where ``given`` differs from the saved run, as 'flag (saved, given)'.
+
+    A training option ``given`` leaves to its default choice (None) takes the saved value and is no difference."""
     try:
         saved_config = type(given).model_validate(saved)
     except ValidationError as err:
@@ -218,7 +243,7 @@ def config_differences(saved: dict[str, Any], given: BaseModel,
         if field in resumable:
             continue
         old, new = getattr(saved_config, field), getattr(given, field)
-        if old != new:
+        if old != new and not (new is None and isinstance(given, TrainConfig)):
             diffs.append(f"{_flag(field)} (saved {_show(old)}, given {_show(new)})")
     return diffs
 

@@ -28,6 +28,7 @@ from ddpmctl.config import CheckpointConfig, TrainConfig
 from ddpmctl.data import load_dataset
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
+from ddpmctl.hardware import resolve_precision
 from ddpmctl.inference import AutocastModel
 from ddpmctl.loop import StopSignals, clip_gradients, derive_seed, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
@@ -69,6 +70,7 @@ class TrainResult:
     nan_skips: int
     num_parameters: int
     last_metrics: dict[str, Any] | None = None
+    precision: str = "fp32"  # what --precision resolved to on this device
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,7 +78,7 @@ class TrainResult:
             "ema_checkpoint": str(self.ema_checkpoint), "model_checkpoint": str(self.model_checkpoint),
             "state_file": str(self.state_file), "stop_reason": self.stop_reason, "elapsed": self.elapsed,
             "images_per_s": self.images_per_s, "nan_skips": self.nan_skips,
-            "num_parameters": self.num_parameters, "last_metrics": self.last_metrics,
+            "num_parameters": self.num_parameters, "precision": self.precision, "last_metrics": self.last_metrics,
         }
 
 
@@ -140,7 +142,6 @@ class _Trainer:
         self.run_dir = Path(config.out)
         self.t0 = time.monotonic()
         self.step = 0
-        self.local_batch = dist_utils.split_batch(config.batch_size, dist.world_size)
 
         saved = self._check_run_dir(resume, force)
         # Every rank has looked at the folder before rank 0 writes into it.
@@ -154,6 +155,7 @@ class _Trainer:
                             f"{MIN_IMAGE_SIZE} minimum: pass --image-size 8 (or larger) to upscale them")
         if config.class_cond and not self.dataset.num_classes:
             raise ConfigError(f"--class-cond: {config.data} has no class labels")
+        config = self._fit_to_data(config, saved)
         self.model_config = config.make_model_config(
             image_size=self.dataset.image_size, channels=self.dataset.channels,
             num_classes=self.dataset.num_classes if config.class_cond else None)
@@ -172,7 +174,7 @@ class _Trainer:
         self.diffusion = build_diffusion(self.diffusion_config)
         self.params = list(self.model.parameters())
         self.optimizer = make_optimizer(self.params, config, self.device)
-        self.ema = EMA(self.model, config.ema)
+        self.ema = EMA(self.model, config.ema, config.ema_warmup)
         self.sampler = create_named_schedule_sampler(config.timestep_sampler, self.diffusion)
         # Only a loss-aware sampler needs the per-sample losses (feeding it costs a host sync per step).
         self.loss_aware = config.timestep_sampler != "uniform"
@@ -197,7 +199,7 @@ class _Trainer:
         # Under DDP the gradients are the all-reduce buckets themselves: they are zeroed, never set to None.
         self.net: nn.Module = dist_utils.data_parallel(self.model, dist) if dist.distributed else self.model
         self.grads_set_to_none = not dist.distributed
-        autocast = torch.bfloat16 if config.precision == "bf16" else None
+        autocast = torch.bfloat16 if self.precision == "bf16" else None
         self.model_call = AutocastModel(self.net, autocast)
         # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
         self.images = self.dataset.images
@@ -207,6 +209,21 @@ class _Trainer:
             self.labels = self.labels.to(self.device) if self.labels is not None else None
 
     # ----------------------------------------------------------------------------------------- set-up helpers
+    def _fit_to_data(self, config: TrainConfig, saved: dict[str, Any] | None) -> TrainConfig:
+        """Options left to their default choice: a resumed run keeps its saved values, a new one fits the data.
+        Then each rank's share of the batch and the precision this device runs (one warning where bf16 is
+        emulated)."""
+        if saved is not None:
+            config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
+                                               if getattr(config, f) is None and saved["train"].get(f) is not None})
+        self.config = config = config.with_data_defaults(image_size=self.dataset.image_size,
+                                                         num_images=len(self.dataset.images))
+        self.local_batch = dist_utils.split_batch(config.batch_size, self.dist.world_size)
+        self.precision, warning = resolve_precision(config.precision, self.device)
+        if warning is not None:
+            self._warn(warning)
+        return config
+
     def _warn(self, message: str) -> None:
         self._emit("warning", message=message)
 
@@ -251,7 +268,11 @@ class _Trainer:
                 d / runfolder.state_name(step), d / runfolder.state_json_name(step))
 
     def _lineage(self, step: int, ema: float | None) -> list[dict[str, Any]]:
-        return [{"op": "train", "run": self.run_dir.name, "step": step, "ema": ema, "data": self.config.data}]
+        entry = {"op": "train", "run": self.run_dir.name, "step": step, "ema": ema, "data": self.config.data}
+        if ema is not None:
+            # Which average the weights are (`ddpmctl info` shows it): the warm-up and how many updates it holds.
+            entry.update({"ema_warmup": self.ema.warmup, "ema_updates": self.ema.updates})
+        return [entry]
 
     def _save(self) -> None:
         """Write the EMA checkpoint, the raw weights, the training state; the state JSON last; then prune."""
@@ -299,6 +320,7 @@ class _Trainer:
             "nan_skips": self.nan_skips, "elapsed": self.elapsed_before + time.monotonic() - self.t0,
             "images_seen": step * self.config.batch_size, "world_size": self.dist.world_size,
             "timestep_sampler": self.config.timestep_sampler, "ema_rate": self.config.ema,
+            "ema_warmup": self.ema.warmup, "ema_updates": self.ema.updates,
             "files": {"ema": ema_path.name, "model": model_path.name, "state": state_path.name},
         }
         if digests:
@@ -341,6 +363,8 @@ class _Trainer:
         self.stream.pos, self.stream.epoch = int(meta["data_position"]), int(meta["epoch"])
         self.step = int(meta["step"])
         self.nan_skips = int(meta.get("nan_skips", 0))
+        # Every step that was not skipped updated the EMA (states written before "ema_updates" existed).
+        self.ema.updates = int(meta.get("ema_updates", self.step - self.nan_skips))
         self.elapsed_before = float(meta.get("elapsed", 0.0))
         self.last_saved = self.step
 
@@ -419,6 +443,7 @@ class _Trainer:
             "img_per_s": steps_since * self.config.batch_size / max(now - since, 1e-9),
             "elapsed": self.elapsed_before + now - self.t0,
             "nan_skips": self.nan_skips,
+            "precision": self.precision,
         })
         self.last_metrics = record
         if self.dist.is_main:
@@ -462,7 +487,7 @@ class _Trainer:
         step_dev = torch.full((), self.step, dtype=torch.int64, device=dev)
         log_t0, log_steps = time.monotonic(), 0
         reason: StopReason = "max_steps"
-        self._emit("start", message=f"{self.num_parameters:,} parameters")
+        self._emit("start", message=f"{self.num_parameters:,} parameters, {self.precision}")
         self.model.train()
         with StopSignals() as signals:
             while c.max_steps is None or self.step < c.max_steps:
@@ -519,7 +544,7 @@ class _Trainer:
                            model_checkpoint=model_path, state_file=state_path, stop_reason=reason,
                            elapsed=elapsed, images_per_s=trained * c.batch_size / max(elapsed, 1e-9),
                            nan_skips=self.nan_skips, num_parameters=self.num_parameters,
-                           last_metrics=self.last_metrics)
+                           last_metrics=self.last_metrics, precision=self.precision)
 
 
 def train(config: TrainConfig, *, device: torch.device, resume: bool = False, force: bool = False,

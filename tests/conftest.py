@@ -25,6 +25,15 @@ def _seed_and_threads() -> Iterator[None]:
     torch.set_num_threads(TEST_THREADS)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_without_native_bf16(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precision auto resolves to fp32 in every test, whatever CPU runs the suite (test_hardware probes for real)."""
+    if request.module.__name__.rsplit(".", 1)[-1] != "test_hardware":
+        import ddpmctl.hardware
+
+        monkeypatch.setattr(ddpmctl.hardware, "cpu_native_bf16", lambda: False)
+
+
 @pytest.fixture
 def poison_losses(monkeypatch: pytest.MonkeyPatch) -> Callable[[float, set[int]], None]:
     """``poison_losses(value, calls)``: add ``value`` (nan, inf) to the loss of those 1-based compute_losses calls."""

@@ -66,8 +66,9 @@ def test_table_and_json_agree(digits_ckpt: Path) -> None:
     as_json = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7", "--json", "--quiet")
     assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
     payload = json.loads(as_json.stdout)
-    line = re.search(r"bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+) images, (\d+) terms\)", table.stdout)
+    line = re.search(r"bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+) images, (\d+) terms; fp32\)", table.stdout)
     assert line, table.stdout
+    assert payload["precision"] == "fp32"  # --precision auto on a CPU without native bf16 (conftest)
     assert float(line.group(1)) == round(payload["bits_per_dim"], 4)
     assert float(line.group(2)) == round(payload["stderr"], 4)
     assert (int(line.group(3)), int(line.group(4))) == (4, T)
@@ -89,7 +90,7 @@ def test_mc_estimator(digits_ckpt: Path) -> None:
     assert payload["estimator"] == "mc" and payload["mc_terms"] == 3 and payload["terms_per_image"] == 4
     assert payload["pilot_images"] == 2 and payload["num_terms"] == T
     line = _run(str(digits_ckpt), "-n", "3", "--device", "cpu", "--estimator", "mc", "--terms", "3", "--quiet")
-    assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image)" in line.stdout
+    assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image; fp32)" in line.stdout
 
 
 def test_mc_per_image_error_in_json_and_one_image_is_not_nan(digits_ckpt: Path) -> None:

@@ -118,6 +118,24 @@ def print_json(payload: Any) -> None:
     sys.stdout.flush()
 
 
+PRECISION_HELP = ("auto | fp32 | bf16. auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU "
+                  "with AVX-512-BF16 or AMX), else fp32; bf16 elsewhere is emulated and slower than fp32.")
+
+
+def resolve_precision_option(precision: str, device: "torch.device") -> str:  # noqa: F821
+    """``--precision auto|fp32|bf16`` -> the precision used on ``device`` (fp32 | bf16); exit 2 for another value.
+
+    Where bf16 was asked for on a device that only emulates it, one warning line goes to stderr."""
+    from ddpmctl.hardware import PRECISION_REQUESTS, resolve_precision
+
+    if precision not in PRECISION_REQUESTS:
+        raise usage_error(f"--precision must be one of {', '.join(PRECISION_REQUESTS)}, not {precision!r}")
+    chosen, warning = resolve_precision(precision, device)
+    if warning is not None:
+        typer.echo(f"warning: {warning}", err=True)
+    return chosen
+
+
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto = CUDA when available)."
 
 

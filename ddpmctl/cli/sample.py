@@ -9,8 +9,9 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ddpmctl.choices import Precision
-from ddpmctl.cli.common import (console, device_option, guarded, option_errors, out_console, print_json,
+from ddpmctl.choices import PrecisionRequest
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, option_errors, out_console, print_json,
+                                resolve_precision_option,
                                 resolve_device)
 from ddpmctl.errors import SamplerError, UnknownSamplerError
 
@@ -89,9 +90,9 @@ def sample_command(
         "--class", help="Class name or index for a class-conditional model.",
         show_default="drawn per image")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace samples already in --out.")] = False,
-    precision: Annotated[Precision, typer.Option(
-        "--precision", help="bf16: the network under bf16 autocast (about 1.7x faster on CPUs with AVX-512 BF16; the "
-                            "sampler's arithmetic stays fp32).")] = "fp32",
+    precision: Annotated[PrecisionRequest, typer.Option(
+        "--precision", help=PRECISION_HELP + " bf16 runs the network under autocast (about 1.7x faster on CPUs with "
+                            "AVX-512 BF16); the sampler's arithmetic stays fp32.")] = "auto",
     device: Annotated[str, device_option()] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -110,6 +111,7 @@ def sample_command(
     with option_errors(SamplerError):  # a bad -O option
         options = parse_options(sampler_cls, option or [])
     torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
     ckpt = load_checkpoint(checkpoint, device=torch_device)
     label = None
     with option_errors(SamplerError):  # --class or --steps out of what the checkpoint allows
@@ -160,5 +162,5 @@ def sample_command(
     if json_output:
         print_json(summary)
     elif not quiet:
-        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps) to {out}/ "
+        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps, {precision}) to {out}/ "
                           f"with grid.png and samples.npz in {seconds:.1f}s", highlight=False, soft_wrap=True)
