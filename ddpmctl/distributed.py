@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -181,23 +182,18 @@ def barrier(info: DistInfo) -> None:
 
 def all_reduce_max(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     """Elementwise max over ranks of a small float tensor (stop/NaN flags every rank must agree on)."""
-    if not info.distributed:
-        return values
-    buf = values.to(_comm_device(info), torch.float32).clone()
-    try:
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    except RuntimeError as err:
-        raise _lost_rank("all_reduce", err) from None
-    return buf.to(values.device)
+    return _all_reduce(info, values, dist.ReduceOp.MAX, torch.float32) if info.distributed else values
 
 
 def all_reduce_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (metric accumulators); returns a new tensor on the input's device."""
-    if not info.distributed:
-        return values
-    buf = values.to(_comm_device(info)).clone()
+    return _all_reduce(info, values, dist.ReduceOp.SUM) if info.distributed else values
+
+
+def _all_reduce(info: DistInfo, values: torch.Tensor, op: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    buf = values.to(_comm_device(info), dtype).clone()
     try:
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buf, op=op)
     except RuntimeError as err:
         raise _lost_rank("all_reduce", err) from None
     return buf.to(values.device)
