@@ -32,12 +32,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from ddpmctl import train as train_loop  # noqa: E402
-from ddpmctl.config import TrainConfig  # noqa: E402
+from ddpmctl.build import build_diffusion, build_model  # noqa: E402
+from ddpmctl.config import CheckpointConfig, TrainConfig  # noqa: E402
 from ddpmctl.allocator import tune_malloc  # noqa: E402
 from ddpmctl.ema import EMA  # noqa: E402
 from ddpmctl.hardware import (PLAIN_PATHS, FastPaths, cpu_capability, cpu_native_bf16, fast_paths,  # noqa: E402
                               forced_fast_paths)
 from ddpmctl.inference import AutocastModel, inference_network  # noqa: E402
+from ddpmctl.loop import clip_gradients  # noqa: E402
 from reference_unet import ReferenceUNet, reference_train_step  # noqa: E402
 
 # issue 7's two configs, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
@@ -79,9 +81,11 @@ def build_trainer(config: TrainConfig, *, seed: int = 0, paths: FastPaths | None
     paths = paths or fast_paths(device)
     layout = torch.channels_last if paths.channels_last else torch.contiguous_format
     model_config = config.make_model_config(image_size=32, channels=3, num_classes=None)
-    diffusion = config.make_diffusion_config().build()
+    diffusion_config = config.make_diffusion_config()
+    diffusion = build_diffusion(diffusion_config)
     torch.manual_seed(seed)
-    model = model_config.build().to(device, memory_format=layout)
+    model = build_model(CheckpointConfig(model=model_config, diffusion=diffusion_config))
+    model = model.to(device, memory_format=layout)
     model.train()
     params = list(model.parameters())
     optimizer = train_loop.make_optimizer(params, config, device)
@@ -104,8 +108,7 @@ def build_trainer(config: TrainConfig, *, seed: int = 0, paths: FastPaths | None
             loss = (losses["loss"] * weights).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        train_loop.grad_norm(grads)
+        clip_gradients(params, None)  # the norm train.py logs (no clipping)
         optimizer.step()
         ema.update(model)
         trainer.losses.append(loss.detach())  # read after timing: no host sync inside the step
@@ -118,10 +121,10 @@ def build_trainer(config: TrainConfig, *, seed: int = 0, paths: FastPaths | None
 def build_reference(config: TrainConfig, *, seed: int = 0) -> Callable[[], object]:
     """The reference-style U-Net's training step (benchmarks/reference_unet.py) on the same batch and draws."""
     model_config = config.make_model_config(image_size=32, channels=3, num_classes=None)
-    diffusion = config.make_diffusion_config().build()
+    diffusion = build_diffusion(config.make_diffusion_config())
     torch.manual_seed(seed)
     model = ReferenceUNet(in_channels=3, model_channels=model_config.model_channels,
-                          out_channels=model_config.out_channels, num_res_blocks=model_config.num_res_blocks,
+                          out_channels=2 * model_config.in_channels, num_res_blocks=model_config.num_res_blocks,
                           attention_resolutions=model_config.attention_resolutions, image_size=32,
                           dropout=model_config.dropout, channel_mult=model_config.channel_mult,
                           num_heads=model_config.num_heads)

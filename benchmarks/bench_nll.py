@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig, default_model_shape
 from ddpmctl.data import load_dataset
@@ -26,16 +27,16 @@ from ddpmctl.nll import evaluate_nll, term_noise
 
 def make_checkpoint(folder: Path, timesteps: int) -> LoadedCheckpoint:
     """The default digits model (8x8, 1 channel, learned-range sigma), untrained but with non-zero output layers."""
-    model_config = ModelConfig(image_size=8, in_channels=1, out_channels=2, num_timesteps=timesteps,
+    model_config = ModelConfig(image_size=8, in_channels=1,
                                **default_model_shape(8))  # type: ignore[arg-type]
+    config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=timesteps),
+                              data=DataInfo(source="builtin:digits", image_size=8, channels=1))
     torch.manual_seed(0)
-    network = model_config.build()
+    network = build_model(config)
     with torch.no_grad():  # the zero-initialised output layers would make every term trivially cheap to compare
         for p in network.parameters():
             if not p.any():
                 p.normal_(0.0, 0.05)
-    config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=timesteps),
-                              data=DataInfo(source="builtin:digits", image_size=8, channels=1))
     path = save_checkpoint(folder / "bench.safetensors", network.state_dict(), config, kind="model", lineage=[])
     return load_checkpoint(path)
 

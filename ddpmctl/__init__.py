@@ -14,6 +14,7 @@ from ddpmctl.errors import (
     ConfigError,
     DataError,
     DdpmctlError,
+    OptionError,
     SamplerError,
     TrainingError,
     UnknownSamplerError,
@@ -25,6 +26,8 @@ __version__ = "0.1.0"
 # shadowed by the ``ddpmctl.respace`` submodule once anything has imported it.
 _LAZY: dict[str, tuple[str, str]] = {
     "beta_schedule": ("ddpmctl.schedules", "beta_schedule"),
+    "build_diffusion": ("ddpmctl.build", "build_diffusion"),
+    "build_model": ("ddpmctl.build", "build_model"),
     "GaussianDiffusion": ("ddpmctl.diffusion", "GaussianDiffusion"),
     "respace_diffusion": ("ddpmctl.respace", "respace"),
     "space_timesteps": ("ddpmctl.respace", "space_timesteps"),
@@ -42,10 +45,16 @@ _LAZY: dict[str, tuple[str, str]] = {
     "SampleRNG": ("ddpmctl.samplers", "SampleRNG"),
     "SampleProgress": ("ddpmctl.samplers", "SampleProgress"),
     "StepInfo": ("ddpmctl.samplers", "StepInfo"),
+    "StepCallback": ("ddpmctl.samplers", "StepCallback"),
+    "API_VERSION": ("ddpmctl.samplers", "API_VERSION"),
+    "sampling_timesteps": ("ddpmctl.samplers", "sampling_timesteps"),
+    "Denoiser": ("ddpmctl.denoiser", "Denoiser"),
+    "Prediction": ("ddpmctl.denoiser", "Prediction"),
+    "CLEAN": ("ddpmctl.denoiser", "CLEAN"),
     "available_samplers": ("ddpmctl.samplers", "available_samplers"),
     "get_sampler": ("ddpmctl.samplers", "get_sampler"),
     "choose_timesteps": ("ddpmctl.samplers", "choose_timesteps"),
-    "student_predict_xstart": ("ddpmctl.distill", "student_predict_xstart"),
+    "student_predict_xstart": ("ddpmctl.denoiser", "student_predict_xstart"),
 }
 
 __all__ = [
@@ -54,6 +63,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "OptionError",
     "SamplerError",
     "TrainingError",
     "UnknownSamplerError",

@@ -17,9 +17,9 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 import struct
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,8 +31,10 @@ import torch
 from pydantic import ValidationError
 
 import ddpmctl
+from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.config import CheckpointConfig
-from ddpmctl.errors import CheckpointError
+from ddpmctl.errors import CheckpointError, validation_problem
+from ddpmctl.fileio import atomic_write
 from ddpmctl.hardware import memory_format
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -109,7 +111,7 @@ class LoadedCheckpoint:
     kind: str
     lineage: list[dict[str, Any]]
     created_with: str
-    model: nn.Module  # the UNetModel (inside generate(): an InferenceNetwork wrapping it)
+    model: nn.Module  # the UNetModel
     diffusion: GaussianDiffusion
     num_parameters: int
     sha256: str = field(repr=False)
@@ -119,61 +121,16 @@ class LoadedCheckpoint:
 # Atomic writes
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); platforms that cannot open directories simply skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Callable[[Path], None], *, what: str) -> Path:
-    """Write via ``write(tmp)`` into a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    A crash or a failing write never leaves a half-written file under the final name: the old file stays.
-    """
+    """fileio.atomic_write with one-line CheckpointErrors that say whether a previous file is untouched."""
     path = Path(path)
-    existed = path.exists()
-    untouched = f"the previous {what} is untouched" if existed else f"no {what} was written"
+    untouched = f"the previous {what} is untouched" if path.exists() else f"no {what} was written"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CheckpointError(f"could not write {path}: {err.strerror or err}; {untouched}") from None
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        # O_EXCL: never follow or clobber something already there; mode 0o666 lets the umask decide, as open() does.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        os.close(fd)
-        write(tmp)
-        # safetensors re-creates the file owner-only; give it the mode an ordinary open() would have.
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        return atomic_write(path, write)
     except (OSError, safetensors.SafetensorError) as err:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise CheckpointError(f"could not write {path}: {reason}; {untouched}") from None
-    except BaseException:
-        # A bug or Ctrl-C mid-write: still never leave the temporary file behind.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -231,26 +188,16 @@ def _check_consistency(config: CheckpointConfig, kind: str) -> str | None:
     """Cross-field problems a config can have although each field validates; None when consistent."""
     if kind not in KINDS:
         return f"kind {kind!r} is not one of {', '.join(KINDS)}"
-    model, diffusion = config.model, config.diffusion
-    if model.num_timesteps != diffusion.timesteps:
-        return (f"config.model.num_timesteps ({model.num_timesteps}) differs from config.diffusion.timesteps "
-                f"({diffusion.timesteps})")
-    if kind == "student":
-        if config.student is None:
-            return "kind is student but config.student is missing"
-    else:
-        if config.student is not None:
-            return f"kind is {kind} but config.student is set (only student checkpoints have one)"
-        expected = model.in_channels * (2 if diffusion.learned_sigma else 1)
-        if model.out_channels != expected:
-            return (f"config.model.out_channels is {model.out_channels} but var_type {diffusion.var_type} with "
-                    f"{model.in_channels} input channel(s) needs {expected}")
+    if kind == "student" and config.student is None:
+        return "kind is student but config.student is missing"
+    if kind != "student" and config.student is not None:
+        return f"kind is {kind} but config.student is set (only student checkpoints have one)"
     return None
 
 
 def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
                     config: CheckpointConfig, *, kind: str, lineage: list[dict[str, Any]]) -> Path:
-    """Atomically write a ddpmctl checkpoint (DESIGN.md "The checkpoint format"); returns the path."""
+    """Atomically write a ddpmctl checkpoint (docs/design.md "The checkpoint format"); returns the path."""
     problem = _check_consistency(config, kind)
     if problem is not None:
         raise ValueError(f"refusing to write an inconsistent checkpoint: {problem}")
@@ -276,9 +223,30 @@ class _Header:
     file_size: int
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    """A torch.save file: a zip archive (PK magic) or a bare pickle (protocol opcode 0x80, protocol 2..5)."""
-    return head.startswith(b"PK\x03\x04") or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+def _foreign_kind(path: Path, head: bytes) -> str | None:
+    """What a file that is not a safetensors file is, when its first bytes tell: an honest error names it.
+
+    A torch.save file is a zip archive holding ``data.pkl`` or a bare pickle (opcode 0x80, protocol 2..5); an
+    ``.npz`` (such as ``ddpmctl sample``'s samples.npz) is a zip archive of ``.npy`` arrays.
+    """
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (OSError, zipfile.BadZipFile, ValueError):
+            names = []
+        if names and all(name.endswith(".npy") for name in names):
+            return "is a NumPy .npz archive (e.g. samples from `ddpmctl sample`), not a checkpoint"
+        if names and not any(name.endswith(".pkl") for name in names):
+            return "is a zip archive, not a checkpoint"
+        return _PICKLE_HINT
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return _PICKLE_HINT
+    if head.startswith(b"\x93NUMPY"):
+        return "is a NumPy .npy array, not a checkpoint"
+    if head.startswith(b"\x89PNG"):
+        return "is a PNG image, not a checkpoint"
+    return None
 
 
 def _check_path(path: Path) -> os.stat_result:
@@ -325,13 +293,13 @@ def _read_header(path: Path) -> _Header:
         with open(path, "rb") as handle:
             head = handle.read(8)
             if len(head) < 8:
-                if _looks_like_pickle(head):
-                    raise CheckpointError(f"{path} {_PICKLE_HINT}")
+                if (kind := _foreign_kind(path, head)) is not None:
+                    raise CheckpointError(f"{path} {kind}")
                 raise CheckpointError(f"{not_safetensors} (only {size} bytes)")
             (length,) = struct.unpack("<Q", head)
             if length < 2 or length > MAX_HEADER_BYTES or length > size - 8:
-                if _looks_like_pickle(head):
-                    raise CheckpointError(f"{path} {_PICKLE_HINT}")
+                if (kind := _foreign_kind(path, head)) is not None:
+                    raise CheckpointError(f"{path} {kind}")
                 first = handle.read(1)
                 if first == b"{" and 2 <= length <= MAX_HEADER_BYTES:
                     # A plausible header that runs past the end of the file: cut off during a copy or write.
@@ -344,8 +312,8 @@ def _read_header(path: Path) -> _Header:
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
-        if _looks_like_pickle(head):
-            raise CheckpointError(f"{path} {_PICKLE_HINT}") from None
+        if (kind := _foreign_kind(path, head)) is not None:
+            raise CheckpointError(f"{path} {kind}") from None
         raise CheckpointError(f"{not_safetensors} (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{not_safetensors} (its header is not a JSON object)")
@@ -376,13 +344,6 @@ def _read_header(path: Path) -> _Header:
     return _Header(metadata, tensors, offsets, size)
 
 
-def _first_validation_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
-    message = " ".join(str(first.get("msg", "invalid")).split())
-    return f"config.{where}: {message}" if where != "(top level)" else f"config: {message}"
-
-
 def _short(value: str, limit: int = 40) -> str:
     """A quoted, single-line excerpt of an untrusted string for an error message."""
     text = value if len(value) <= limit else value[:limit] + "..."
@@ -393,7 +354,7 @@ _FORMAT_RE = re.compile(r"^ddpmctl/(\d{1,9})$")
 
 
 def _validate_metadata(path: Path, metadata: dict[str, str] | None) -> tuple[CheckpointConfig, str, list, str]:
-    """format, kind, config, lineage, created_with -> validated values (DESIGN.md "The checkpoint format")."""
+    """format, kind, config, lineage, created_with -> validated values (docs/design.md "The checkpoint format")."""
     if not metadata or "format" not in metadata:
         raise CheckpointError(f"{path} has no ddpmctl metadata: was it written by ddpmctl?")
     fmt = metadata["format"]
@@ -414,7 +375,8 @@ def _validate_metadata(path: Path, metadata: dict[str, str] | None) -> tuple[Che
     except ValidationError as err:
         if any(e.get("type") == "json_invalid" for e in err.errors()):
             raise CheckpointError(f"{path}: config metadata is not valid JSON") from None
-        raise CheckpointError(f"{path}: invalid {_first_validation_problem(err)}") from None
+        problem = validation_problem(err, lambda loc: ".".join(map(str, ("config", *loc))))
+        raise CheckpointError(f"{path}: invalid {problem}") from None
     problem = _check_consistency(config, kind)
     if problem is not None:
         raise CheckpointError(f"{path}: inconsistent config: {problem}")
@@ -442,8 +404,9 @@ def _names(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def _expected_state(path: Path, config: CheckpointConfig, header: _Header) -> dict[str, torch.Tensor]:
-    """The state dict the config's network has, built on the meta device (no memory, no weights)."""
+def _meta_network(path: Path, config: CheckpointConfig, header: _Header) -> nn.Module:
+    """The config's network on the meta device: its state dict's names, shapes and dtypes, without memory. The
+    stored weights are later assigned to it, so the network is built once and nothing is initialised in vain."""
     model_cfg = config.model
     # Each residual block holds several tensors: a config asking for more blocks than the file has tensors cannot
     # match, and refusing it here keeps a hostile config from making us build an enormous module tree.
@@ -451,9 +414,7 @@ def _expected_state(path: Path, config: CheckpointConfig, header: _Header) -> di
         raise CheckpointError(f"{path}: the config describes a network with more blocks than the file has "
                               f"tensors ({len(header.tensors)})")
     try:
-        with torch.device("meta"):
-            model = model_cfg.build()
-        return dict(model.state_dict())
+        return build_model(config, device="meta")
     except CheckpointError:
         raise
     except Exception as err:  # untrusted config values the network code rejects
@@ -503,7 +464,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     path = Path(path)
     header = _read_header(path)
     config, kind, lineage, created_with = _validate_metadata(path, header.metadata)
-    expected = _expected_state(path, config, header)
+    model = _meta_network(path, config, header)
+    expected = dict(model.state_dict())
     _check_tensors(path, header, expected)
     state = _read_tensors(path, list(expected))
     for name, tensor in state.items():
@@ -511,15 +473,14 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
             # fp16/bf16 weights (e.g. from a half-precision export) are cast up to the network's dtype.
             state[name] = tensor.to(expected[name].dtype)
     try:
-        model = config.model.build()
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=True)
     except Exception as err:  # shapes were checked above; this is a last line of defence for untrusted files
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"{path}: weights do not fit the config's network: {message}") from None
     # channels_last where it wins (hardware.fast_paths): oneDNN's convolutions run fastest in it.
     model.eval().to(device, memory_format=memory_format(device))
     try:
-        diffusion = config.diffusion.build()
+        diffusion = build_diffusion(config.diffusion)
     except (ValueError, RuntimeError) as err:
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"{path}: config.diffusion does not build: {message}") from None

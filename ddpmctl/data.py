@@ -28,16 +28,17 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ddpmctl.config import DataInfo
+from ddpmctl.choices import ColorMode, Split
+from ddpmctl.config import DataInfo, ModelConfig
 from ddpmctl.errors import ConfigError, DataError
 
-__all__ = ["BUILTIN_DATASETS", "IMAGE_EXTENSIONS", "ImageDataset", "load_dataset"]
+__all__ = ["BUILTIN_DATASETS", "IMAGE_EXTENSIONS", "ImageDataset", "load_dataset", "load_dataset_for"]
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 # The only decoders Pillow may use (JPEG includes camera multi-picture files). Restricting them keeps exotic or
@@ -53,8 +54,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "test = index % 5 == 0 (360), train = the rest (1,437)",
 }
 
-Split = Literal["train", "test"]
-Color = Literal["auto", "rgb", "gray"]
+Color = ColorMode
 
 
 @dataclass
@@ -143,6 +143,23 @@ def load_dataset(
     if source.startswith("builtin:"):
         return _load_builtin(source, image_size, color, class_cond, split, warn)
     return _load_folder(source, image_size, color, class_cond, skip_bad_images, warn)
+
+
+def load_dataset_for(model: ModelConfig, source: str, *, split: Split = "train",
+                     on_warning: Callable[[str], None] | None = None) -> ImageDataset:
+    """``source`` as the network ``model`` takes it (its size; gray for 1 channel, RGB for 3; labels when it is
+    class-conditional). DataError when the images or classes cannot fit the network."""
+    if model.in_channels not in (1, 3):
+        raise DataError(f"the model takes {model.in_channels}-channel images; datasets are 1 or 3 channels")
+    dataset = load_dataset(source, image_size=model.image_size, color="gray" if model.in_channels == 1 else "rgb",
+                           class_cond=model.num_classes is not None, split=split, on_warning=on_warning)
+    if dataset.channels != model.in_channels or dataset.image_size != model.image_size:
+        raise DataError(f"{source} gives {dataset.channels}-channel {dataset.image_size}px images but the model takes "
+                        f"{model.in_channels}-channel {model.image_size}px")
+    if model.num_classes is not None and dataset.num_classes != model.num_classes:
+        raise DataError(f"the model is conditioned on {model.num_classes} classes but {source} has "
+                        f"{dataset.num_classes or 'no class labels'}")
+    return dataset
 
 
 def _default_warning(message: str) -> None:
@@ -381,9 +398,9 @@ def _raise_all_bad(root: str, count: int, first: str) -> NoReturn:
     raise DataError(f"{_show(root)} has no readable images: all {count} image files are bad (first: {first})")
 
 
-def _load_folder(
-    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None]
-) -> ImageDataset:
+def _image_files(root: str) -> list[str]:
+    """The image files under the folder ``root`` (relative paths); DataError when there is no such folder or no
+    image in it."""
     try:
         st = os.stat(root)
     except FileNotFoundError:
@@ -392,7 +409,6 @@ def _load_folder(
         raise DataError(f"cannot read {_show(root)}: {_one_line(err.strerror or err)}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise DataError(f"{_show(root)} is a file, not a folder: expected a folder of images or builtin:NAME")
-
     rel_paths, ignored = _list_folder(root)
     if not rel_paths:
         if ignored == 0:
@@ -401,6 +417,28 @@ def _load_folder(
             f"{_show(root)} has no image files (looked for {', '.join(IMAGE_EXTENSIONS)}); "
             f"{ignored} other file{'s' if ignored != 1 else ''} ignored"
         )
+    return rel_paths
+
+
+def _choose_size(root: str, probed: list[tuple[int, tuple[int, int, bool]]], image_size: int | None,
+                 warn: Callable[[str], None]) -> int:
+    """``image_size``, or else the smallest short side of the probed (width, height, gray) headers."""
+    if image_size is not None:
+        return int(image_size)
+    sizes = {(w, h) for _, (w, h, _g) in probed}
+    size = min(min(w, h) for _, (w, h, _g) in probed)
+    if not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1]):
+        warn(
+            f"images in {_show(root)} have different sizes or are not square: using {size}x{size} "
+            f"(the smallest short side); set the image size to choose another"
+        )
+    return size
+
+
+def _load_folder(
+    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None]
+) -> ImageDataset:
+    rel_paths = _image_files(root)
     labels_all, class_names = _class_labels(root, rel_paths) if class_cond else (None, None)
 
     skipped: list[str] = []
@@ -424,17 +462,7 @@ def _load_folder(
     if not probed:
         _raise_all_bad(root, len(rel_paths), first_reason[0])
 
-    short_sides = [min(w, h) for _, (w, h, _g) in probed]
-    if image_size is None:
-        sizes = {(w, h) for _, (w, h, _g) in probed}
-        size = min(short_sides)
-        if not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1]):
-            warn(
-                f"images in {_show(root)} have different sizes or are not square: using {size}x{size} "
-                f"(the smallest short side); set the image size to choose another"
-            )
-    else:
-        size = int(image_size)
+    size = _choose_size(root, probed, image_size, warn)
     channels = {"gray": 1, "rgb": 3}.get(color) or (1 if all(g for _, (_w, _h, g) in probed) else 3)
 
     # Pass 2: decode, convert and resize each image straight into one preallocated array.

@@ -21,7 +21,8 @@ from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16"]
+from ddpmctl.choices import Precision
+
 PrecisionRequest = Literal["auto", "fp32", "bf16"]
 PRECISION_REQUESTS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
@@ -99,9 +100,8 @@ def resolve_precision(requested: str, device: torch.device | str) -> tuple[Preci
         return ("bf16" if native else "fp32"), None
     if native:
         return "bf16", None
-    what = "this CPU has neither AVX-512-BF16 nor AMX" if device.type == "cpu" else f"{device} lacks native bf16"
-    return "bf16", (f"--precision bf16: {what}, so bf16 is emulated here and runs slower than fp32 "
-                    "(use --precision auto or fp32)")
+    what = "this CPU has no AVX-512-BF16 or AMX" if device.type == "cpu" else f"{device} has no native bf16"
+    return "bf16", f"--precision bf16: {what}, so bf16 is emulated and slower than fp32 (use auto or fp32)"
 
 
 # ------------------------------------------------------------------------------------------ fast paths per machine

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
@@ -12,6 +11,8 @@ from typing import IO
 import numpy as np
 import torch
 from PIL import Image
+
+from ddpmctl.fileio import atomic_write
 
 __all__ = ["uint8_to_model", "model_to_uint8", "save_png", "make_grid", "save_grid", "save_npz"]
 
@@ -51,27 +52,15 @@ def _to_pil(img_chw: torch.Tensor) -> Image.Image:
 
 
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through ``write(file)`` into a temporary file beside ``path``, fsync, then rename onto ``path``.
-
-    The rename is atomic on POSIX and Windows, so a crash never leaves a half-written file under the final name.
-    """
+    """Write through ``write(file)`` atomically (``fileio.atomic_write``): never a half-written file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Never leave the temporary file behind, whatever interrupted the write.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return atomic_write(path, fill)
 
 
 def save_png(path: str | os.PathLike[str], img_uint8_chw: torch.Tensor) -> Path:
@@ -117,17 +106,16 @@ def save_grid(path: str | os.PathLike[str], images_uint8_nchw: torch.Tensor, nro
 def save_npz(path: str | os.PathLike[str], images_uint8_nchw: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
     """Write a batch as an .npz like improved-diffusion's image_sample.py, atomically; returns the path.
 
-    Keys: ``arr_0`` (uint8 NHWC, what the reference and its evaluators read) and ``images`` (the same array),
-    plus ``labels`` (int64 [N]) and its reference alias ``arr_1`` when labels are given.
-    Only plain numeric arrays, uncompressed: ``np.load(path, allow_pickle=False)`` reads it.
+    Keys as the reference writes them: ``arr_0`` (the images once, uint8 NHWC, what its evaluators read) and, when
+    labels are given, ``arr_1`` (int64 [N]). Only plain numeric arrays, uncompressed:
+    ``np.load(path, allow_pickle=False)`` reads it.
     """
     _check_uint8_images(images_uint8_nchw, 4, "save_npz")
     nhwc = images_uint8_nchw.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
-    arrays: dict[str, np.ndarray] = {"arr_0": nhwc, "images": nhwc}
+    arrays: dict[str, np.ndarray] = {"arr_0": nhwc}
     if labels is not None:
         label_array = torch.as_tensor(labels).detach().cpu().to(torch.int64).numpy()
         if label_array.shape != (nhwc.shape[0],):
             raise ValueError(f"labels must have shape [{nhwc.shape[0]}], got {tuple(label_array.shape)}")
         arrays["arr_1"] = label_array
-        arrays["labels"] = label_array
     return _atomic_write(path, lambda f: np.savez(f, **arrays))

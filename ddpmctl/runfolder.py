@@ -1,34 +1,69 @@
-"""The training run folder: file names, complete saves, pruning (--keep), the saved config and metrics.jsonl.
+"""Run folders (``--out``) of training and distillation: which files belong to a run, whether a folder may be used
+(``--resume`` / ``--force``), the saved settings a resume must match, and for training its saves, pruning (--keep)
+and metrics.jsonl.
 
-Layout: ``config.json``, ``metrics.jsonl``, and per save at step N the triplet ``ema_{rate}_{N:06d}.safetensors``,
-``model_{N:06d}.safetensors``, ``state_{N:06d}.safetensors`` plus ``state_{N:06d}.json``. The JSON is written last,
-so a save is complete exactly when its JSON exists; deleting starts with the JSON for the same reason.
+Training (:data:`TRAINING`): ``config.json``, ``metrics.jsonl``, and per save at step N the triplet
+``ema_{rate}_{N:06d}.safetensors``, ``model_{N:06d}.safetensors``, ``state_{N:06d}.safetensors`` plus
+``state_{N:06d}.json``. The JSON is written last, so a save is complete exactly when its JSON exists; deleting
+starts with the JSON for the same reason. Distillation (:data:`DISTILLATION`): ``distill.json``,
+``state_{N}.safetensors`` (an unfinished stage), ``student_{N}.safetensors``, ``report.json``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from ddpmctl.checkpoint import write_json_atomic
 from ddpmctl.config import TrainConfig
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
+from ddpmctl.fileio import atomic_write
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 _STEP_FILE = re.compile(r"^(?:ema_[^_]+|model|state)_(\d+)\.(?:safetensors|json)$")
 _STATE_JSON = re.compile(r"^state_(\d+)\.json$")
-# checkpoint._atomic_write's temporary files (".<final name>.<pid>.<hex>.tmp"), left behind only by a killed writer.
-_STEP_TMP = re.compile(r"^\.(?:(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)|config\.json)\.\d+\.[0-9a-f]+\.tmp$")
 # safetensors (0.8 here) itself writes through a ".tmpXXXXXX" file beside its target (Rust's tempfile crate), which a
 # kill in the middle of save_file leaves behind as well.
 _SAFETENSORS_TMP = re.compile(r"^\.tmp[A-Za-z0-9]{6}$")
 
-# Options that only steer this invocation: they may change on --resume without changing what is trained.
-RESUMABLE_FIELDS = frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy"})
+
+@dataclass(frozen=True)
+class RunLayout:
+    """One kind of run folder: what it is called in messages, the settings file that marks it (written first, read
+    by ``--resume``), the key of the settings in that file, and the names of the files that belong to the run."""
+
+    what: str
+    format: str
+    config_file: str
+    section: str
+    files: str  # a regular expression for the run's file names (without anchors)
+    # Settings that only steer one invocation: they may change on --resume without changing the result.
+    resumable: frozenset[str]
+
+    def owns(self, name: str) -> bool:
+        return re.fullmatch(self.files, name) is not None
+
+    def is_temp_file(self, name: str) -> bool:
+        """checkpoint._atomic_write's ".<final name>.<pid>.<hex>.tmp", left behind only by a killed writer."""
+        return re.fullmatch(rf"\.(?:{self.files})\.\d+\.[0-9a-f]+\.tmp", name) is not None
+
+
+TRAINING = RunLayout(
+    what="training run", format="ddpmctl-run/1", config_file=CONFIG_FILE, section="train",
+    files=r"config\.json|metrics\.jsonl|(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)",
+    resumable=frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy"}))
+DISTILLATION = RunLayout(
+    what="distillation run", format="ddpmctl-distill/1", config_file="distill.json", section="config",
+    files=r"distill\.json|report\.json|(?:state|student)_\d+\.safetensors",
+    # (The teacher checkpoint is compared by its sha256, not by how its path was spelled.)
+    resumable=frozenset({"checkpoint", "out", "save_every"}))
+RESUMABLE_FIELDS = TRAINING.resumable
 
 
 def ema_name(rate: float, step: int) -> str:
@@ -55,11 +90,30 @@ def complete_saves(run_dir: Path) -> list[int]:
     return sorted(steps)
 
 
-def holds_run(run_dir: Path) -> bool:
-    """Whether the folder already holds (part of) a training run."""
+def holds_run(run_dir: Path, layout: RunLayout = TRAINING) -> bool:
+    """Whether the folder already holds (part of) a run of this kind."""
     if not run_dir.is_dir():
         return False
-    return any(p.name in (CONFIG_FILE, METRICS_FILE) or _STEP_FILE.match(p.name) for p in run_dir.iterdir())
+    return any(layout.owns(p.name) for p in run_dir.iterdir())
+
+
+def check_run_dir(run_dir: Path, layout: RunLayout, given: BaseModel, *, resume: bool,
+                  force: bool) -> dict[str, Any] | None:
+    """Refuse to mix runs: on ``resume`` return the saved settings file after checking ``given`` matches it; else
+    refuse a folder that holds a run unless ``force`` (the caller then clears it with :func:`clear_run`)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a folder")
+    if resume:
+        saved = read_run_config(run_dir, layout)
+        diffs = config_differences(saved[layout.section], given, layout.resumable)
+        if diffs:
+            raise ConfigError(f"cannot resume {run_dir}: its config differs in " + "; ".join(diffs)
+                              + " (omit these options to keep the saved values)")
+        return saved
+    if holds_run(run_dir, layout) and not force:
+        raise ConfigError(f"{run_dir} already holds a {layout.what}: use --resume to continue it, "
+                          "--force to delete it and start over, or another --out")
+    return None
 
 
 def _unlink(path: Path) -> None:
@@ -69,10 +123,11 @@ def _unlink(path: Path) -> None:
         pass
 
 
-def clear_run(run_dir: Path) -> None:
-    """Delete a previous run's files (``--force``): state JSONs first, so no half-deleted save looks complete."""
-    files = [p for p in run_dir.iterdir() if _STEP_FILE.match(p.name) or p.name in (CONFIG_FILE, METRICS_FILE)]
-    for path in sorted(files, key=lambda p: not p.name.endswith(".json") or p.name == CONFIG_FILE):
+def clear_run(run_dir: Path, layout: RunLayout = TRAINING) -> None:
+    """Delete a previous run's files (``--force``): JSONs first, so no half-deleted save looks complete, and the
+    settings file last."""
+    files = [p for p in run_dir.iterdir() if layout.owns(p.name)]
+    for path in sorted(files, key=lambda p: not p.name.endswith(".json") or p.name == layout.config_file):
         _unlink(path)
 
 
@@ -95,33 +150,68 @@ def prune(run_dir: Path, keep: int) -> list[int]:
     return sorted(doomed)
 
 
-def remove_temp_files(run_dir: Path) -> list[str]:
+def remove_temp_files(run_dir: Path, layout: RunLayout = TRAINING) -> list[str]:
     """Delete the temporary files of killed writers (never complete, never read); returns their names."""
     if not run_dir.is_dir():
         return []
-    removed = [p for p in run_dir.iterdir() if _STEP_TMP.match(p.name) or _SAFETENSORS_TMP.match(p.name)
+    # (metrics.jsonl.tmp: the metrics rewrite of ddpmctl 0.1, before it went through fileio.atomic_write.)
+    removed = [p for p in run_dir.iterdir() if layout.is_temp_file(p.name) or _SAFETENSORS_TMP.match(p.name)
                or p.name == METRICS_FILE + ".tmp"]
     for path in removed:
         _unlink(path)
     return sorted(p.name for p in removed)
 
 
-def write_run_config(run_dir: Path, payload: dict[str, Any]) -> None:
-    write_json_atomic(run_dir / CONFIG_FILE, payload)
+def read_json(path: Path) -> Any:
+    """A JSON file of a run folder (CheckpointError, one line, when it cannot be read)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
 
 
-def read_run_config(run_dir: Path) -> dict[str, Any]:
-    """The saved ``config.json`` of a run folder (ConfigError when absent or unreadable)."""
-    path = run_dir / CONFIG_FILE
+def write_run_config(run_dir: Path, payload: dict[str, Any], layout: RunLayout = TRAINING) -> None:
+    """Write the settings file (``payload`` gets the layout's ``format``)."""
+    write_json_atomic(run_dir / layout.config_file, {"format": layout.format, **payload})
+
+
+def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, Any]:
+    """The saved settings file of a run folder (ConfigError when absent, unreadable or of another kind)."""
+    path = run_dir / layout.config_file
     try:
         payload = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{run_dir} holds no training run to resume (no {CONFIG_FILE})") from None
+        raise ConfigError(f"{run_dir} holds no {layout.what} to resume (no {layout.config_file})") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"{path} cannot be read: {err}") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("train"), dict):
-        raise ConfigError(f"{path} is not a ddpmctl run config (no 'train' section)")
+    if not isinstance(payload, dict) or not isinstance(payload.get(layout.section), dict):
+        raise ConfigError(f"{path} is not a ddpmctl {layout.what} config (no '{layout.section}' section)")
+    if payload.get("format", layout.format) != layout.format:  # (hand-written settings files may omit it)
+        raise ConfigError(f"{path} was not written by this version of ddpmctl (format "
+                          f"{str(payload.get('format'))[:40]!r}, expected {layout.format})")
+    if layout is TRAINING:
+        payload["train"] = _with_legacy_values(payload["train"], payload.get("model"))
     return payload
+
+
+# A run folder written before a field existed was trained as these values say: it resumes exactly so.
+_LEGACY_TRAIN_VALUES = {"ema_warmup": "none"}
+# Network-shape options left to the size-scaled defaults (None) by older versions: their saved network decides.
+_LEGACY_MODEL_FIELDS = {"model_channels": "model_channels", "channel_mult": "channel_mult",
+                        "res_blocks": "num_res_blocks", "attention_resolutions": "attention_resolutions"}
+
+
+def _with_legacy_values(train: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Fill fields an older ddpmctl did not save with what that version did (EMA without warm-up; the network it
+    built), so a run folder written before them resumes bit for bit under today's defaults."""
+    train = dict(train)
+    for field, value in _LEGACY_TRAIN_VALUES.items():
+        train.setdefault(field, value)
+    if isinstance(model, dict):
+        for field, model_field in _LEGACY_MODEL_FIELDS.items():
+            if train.get(field) is None and model.get(model_field) is not None:
+                train[field] = model[model_field]
+    return train
 
 
 def saved_train_config(run_dir: Path) -> dict[str, Any]:
@@ -139,18 +229,21 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def config_differences(saved: dict[str, Any], given: TrainConfig) -> list[str]:
-    """Fields (other than RESUMABLE_FIELDS) where ``given`` differs from the saved run, as 'flag saved -> given'."""
+def config_differences(saved: dict[str, Any], given: BaseModel,
+                       resumable: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
+    """Fields (other than ``resumable``) where ``given`` differs from the saved run, as 'flag (saved, given)'.
+
+    A training option ``given`` leaves to its default choice (None) takes the saved value and is no difference."""
     try:
-        saved_config = TrainConfig.model_validate(saved)
-    except ValueError as err:
-        raise ConfigError(f"the saved run config is invalid: {str(err).splitlines()[0]}") from None
+        saved_config = type(given).model_validate(saved)
+    except ValidationError as err:
+        raise ConfigError(f"the saved run config is invalid: {validation_problem(err)}") from None
     diffs = []
-    for field in TrainConfig.model_fields:
-        if field in RESUMABLE_FIELDS:
+    for field in type(given).model_fields:
+        if field in resumable:
             continue
         old, new = getattr(saved_config, field), getattr(given, field)
-        if old != new:
+        if old != new and not (new is None and isinstance(given, TrainConfig)):
             diffs.append(f"{_flag(field)} (saved {_show(old)}, given {_show(new)})")
     return diffs
 
@@ -168,9 +261,8 @@ def rewrite_metrics(run_dir: Path, up_to_step: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= up_to_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

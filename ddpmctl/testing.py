@@ -1,9 +1,11 @@
 """Contract checks shipped to sampler-plugin authors (scikit-learn's ``check_estimator`` habit).
 
-``check_sampler(MySampler)`` runs a sampler against exact denoisers in closed form: for data that is one fixed
-image x*, eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t) and a correct sampler returns x*; for Gaussian
-data N(m, s^2) (elementwise) E[x_0 | x_t] is linear in x_t, which gives seed-dependent samples to check
-reproducibility and batch independence. It raises AssertionError with a message saying what is wrong.
+``check_sampler(MySampler)`` runs a sampler (contract v2) the way ``ddpmctl sample`` does -- the driver picks the
+timesteps and builds the :class:`~ddpmctl.denoiser.Denoiser` -- against exact networks in closed form: for data
+that is one fixed image x*, eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t) and a correct sampler returns
+x* (also in a single step from the top); for Gaussian data N(m, s^2) (elementwise) E[x_0 | x_t] is linear in x_t,
+which gives seed-dependent samples to check reproducibility and batch independence. It raises AssertionError with
+a message saying what is wrong.
 """
 
 from __future__ import annotations
@@ -18,11 +20,15 @@ import torch
 from pydantic import BaseModel, ValidationError
 
 import ddpmctl
+from ddpmctl.build import build_diffusion
 from ddpmctl.checkpoint import LoadedCheckpoint
+from ddpmctl.choices import is_learned_variance
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
-from ddpmctl.samplers import Sampler, SampleRNG, StepInfo
+from ddpmctl.progressive import student_grid  # re-exported: the one grid k_i = round(i T / N) - 1
+from ddpmctl.samplers import API_VERSION, Sampler, SampleRNG, StepInfo, build_denoiser, sampling_timesteps
 
-__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "exact_checkpoint", "student_grid", "check_sampler"]
+__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "exact_checkpoint", "student_grid", "check_sampler",
+           "gaussian_ode_error"]
 
 
 class ExactPointDenoiser(torch.nn.Module):
@@ -45,7 +51,7 @@ class ExactPointDenoiser(torch.nn.Module):
         abar = self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
         if self.class_cond:
             if y is None:
-                raise AssertionError("the sampler did not pass model_kwargs (y) on to the network")
+                raise AssertionError("the network was called without the class labels y (model_kwargs)")
             x_star = self.x_star[y]
         else:
             x_star = self.x_star
@@ -63,9 +69,9 @@ class ExactGaussianDenoiser(torch.nn.Module):
     """The exact eps-predictor for data x_0 ~ N(mean, std^2) elementwise (Bayes' rule for a linear Gaussian).
 
     E[x_0 | x_t] = m + sqrt(abar) s^2 / (abar s^2 + 1 - abar) * (x_t - sqrt(abar) m); eps is re-derived from it.
-    With ``learned_sigma`` the v channel encodes (learned_range, convention 5) the exact reverse variance of the
-    original chain, Var[x_{t-1} | x_t] = beta_tilde_t + coef1_t^2 Var[x_0 | x_t], which makes ancestral sampling on
-    that chain exact for this data; ``betas`` (the original chain's) is then required.
+    With ``learned_sigma`` the v channel encodes (learned_range, docs/conventions.md #5) the exact reverse variance
+    of the original chain, Var[x_{t-1} | x_t] = beta_tilde_t + coef1_t^2 Var[x_0 | x_t], which makes ancestral
+    sampling on that chain exact for this data; ``betas`` (the original chain's) is then required.
     """
 
     def __init__(self, mean: float, std: float, alphas_cumprod: torch.Tensor, *, betas: torch.Tensor | None = None,
@@ -111,11 +117,6 @@ class ExactGaussianDenoiser(torch.nn.Module):
         return eps
 
 
-def student_grid(timesteps: int, steps: int) -> tuple[int, ...]:
-    """A distilled student's grid: k_i = round(i T / N) - 1, i = 1..N (PAPERS.md, progressive distillation)."""
-    return tuple(round(i * timesteps / steps) - 1 for i in range(1, steps + 1))
-
-
 def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, diffusion: DiffusionConfig,
                      num_classes: int | None = None, kind: str = "model",
                      student_steps: int = 8) -> LoadedCheckpoint:
@@ -125,28 +126,26 @@ def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, 
     """
     student = None
     if kind == "student":
-        student = StudentConfig(param="x", steps=student_grid(diffusion.timesteps, student_steps),
+        student = StudentConfig(param="x", steps=tuple(student_grid(diffusion.timesteps, student_steps)),
                                 teacher_steps=2 * student_steps)
     config = CheckpointConfig(
-        model=ModelConfig(image_size=image_size, in_channels=channels,
-                          out_channels=channels * (2 if diffusion.learned_sigma else 1),
-                          num_classes=num_classes, num_timesteps=diffusion.timesteps),
+        model=ModelConfig(image_size=image_size, in_channels=channels, num_classes=num_classes),
         diffusion=diffusion,
         student=student,
     )
     return LoadedCheckpoint(path=Path("exact-denoiser.safetensors"), config=config, kind=kind, lineage=[],
-                            created_with=ddpmctl.__version__, model=model.eval(), diffusion=diffusion.build(),
+                            created_with=ddpmctl.__version__, model=model.eval(), diffusion=build_diffusion(diffusion),
                             num_parameters=0, sha256="0" * 64)
 
 
 def _full_chain(diffusion: DiffusionConfig) -> Any:
-    return diffusion.model_copy(update={"use_timesteps": None}).build()
+    return build_diffusion(diffusion.model_copy(update={"use_timesteps": None}))
 
 
 def _point_checkpoint(var_type: str, x_star: torch.Tensor, *, kind: str, class_cond: bool = False,
                       timesteps: int = 100) -> LoadedCheckpoint:
     dconf = DiffusionConfig(schedule="cosine", timesteps=timesteps, mean_type="eps", var_type=var_type,
-                            loss_type="rescaled_mse" if var_type.startswith("learned") else "mse")
+                            loss_type="rescaled_mse" if is_learned_variance(var_type) else "mse")
     model = ExactPointDenoiser(x_star, _full_chain(dconf).alphas_cumprod, learned_sigma=dconf.learned_sigma,
                                class_cond=class_cond, head="x" if kind == "student" else "eps")
     channels, size = x_star.shape[-3], x_star.shape[-1]
@@ -164,25 +163,35 @@ def _gaussian_checkpoint(mean: float, std: float, *, kind: str, channels: int, i
 
 
 def _run(sampler: Sampler, ckpt: LoadedCheckpoint, *, seed: int, indices: Sequence[int], steps: int | None,
-         model_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, list[StepInfo], torch.Tensor]:
+         model_kwargs: dict[str, Any] | None = None
+         ) -> tuple[torch.Tensor, list[StepInfo], torch.Tensor, tuple[int, ...]]:
+    """One batch as generate() runs it: the driver's timesteps and denoiser, the sampler's loop."""
     shape = (ckpt.config.model.in_channels, ckpt.config.model.image_size, ckpt.config.model.image_size)
+    timesteps = sampling_timesteps(ckpt, sampler, steps)
+    denoiser = build_denoiser(ckpt, timesteps, micro_batch=None)
+    if model_kwargs:
+        denoiser = denoiser.conditioned(**model_kwargs)
     rng = SampleRNG(seed, indices, "cpu")
     x_T = rng.randn(shape)
     x_T_copy = x_T.clone()
     seen: list[StepInfo] = []
-    out = sampler.sample(ckpt, x_T, steps=steps, rng=rng, callback=seen.append, model_kwargs=model_kwargs)
+    with torch.no_grad():
+        out = sampler.sample(denoiser, x_T, timesteps, noise=rng, callback=seen.append)
     name = type(sampler).__name__
     assert isinstance(out, torch.Tensor), f"{name}.sample returned {type(out).__name__}, not a Tensor"
     assert out.shape == x_T.shape, f"{name}.sample returned shape {tuple(out.shape)} for x_T {tuple(x_T.shape)}"
     assert out.dtype.is_floating_point, f"{name}.sample returned dtype {out.dtype}"
     assert torch.isfinite(out).all(), f"{name}.sample returned non-finite values"
     assert torch.equal(x_T, x_T_copy), f"{name}.sample modified x_T in place"
-    return out, seen, x_T
+    return out, seen, x_T, timesteps
 
 
 def _check_metadata(cls: type[Sampler]) -> None:
     assert isinstance(cls, type) and issubclass(cls, Sampler), f"{cls!r} is not a ddpmctl.Sampler subclass"
     name = cls.__name__
+    assert cls.api_version == API_VERSION, (
+        f"{name}.api_version is {cls.api_version!r}: set api_version = {API_VERSION} and implement "
+        "sample(denoiser, x_T, timesteps, *, noise, callback)")
     assert isinstance(cls.name, str) and re.fullmatch(r"[a-z][a-z0-9_-]*", cls.name or ""), (
         f"{name}.name must be a lowercase CLI name such as 'ddim' (= the entry-point name), not {cls.name!r}")
     assert isinstance(cls.description, str) and cls.description.strip(), f"{name}.description is empty"
@@ -211,13 +220,13 @@ def check_sampler(cls: type[Sampler], *, steps: int | None = None, options: Base
                   atol: float = 2e-3) -> None:
     """Run the sampler contract on ``cls``; AssertionError names the first broken promise.
 
-    ``steps`` is passed to the sampler as the user's ``--steps`` (None: its default) on chains of T = 100 steps;
-    ``options`` overrides the default ``cls.Options()``.
+    ``steps`` is passed to the driver as the user's ``--steps`` (None: the sampler's default) on chains of
+    T = 100 steps; ``options`` overrides the default ``cls.Options()``.
     """
     _check_metadata(cls)
     name = cls.__name__
     sampler = cls(options)
-    kinds = getattr(cls, "checkpoint_kinds", ("model",))
+    kinds = cls.checkpoint_kinds
     assert kinds and all(k in ("model", "respaced", "student") for k in kinds), (
         f"{name}.checkpoint_kinds must list model, respaced and/or student, not {kinds!r}")
     kind = kinds[0]
@@ -228,40 +237,77 @@ def check_sampler(cls: type[Sampler], *, steps: int | None = None, options: Base
     # 1. The point-mass limit: every sampler must return x*, with fixed (C) and learned (2C) variance outputs.
     for var_type in ("fixed_small", "learned_range"):
         ckpt = _point_checkpoint(var_type, x_star, kind=kind)
-        n = sampler.num_steps(ckpt, steps)
-        assert isinstance(n, int) and n >= 1, f"{name}.num_steps returned {n!r}, not a positive int"
-        out, seen, _ = _run(sampler, ckpt, seed=1, indices=range(4), steps=steps)
+        out, seen, _, timesteps = _run(sampler, ckpt, seed=1, indices=range(4), steps=steps)
         err = float((out.to(torch.float64) - x_star).abs().max())
         assert err <= atol, (f"{name} does not recover the single data point x* of an exact denoiser "
                              f"({var_type}): max error {err:.3g} > {atol}")
-        # 2. The callback sees every network step, in order.
-        assert len(seen) == n, f"{name} called the callback {len(seen)} times but num_steps said {n}"
+        # 2. The callback sees every step of the timesteps, in order.
+        n = len(timesteps)
+        assert len(seen) == n, f"{name} called the callback {len(seen)} times for {n} timesteps"
         assert all(isinstance(s, StepInfo) for s in seen), f"{name} passed something other than StepInfo"
         assert [s.index for s in seen] == list(range(n)), f"{name}: StepInfo.index must run 0..{n - 1} in order"
         assert all(s.total == n for s in seen), f"{name}: StepInfo.total must be {n}"
+        assert [s.t for s in seen] == list(timesteps), f"{name}: StepInfo.t must be the timesteps, in order"
         assert all(s.x.shape == out.shape for s in seen), f"{name}: StepInfo.x must have the batch's shape"
 
-    # 3. model_kwargs reach the network: a class-conditional point mass per class.
+    # 3. One step (where --steps is the user's): a single call at the top step, from pure noise, gives the data mean
+    #    for Gaussian data N(0.1, 0.3^2); a call at t = 0 would hand back the noise itself.
+    if kind != "student" and not cls.whole_chain:
+        ckpt = _gaussian_checkpoint(0.1, 0.3, kind=kind, channels=3, image_size=4)
+        out, _, _, _ = _run(sampler, ckpt, seed=1, indices=range(2), steps=1)
+        err = float((out.to(torch.float64) - 0.1).abs().max())
+        assert err <= 10 * atol, (f"{name} with one step does not recover the data mean from pure noise (max error "
+                                  f"{err:.3g}): it must call the network at timesteps[0], the top step")
+
+    # 4. Class labels reach the network through the denoiser: a class-conditional point mass per class.
     classes = torch.stack([x_star, -x_star, x_star.flip(-1)])
     ckpt = _point_checkpoint("fixed_small", classes, kind=kind, class_cond=True)
     y = torch.tensor([1, 0, 2, 1])
-    out, _, _ = _run(sampler, ckpt, seed=2, indices=range(4), steps=steps, model_kwargs={"y": y})
+    out, _, _, _ = _run(sampler, ckpt, seed=2, indices=range(4), steps=steps, model_kwargs={"y": y})
     err = float((out.to(torch.float64) - classes[y]).abs().max())
-    assert err <= atol, f"{name} ignores model_kwargs (class labels y): max error {err:.3g}"
+    assert err <= atol, f"{name} does not sample through the denoiser it is given (class labels y): max error {err:.3g}"
 
-    # 4. Randomness comes only from the SampleRNG: reproducible, seed-dependent, independent of the batch.
+    # 5. Randomness comes only from the SampleRNG: reproducible, seed-dependent, independent of the batch.
     ckpt = _gaussian_checkpoint(0.1, 0.3, kind=kind, channels=3, image_size=4)
     torch.manual_seed(1)
-    first, seen_a, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
+    first, seen_a, _, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
     torch.manual_seed(2)  # the global RNG must not matter
-    again, seen_b, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
+    again, seen_b, _, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
     assert torch.equal(first, again), f"{name}: the same seed gave different samples (is torch's global RNG used?)"
     assert all(torch.equal(a.x, b.x) for a, b in zip(seen_a, seen_b)), (
         f"{name}: the same seed gave different intermediate states")
-    other, _, _ = _run(sampler, ckpt, seed=8, indices=range(4), steps=steps)
+    other, _, _, _ = _run(sampler, ckpt, seed=8, indices=range(4), steps=steps)
     assert not torch.allclose(first, other), f"{name}: different seeds gave the same samples"
-    part, _, _ = _run(sampler, ckpt, seed=7, indices=[2, 3], steps=steps)
+    part, _, _, _ = _run(sampler, ckpt, seed=7, indices=[2, 3], steps=steps)
     assert torch.allclose(part, first[2:], atol=1e-5, rtol=0), (
-        f"{name}: image i changed with the batch it was sampled in: draw noise only via rng.randn_like / rng.randn")
+        f"{name}: image i changed with the batch it was sampled in: draw noise only via noise.randn_like / noise.randn")
     spread = float(first.std())
     assert math.isfinite(spread) and spread > 0, f"{name}: samples of Gaussian data have no spread"
+
+
+def gaussian_ode_error(cls: type[Sampler], steps: int, *, options: BaseModel | None = None, mean: float = 0.1,
+                       std: float = 0.3, timesteps: int = 4000, schedule: str = "cosine", images: int = 8,
+                       image_size: int = 16, seed: int = 0) -> float:
+    """RMS distance of a deterministic sampler's images to the exact probability-flow ODE solution, Gaussian data.
+
+    For x_0 ~ N(m, s^2) and the exact denoiser, y = x / alpha is N(m, s^2 + (sigma/alpha)^2) at every step and the
+    ODE moves it by a pure scaling: y(b) = m + (y(a) - m) sqrt((s^2 + k_b^2) / (s^2 + k_a^2)), k = sigma / alpha.
+    The reference integrates that exactly (float64) from the run's top step to its lowest step and then applies the
+    final x_hat = E[x_0 | x] every sampler here ends with; the difference is the sampler's discretisation error.
+    ``options`` default: the sampler's defaults with ``clip_denoised=False`` (clipping would bias the tails).
+    """
+    dconf = DiffusionConfig(schedule=schedule, timesteps=timesteps, var_type="fixed_small", loss_type="mse")
+    full = build_diffusion(dconf)
+    model = ExactGaussianDenoiser(mean, std, full.alphas_cumprod)
+    ckpt = exact_checkpoint(model, channels=1, image_size=image_size, diffusion=dconf)
+    if options is None:
+        unclipped = {"clip_denoised": False} if "clip_denoised" in cls.Options.model_fields else {}
+        options = cls.Options(**unclipped)
+    out, _, x_T, run = _run(cls(options), ckpt, seed=seed, indices=range(images), steps=steps)
+    abar_top, abar_low = float(full.alphas_cumprod[run[0]]), float(full.alphas_cumprod[run[-1]])
+    k_top2, k_low2 = (1 - abar_top) / abar_top, (1 - abar_low) / abar_low  # (sigma / alpha)^2
+    y_top = x_T.to(torch.float64) / math.sqrt(abar_top)
+    x_low = math.sqrt(abar_low) * (mean + (y_top - mean) * math.sqrt((std**2 + k_low2) / (std**2 + k_top2)))
+    gain = math.sqrt(abar_low) * std**2 / (abar_low * std**2 + 1 - abar_low)
+    exact = mean + gain * (x_low - math.sqrt(abar_low) * mean)
+    return float((out.to(torch.float64) - exact).pow(2).mean().sqrt())

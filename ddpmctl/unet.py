@@ -24,15 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmctl.config import ModelConfig
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import OptionError  # shapes the options ask for that no U-Net has: exit 2 in the CLI
 from ddpmctl.hardware import fast_paths
 
 __all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32", "ResBlock", "AttentionBlock"]
 
 
 def _frequencies(half: int, max_period: float) -> torch.Tensor:
-    """exp(-ln(max_period) k / half), k = 0..half-1 (PAPERS.md convention 17), float32."""
-    k = torch.arange(half, dtype=torch.float64)
+    """exp(-ln(max_period) k / half), k = 0..half-1 (docs/conventions.md #17), float32."""
+    # A real (CPU) tensor also in a network built on the meta device: checkpoint loading assigns the stored
+    # weights to such a network, and this table is not stored, so it must already hold its values.
+    device = "cpu" if torch.get_default_device().type == "meta" else None
+    k = torch.arange(half, dtype=torch.float64, device=device)
     return torch.exp(-math.log(max_period) * k / half).to(torch.float32)
 
 
@@ -46,7 +49,7 @@ def _embed(t_scaled: torch.Tensor, freqs: torch.Tensor, dim: int) -> torch.Tenso
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (PAPERS.md convention 17)."""
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (docs/conventions.md #17)."""
     return _embed(t, _frequencies(dim // 2, max_period).to(t.device), dim)
 
 
@@ -172,7 +175,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int) -> None:
         super().__init__()
         if channels % num_heads:
-            raise ConfigError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
+            raise OptionError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
                               "choose --heads dividing every level's channel count")
         self.channels = channels
         self.num_heads = num_heads
@@ -241,26 +244,29 @@ class UNetModel(nn.Module):
     """The IDDPM U-Net; ``forward(x, t, y=None)`` with t the ORIGINAL training-chain indices [N] (int64).
 
     ``config.attention_resolutions`` are feature-map sizes in pixels (16 = attention where the map is 16x16).
+    ``out_channels`` (2C with a learned variance) and ``num_timesteps`` (T: t is scaled to t * 1000 / T) belong to
+    the diffusion config; :func:`ddpmctl.build.build_model` passes them.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, *, out_channels: int, num_timesteps: int) -> None:
         super().__init__()
         self.config = config
+        self.out_channels = out_channels
         levels = len(config.channel_mult)
         if config.image_size % 2 ** (levels - 1):
-            raise ConfigError(f"image size {config.image_size} cannot be halved {levels - 1} times "
+            raise OptionError(f"image size {config.image_size} cannot be halved {levels - 1} times "
                               f"(channel_mult has {levels} levels): use fewer levels or another image size")
         resolutions = {config.image_size // 2**level for level in range(levels)}
         unreached = sorted(set(config.attention_resolutions) - resolutions)
         if unreached:
-            raise ConfigError(f"attention resolution(s) {unreached} never occur in this network "
+            raise OptionError(f"attention resolution(s) {unreached} never occur in this network "
                               f"(its feature maps are {sorted(resolutions, reverse=True)} pixels)")
 
         mc, heads = config.model_channels, config.num_heads
         emb_dim = 4 * mc
         self.num_classes = config.num_classes
-        # Original index -> the reference's 0..1000 time scale (PAPERS.md convention 17, DESIGN "Model call").
-        self.time_scale = 1000.0 / config.num_timesteps
+        # Original index -> the reference's 0..1000 time scale (docs/conventions.md #17, "Index spaces").
+        self.time_scale = 1000.0 / num_timesteps
         self.register_buffer("freqs", _frequencies(mc // 2, 10000), persistent=False)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -301,7 +307,7 @@ class UNetModel(nn.Module):
                     size *= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), _zero(_conv3x3(ch, config.out_channels)))
+        self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), _zero(_conv3x3(ch, out_channels)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """x [N, C, H, W] in [-1, 1], t [N] original indices, y [N] class labels -> [N, out_channels, H, W]."""

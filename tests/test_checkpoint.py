@@ -1,4 +1,4 @@
-"""Checkpoint format (DESIGN.md "The checkpoint format"; issue 8 "untrusted checkpoints"): round trips, atomic
+"""Checkpoint format (docs/design.md "The checkpoint format"; issue 8 "untrusted checkpoints"): round trips, atomic
 writes, and every kind of bad file giving one CheckpointError line that names the file, never running code."""
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ddpmctl
+import ddpmctl.checkpoint as checkpoint_module
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import (
     FORMAT,
     file_sha256,
@@ -33,7 +35,7 @@ from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelCon
 from ddpmctl.errors import CheckpointError
 
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=10)
+                    attention_resolutions=(4,))
 DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=10)
 CONFIG = CheckpointConfig(model=MODEL, diffusion=DIFFUSION,
                           data=DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=1437))
@@ -43,7 +45,7 @@ LINEAGE = [{"op": "train", "run": "runs/a", "step": 300, "ema": 0.9999}]
 @pytest.fixture(scope="module")
 def state() -> dict[str, torch.Tensor]:
     torch.manual_seed(1)
-    model = MODEL.build()
+    model = build_model(CONFIG)
     # Randomise every tensor (the zero-initialised output conv included) so a round trip is a real check.
     return {k: torch.randn_like(v) for k, v in model.state_dict().items()}
 
@@ -136,10 +138,10 @@ def test_save_handles_shared_and_strided_tensors(tmp_path: Path) -> None:
 
 def test_read_checkpoint_info_does_not_build_the_network(good: Path, state: dict[str, torch.Tensor],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(self: ModelConfig) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("read_checkpoint_info must not build the network")
 
-    monkeypatch.setattr(ModelConfig, "build", refuse)
+    monkeypatch.setattr(checkpoint_module, "build_model", refuse)
     info = read_checkpoint_info(good)
     assert info.kind == "model" and info.format == FORMAT and info.config == CONFIG and info.lineage == LINEAGE
     assert {t.name: t.shape for t in info.tensors} == {k: tuple(v.shape) for k, v in state.items()}
@@ -228,9 +230,9 @@ def test_foreign_safetensors_without_metadata(state: dict[str, torch.Tensor], tm
      ("config.model.image_size",)),
     ({"config": CONFIG.model_dump_json().replace('"schedule":"cosine"', '"schedule":"sigmoid"')},
      ("config.diffusion.schedule",)),
-    ({"config": CONFIG.model_dump_json().replace('"out_channels":2', '"out_channels":1')},
-     ("out_channels",)),
-    ({"config": CONFIG.model_dump_json().replace('"timesteps":10', '"timesteps":20')}, ("num_timesteps",)),
+    # ddpmctl 0.1 stored T and the output channels in config.model too: they must agree with the rest.
+    ({"config": CONFIG.model_dump_json().replace('"model":{', '"model":{"out_channels":1,')}, ("out_channels",)),
+    ({"config": CONFIG.model_dump_json().replace('"model":{', '"model":{"num_timesteps":20,')}, ("num_timesteps",)),
     ({"lineage": "{}"}, ("lineage", "list")),
     ({"lineage": "[1, 2]"}, ("lineage", "list")),
     ({"lineage": "[{"}, ("lineage", "not valid JSON")),
@@ -432,3 +434,41 @@ def test_overwrite_replaces_and_respects_umask(state: dict[str, torch.Tensor], t
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_checkpoint_of_ddpmctl_0_1_with_t_and_out_channels_in_the_model_loads(state: dict[str, torch.Tensor],
+                                                                               tmp_path: Path) -> None:
+    # 0.1 wrote the chain length and the output channels twice; agreeing copies are accepted and dropped.
+    legacy = CONFIG.model_dump_json().replace('"model":{', '"model":{"out_channels":2,"num_timesteps":10,')
+    path = tmp_path / "old.safetensors"
+    safetensors.torch.save_file(state, str(path), metadata=_metadata(config=legacy))
+    ckpt = load_checkpoint(path)
+    assert ckpt.config == CONFIG and ckpt.config.out_channels == 2
+    assert read_checkpoint_info(path).config == CONFIG
+
+
+def test_loading_builds_the_network_once_and_assigns_the_weights(good: Path, state: dict[str, torch.Tensor],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpmctl.unet import UNetModel
+
+    built: list[int] = []
+    original = UNetModel.__init__
+
+    def counting(self: UNetModel, *args: object, **kwargs: object) -> None:
+        built.append(1)
+        original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(UNetModel, "__init__", counting)
+    ckpt = load_checkpoint(good)
+    assert len(built) == 1
+    tensors = list(ckpt.model.parameters()) + list(ckpt.model.buffers())
+    assert not any(t.is_meta for t in tensors)
+    assert torch.equal(ckpt.model.freqs, build_model(CONFIG).freqs)  # the buffer no file holds has its values
+    for name, tensor in ckpt.model.state_dict().items():
+        assert torch.equal(tensor, state[name]), name
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 9])
+    with torch.no_grad():
+        fresh = build_model(CONFIG)
+        fresh.load_state_dict(state)
+        fresh = fresh.eval().to(memory_format=torch.channels_last)  # the layout load_checkpoint gives
+        assert torch.equal(ckpt.model(x, t), fresh(x, t))

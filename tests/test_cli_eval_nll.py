@@ -10,27 +10,26 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
 from ddpmctl.data import load_dataset
 from ddpmctl.images import save_png
 from ddpmctl.nll import evaluate_nll
+from conftest import perturb_weights
 
 T = 10
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=T)
+                    attention_resolutions=(4,))
 DIGITS = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=1437)
 
 
 
 def _save(path: Path, *, data: DataInfo | None = DIGITS, model: ModelConfig = MODEL) -> Path:
     torch.manual_seed(0)
-    network = model.build()
-    with torch.no_grad():  # give the zero-initialised output layers weights, so the terms depend on the input
-        for p in network.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
+    network = perturb_weights(build_model(CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T))), 0.05,
+                              only_zero=True)  # the terms must depend on the input
     config = CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T), data=data)
     return save_checkpoint(path, network.state_dict(), config, kind="model", lineage=[])
 
@@ -62,12 +61,14 @@ def test_default_data_is_the_held_out_split_and_json_matches_the_library(digits_
 
 
 def test_table_and_json_agree(digits_ckpt: Path) -> None:
+    # The same batch size for both: the same float sums, so the table must show the JSON's numbers rounded.
     table = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7")
-    as_json = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "16", "--json", "--quiet")
+    as_json = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7", "--json", "--quiet")
     assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
     payload = json.loads(as_json.stdout)
-    line = re.search(r"bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+) images, (\d+) terms\)", table.stdout)
+    line = re.search(r"bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+) images, (\d+) terms; fp32\)", table.stdout)
     assert line, table.stdout
+    assert payload["precision"] == "fp32"  # --precision auto on a CPU without native bf16 (conftest)
     assert float(line.group(1)) == round(payload["bits_per_dim"], 4)
     assert float(line.group(2)) == round(payload["stderr"], 4)
     assert (int(line.group(3)), int(line.group(4))) == (4, T)
@@ -89,7 +90,36 @@ def test_mc_estimator(digits_ckpt: Path) -> None:
     assert payload["estimator"] == "mc" and payload["mc_terms"] == 3 and payload["terms_per_image"] == 4
     assert payload["pilot_images"] == 2 and payload["num_terms"] == T
     line = _run(str(digits_ckpt), "-n", "3", "--device", "cpu", "--estimator", "mc", "--terms", "3", "--quiet")
-    assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image)" in line.stdout
+    assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image; fp32)" in line.stdout
+
+
+def test_mc_per_image_error_in_json_and_one_image_is_not_nan(digits_ckpt: Path) -> None:
+    result = _run(str(digits_ckpt), "-n", "1", "--device", "cpu", "--estimator", "mc", "--terms", "4",
+                  "--pilot-images", "1", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    (image,) = payload["per_image"]
+    assert image["bits_per_dim"] == pytest.approx(payload["bits_per_dim"], rel=1e-12)
+    assert image["mc_stderr"] is not None and image["mc_stderr"] > 0
+    # One image: no spread over images, so the error of the mean is that image's own Monte-Carlo error.
+    assert payload["stderr"] == pytest.approx(image["mc_stderr"], rel=1e-12)
+    exact = json.loads(_run(str(digits_ckpt), "-n", "2", "--device", "cpu", "--json", "--quiet").stdout)
+    assert all(row["mc_stderr"] is None for row in exact["per_image"]) and len(exact["per_image"]) == 2
+
+
+def test_student_checkpoint_is_refused(tmp_path: Path) -> None:
+    from ddpmctl.config import StudentConfig
+
+    config = CheckpointConfig(model=MODEL, diffusion=DiffusionConfig(timesteps=T), data=DIGITS,
+                              student=StudentConfig(param="v", steps=(4, 9), teacher_steps=4))
+    network = build_model(config)
+    path = save_checkpoint(tmp_path / "student_2.safetensors", network.state_dict(), config, kind="student",
+                           lineage=[])
+    result = _run(str(path), "-n", "2", "--device", "cpu", "--json")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == ("error: student_2.safetensors is a distilled student: a student has no "
+                                     "variational bound (evaluate the teacher it was distilled from)")
+    assert result.stdout == ""
 
 
 def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
@@ -108,11 +138,12 @@ def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
     ("args", "message"),
     [
         (["--terms", "4"], "--terms is for --estimator mc"),
-        (["--num-images", "0"], "--num-images must be at least 1"),
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
-        (["--estimator", "mc", "--terms", "0"], "--terms must be at least 1"),
-        (["--estimator", "bogus"], "--estimator must be exact or mc"),
-        (["--split", "val"], "--split must be test or train"),
+        (["--num", "0"], "--num"),
+        (["-n", "1", "--num-images", "1"], "--num-images is the old name of --num"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--estimator", "mc", "--terms", "0"], "--terms"),
+        (["--estimator", "bogus"], "--estimator"),
+        (["--split", "val"], "--split"),
     ],
 )
 def test_usage_errors_exit_2_with_one_line(digits_ckpt: Path, args: list[str], message: str) -> None:

@@ -10,12 +10,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig, StudentConfig
 
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=40, num_classes=3)
+                    attention_resolutions=(4,), num_classes=3)
 DIFFUSION = DiffusionConfig(schedule="linear", timesteps=40, use_timesteps=(0, 13, 26, 39))
 # A data source with rich markup in it must be printed literally, never interpreted.
 CONFIG = CheckpointConfig(model=MODEL, diffusion=DIFFUSION,
@@ -26,7 +27,7 @@ LINEAGE = [{"op": "train", "step": 300}, {"op": "respace", "from": "ema_0.9999_0
 
 @pytest.fixture(scope="module")
 def state() -> dict[str, torch.Tensor]:
-    return dict(MODEL.build().state_dict())
+    return dict(build_model(CONFIG).state_dict())
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -11,23 +13,22 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
+from conftest import perturb_weights
 
 T = 40
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                    attention_resolutions=(4,), out_channels=2, num_timesteps=T)
+                    attention_resolutions=(4,))
 DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_range")
 
 
 def _state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
     # The U-Net zero-initialises its output layer; perturb every weight so the network really shapes the samples.
-    net = model_config.build()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    net = perturb_weights(build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION)), 0.05,
+                          generator=torch.Generator().manual_seed(0))
     return dict(net.state_dict())
 
 
@@ -103,14 +104,14 @@ def test_stochastic_sampler_batch_invariance(ckpt: Path, tmp_path: Path) -> None
 
 def test_class_conditional_labels(class_ckpt: Path, tmp_path: Path) -> None:
     _sample(class_ckpt, tmp_path / "a", "--steps", "3", "--num", "4", "--class", "dog")
-    assert _npz(tmp_path / "a")["labels"].tolist() == [1, 1, 1, 1]
+    assert _npz(tmp_path / "a")["arr_1"].tolist() == [1, 1, 1, 1]
     _sample(class_ckpt, tmp_path / "b", "--steps", "3", "--num", "4", "--class", "2")
-    assert _npz(tmp_path / "b")["labels"].tolist() == [2, 2, 2, 2]
+    assert _npz(tmp_path / "b")["arr_1"].tolist() == [2, 2, 2, 2]
     _sample(class_ckpt, tmp_path / "c", "--steps", "3", "--num", "12", "--batch-size", "12")
-    labels = _npz(tmp_path / "c")["labels"]
+    labels = _npz(tmp_path / "c")["arr_1"]
     assert len(set(labels.tolist())) > 1 and set(labels.tolist()) <= {0, 1, 2}  # drawn per image from (seed, i)
     _sample(class_ckpt, tmp_path / "d", "--steps", "3", "--num", "12", "--batch-size", "5")
-    assert np.array_equal(_npz(tmp_path / "d")["labels"], labels)
+    assert np.array_equal(_npz(tmp_path / "d")["arr_1"], labels)
 
 
 def test_strided_equals_ancestral_on_respaced_checkpoint(ckpt: Path, tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_respace_composes_and_ddim_spacing(ckpt: Path, tmp_path: Path) -> None:
     chain20 = load_checkpoint(first).config.diffusion.use_timesteps
     chain5 = load_checkpoint(second).config.diffusion.use_timesteps
     assert chain20 is not None and chain5 is not None
-    # Even spacing of 5 over the 20-step chain, as original indices (convention 12 on 20 steps: 0,5,10,14,19).
+    # Even spacing of 5 over the 20-step chain, as original indices (docs/conventions.md #12 on 20 steps: 0,5,10,14,19).
     assert chain5 == tuple(chain20[k] for k in (0, 5, 10, 14, 19))
     ddim = tmp_path / "d.safetensors"
     assert _invoke("respace", str(ckpt), "--steps", "8", "--spacing", "ddim", "--out", str(ddim), "-q").exit_code == 0
@@ -164,23 +165,32 @@ def _one_line_error(result: object, code: int | None = None) -> str:
 
 @pytest.mark.parametrize(("extra", "expected"), [
     (["--sampler", "nope"], "installed samplers: ancestral"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--steps", "-3"], "--steps must be at least 1"),
+    (["--steps", "0"], "--steps"),
+    (["--steps", "-3"], "--steps"),
     (["--steps", str(T + 1)], f"between 1 and the chain's {T} steps"),
     (["--sampler", "ancestral", "--steps", "7"], "whole chain of 40 steps"),
-    (["-o", "spacing=ddim", "--steps", "17"], "possible nearby: 10, 14, 20, 40"),
-    (["-o", "nope=1"], "has no option 'nope'"),
-    (["-o", "eta"], "key=value"),
-    (["-o", "eta=-1"], "option eta=-1"),
-    (["-o", "spacing=odd"], "option spacing=odd"),
-    (["--num", "0"], "--num must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["-O", "spacing=ddim", "--steps", "17"], "possible nearby: 10, 14, 20, 40"),
+    (["-O", "nope=1"], "has no option 'nope'"),
+    (["--opt", "eta"], "key=value"),
+    (["-O", "eta=-1"], "option eta=-1"),
+    (["-O", "spacing=odd"], "option spacing=odd"),
+    (["--num", "0"], "--num"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--seed", "-1"], "--seed must be >= 0"),  # checked by the library (samplers.check_sample_counts)
     (["--class", "dog"], "not class-conditional"),
+    (["-O", "eta=1.5"], "option eta=1.5: Input should be less than or equal to 1"),
 ])
 def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
     result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", *extra)
-    assert expected in _one_line_error(result)
+    assert expected in _one_line_error(result, 2)  # every one of these is a bad command line
     assert not (tmp_path / "s").exists()  # nothing is written before the inputs are known to be good
+
+
+def test_dpmpp_2m_samples_through_the_cli(ckpt: Path, tmp_path: Path) -> None:
+    result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", "--sampler", "dpmpp-2m",
+                     "--steps", "6", "--num", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 6
 
 
 def test_bad_class_and_bad_checkpoint(class_ckpt: Path, tmp_path: Path) -> None:
@@ -222,3 +232,34 @@ def test_respace_bad_input(ckpt: Path, tmp_path: Path) -> None:
     assert "--force" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(taken)))
     assert "does not exist" in _one_line_error(
         _invoke("respace", str(ckpt), "--steps", "5", "--out", str(tmp_path / "no" / "r.safetensors")))
+
+
+def test_every_file_follows_the_umask(ckpt: Path, tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        _sample(ckpt, tmp_path / "s", "--steps", "2", "--num", "2")
+        assert _invoke("respace", str(ckpt), "--steps", "4", "-o", str(tmp_path / "r.safetensors"), "-q").exit_code == 0
+    finally:
+        os.umask(old)
+    files = [*sorted((tmp_path / "s").iterdir()), tmp_path / "r.safetensors"]
+    assert len(files) == 5
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_info_names_an_npz_for_what_it_is(ckpt: Path, tmp_path: Path) -> None:
+    _sample(ckpt, tmp_path / "s", "--steps", "2", "--num", "2")
+    result = _invoke("info", str(tmp_path / "s" / "samples.npz"))
+    line = _one_line_error(result, 1)
+    assert "NumPy .npz archive" in line and "not a checkpoint" in line and "pickle" not in line
+    png = _one_line_error(_invoke("info", str(tmp_path / "s" / "grid.png")), 1)
+    assert "PNG image" in png
+
+
+def test_info_and_respace_take_device(ckpt: Path, tmp_path: Path) -> None:
+    result = _invoke("info", str(ckpt), "--device", "cpu", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["kind"] == "model"
+    assert _invoke("info", str(ckpt), "--device", "tpu").exit_code == 2
+    out = tmp_path / "r.safetensors"
+    result = _invoke("respace", str(ckpt), "--steps", "4", "-o", str(out), "--device", "cpu", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["steps"] == 4

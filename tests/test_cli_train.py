@@ -129,7 +129,7 @@ def test_real_tiny_run_then_refuse_then_resume(tmp_path: Path) -> None:
     assert "--resume" in line and "--force" in line
 
     line = one_error_line(invoke("-o", str(run), "--resume", "--max-steps", "5", "--lr", "0.01"), 1)
-    assert "--lr (saved 0.0001, given 0.01)" in line
+    assert "--lr (saved 0.0002, given 0.01)" in line
 
     result = invoke("-o", str(run), "--resume", "--max-steps", "5", "--json")
     assert result.exit_code == 0, result.output
@@ -141,3 +141,29 @@ def test_real_tiny_run_then_refuse_then_resume(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert f"EMA checkpoint: {run / 'ema_0.9999_000002.safetensors'}" in result.stdout
     assert not (run / "state_000005.json").exists()
+
+
+@pytest.mark.parametrize("form", ["config.json", "folder"])
+def test_config_reuses_a_runs_own_config(captured: dict[str, Any], tmp_path: Path, form: str) -> None:
+    run = tmp_path / "old-run"
+    run.mkdir()
+    saved = TrainConfig(data="builtin:digits", out=str(run), lr=3e-4, timesteps=50, max_steps=100, seed=7,
+                        channel_mult=(1, 2), var_type="learned", loss="vlb", flip=False)
+    (run / "config.json").write_text(json.dumps({"train": saved.model_dump(mode="json"), "format": "x"}))
+    source = run / "config.json" if form == "config.json" else run
+    one_error_line(invoke("--config", str(source), "-o", str(tmp_path / "new"), "--seed", "8"), 1)
+    config: TrainConfig = captured["config"]
+    assert config.model_dump(exclude={"out", "seed"}) == saved.model_dump(exclude={"out", "seed"})
+    assert config.out == str(tmp_path / "new") and config.seed == 8
+    # without -o the new run gets its own folder, never the old run's
+    one_error_line(invoke("--config", str(source)), 1)
+    assert Path(captured["config"].out) != run
+
+
+def test_config_json_errors_are_usage_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "c.json"
+    bad.write_text("{not json")
+    assert "not valid JSON" in one_error_line(invoke("--config", str(bad)), 2)
+    bad.write_text('{"learning_rate": 1}')
+    assert "learning_rate" in one_error_line(invoke("--config", str(bad)), 2)
+    assert "config.json" in one_error_line(invoke("--config", str(tmp_path)), 2)  # a folder that is not a run

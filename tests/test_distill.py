@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint
+from ddpmctl.build import build_diffusion, build_model
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
-from ddpmctl.distill import (
+from ddpmctl.distill import DistillConfig, DistillEvent, distill
+from ddpmctl.progressive import (
     CLEAN,
-    DistillConfig,
     GridDenoiser,
     ddim_on_grid,
-    distill,
     distillation_target,
     midpoint_grid,
     stage_times,
@@ -24,8 +26,11 @@ from ddpmctl.distill import (
     teacher_target,
 )
 from ddpmctl.errors import ConfigError, SamplerError
+from ddpmctl.samplers import SampleRNG, build_denoiser, sampling_timesteps
 from ddpmctl.schedules import beta_schedule
+from ddpmctl_samplers.ddim import DDIMSampler
 from ddpmctl_samplers.student import StudentSampler
+from conftest import assert_same_files, perturb_weights
 
 
 def _abar(T: int, schedule: str = "cosine") -> torch.Tensor:
@@ -175,18 +180,18 @@ def test_ddim_on_grid_recovers_a_single_point() -> None:
 # The student sampler
 
 
-def _tiny_model_config(T: int, out_channels: int = 2) -> ModelConfig:
-    return ModelConfig(image_size=8, in_channels=1, model_channels=16, out_channels=out_channels, num_res_blocks=1,
-                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1, num_timesteps=T)
+def _tiny_model_config() -> ModelConfig:
+    return ModelConfig(image_size=8, in_channels=1, model_channels=16, num_res_blocks=1,
+                       attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1)
 
 
 def _fake_student(model: torch.nn.Module, T: int, param: str, steps: int) -> LoadedCheckpoint:
     diffusion = DiffusionConfig(timesteps=T)
-    config = CheckpointConfig(model=_tiny_model_config(T), diffusion=diffusion,
+    config = CheckpointConfig(model=_tiny_model_config(), diffusion=diffusion,
                               student=StudentConfig(param=param, steps=tuple(student_grid(T, steps)),
                                                     teacher_steps=2 * steps))
     return LoadedCheckpoint(path=Path("student_4.safetensors"), config=config, kind="student", lineage=[],
-                            created_with="test", model=model, diffusion=diffusion.build(), num_parameters=0,
+                            created_with="test", model=model, diffusion=build_diffusion(diffusion), num_parameters=0,
                             sha256="0" * 64)
 
 
@@ -208,12 +213,11 @@ def test_student_sampler_exact_student_returns_the_point(param: str) -> None:
 
     checkpoint = _fake_student(ExactStudent(), T, param, 4)
     sampler = StudentSampler()
-    assert sampler.num_steps(checkpoint, None) == 4
+    timesteps = sampling_timesteps(checkpoint, sampler, None)
+    assert len(timesteps) == 4
     infos = []
-    from ddpmctl import SampleRNG
-
-    out = sampler.sample(checkpoint, torch.randn(2, 1, 8, 8), steps=4, rng=SampleRNG(0, range(2)),
-                         callback=infos.append)
+    out = sampler.sample(build_denoiser(checkpoint, timesteps), torch.randn(2, 1, 8, 8), timesteps,
+                         noise=SampleRNG(0, range(2)), callback=infos.append)
     torch.testing.assert_close(out, x_star.expand(2, -1, -1, -1), rtol=0, atol=1e-5)
     assert seen == student_grid(T, 4)[::-1]  # exactly N network calls, top step first
     assert [i.index for i in infos] == [0, 1, 2, 3] and infos[-1].t == student_grid(T, 4)[0]
@@ -223,27 +227,27 @@ def test_student_sampler_exact_student_returns_the_point(param: str) -> None:
 def test_student_sampler_matches_distill_sampling_and_validates() -> None:
     T = 40
     torch.manual_seed(0)
-    model = _tiny_model_config(T).build()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T))),
+                            0.05)
     model.eval()
     checkpoint = _fake_student(model, T, "both", 4)
-    from ddpmctl import SampleRNG
-
     x_T = torch.randn(3, 1, 8, 8)
+    timesteps = sampling_timesteps(checkpoint, StudentSampler(), None)
     with torch.no_grad():
-        out = StudentSampler().sample(checkpoint, x_T, steps=None, rng=SampleRNG(0, range(3)))
+        out = StudentSampler().sample(build_denoiser(checkpoint, timesteps), x_T, timesteps,
+                                      noise=SampleRNG(0, range(3)))
         ref = ddim_on_grid(GridDenoiser(model, "both", checkpoint.diffusion.alphas_cumprod), x_T,
                            student_grid(T, 4))
     torch.testing.assert_close(out, ref)
     with pytest.raises(SamplerError, match="4-step student.*--steps 4"):
-        StudentSampler().num_steps(checkpoint, 8)
+        sampling_timesteps(checkpoint, StudentSampler(), 8)
+    with pytest.raises(SamplerError, match="is a distilled student: sample it with --sampler student"):
+        sampling_timesteps(checkpoint, DDIMSampler(), None)
     teacher = LoadedCheckpoint(path=Path("ema.safetensors"), config=CheckpointConfig(
-        model=_tiny_model_config(T), diffusion=DiffusionConfig(timesteps=T)), kind="model", lineage=[],
+        model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T)), kind="model", lineage=[],
         created_with="test", model=model, diffusion=checkpoint.diffusion, num_parameters=0, sha256="")
     with pytest.raises(SamplerError, match="not a distilled student"):
-        StudentSampler().num_steps(teacher, None)
+        sampling_timesteps(teacher, StudentSampler(), None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,11 +258,8 @@ def test_student_sampler_matches_distill_sampling_and_validates() -> None:
 def tiny_teacher(tmp_path: Path) -> Path:
     T = 16
     torch.manual_seed(0)
-    model_config = _tiny_model_config(T)
-    model = model_config.build()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model_config = _tiny_model_config()
+    model = perturb_weights(build_model(CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T))), 0.05)
     config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T))
     return save_checkpoint(tmp_path / "ema.safetensors", model.state_dict(), config, kind="model",
                            lineage=[{"op": "train", "step": 1}])
@@ -285,15 +286,12 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     assert (tmp_path / "b" / "student_4.safetensors").exists()
     with pytest.raises(ConfigError, match="--resume"):
         distill(_config(tiny_teacher, tmp_path / "b"))
-    with pytest.raises(ConfigError, match="lr was"):
+    with pytest.raises(ConfigError, match="--lr"):
         distill(_config(tiny_teacher, tmp_path / "b", lr=2e-3), resume=True)
     resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
     assert not resumed.interrupted and not (tmp_path / "b" / "state_2.safetensors").exists()
 
-    for steps in (4, 2):
-        a, _ = load_tensors(tmp_path / "a" / f"student_{steps}.safetensors")
-        b, _ = load_tensors(tmp_path / "b" / f"student_{steps}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["student_4.safetensors", "student_2.safetensors"])
     assert [s.student_distance for s in resumed.stages] == [s.student_distance for s in straight.stages]
 
     student = load_checkpoint(tmp_path / "a" / "student_2.safetensors")
@@ -305,6 +303,28 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     assert student.lineage[1]["parent"] == "ema.safetensors" and len(student.lineage[1]["parent_sha256"]) == 64
 
 
+def test_sigint_saves_the_stage_and_a_0_1_state_with_slash_keys_still_resumes(tiny_teacher: Path,
+                                                                              tmp_path: Path) -> None:
+    straight = distill(_config(tiny_teacher, tmp_path / "a"))
+
+    def ctrl_c(event: DistillEvent) -> None:  # Ctrl-C in stage 1 after its 3rd update
+        if event.kind == "step" and event.stage == 1 and event.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = distill(_config(tiny_teacher, tmp_path / "b"), callback=ctrl_c)
+    state = tmp_path / "b" / "state_4.safetensors"
+    assert first.interrupted and state.exists() and not first.stages
+    # Rewrite the state as ddpmctl 0.1 did: "/" separators and the optimizer's param_groups in the metadata.
+    tensors, meta = load_tensors(state)
+    assert any(k.startswith("optim.") for k in tensors) and "rng.generator" in tensors
+    old = {("model/" + k[len("model."):] if k.startswith("model.") else k.replace(".", "/")): v
+           for k, v in tensors.items()}
+    save_tensors(state, old, {**meta, "param_groups": "[]"})
+    resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["student_4.safetensors", "student_2.safetensors"])
+    assert [s.student_distance for s in resumed.stages] == [s.student_distance for s in straight.stages]
+
+
 def test_bad_plans_are_one_line_errors(tiny_teacher: Path, tmp_path: Path) -> None:
     cases = [({"to_steps": 3}, "not a power of two"), ({"from_steps": 12}, "not a power of two"),
              ({"from_steps": 32}, "exceeds the 16 steps"), ({"to_steps": 8}, "must be smaller")]
@@ -314,15 +334,14 @@ def test_bad_plans_are_one_line_errors(tiny_teacher: Path, tmp_path: Path) -> No
 
 
 def test_default_head_and_both_initialisation() -> None:
-    from ddpmctl.distill import _default_param, zero_extra_head
+    from ddpmctl.distill import zero_extra_head
+    from ddpmctl.progressive import default_param
 
-    assert _default_param("v", 2, 1) == "v" and _default_param("x0", 1, 1) == "x"  # exact copies of the teacher
-    assert _default_param("eps", 2, 1) == "both" and _default_param("eps", 1, 1) == "v"
+    assert default_param("v", 2, 1) == "v" and default_param("x0", 1, 1) == "x"  # exact copies of the teacher
+    assert default_param("eps", 2, 1) == "both" and default_param("eps", 1, 1) == "v"
     torch.manual_seed(0)
-    model = _tiny_model_config(16).build()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=16))),
+                            0.05)
     torch.manual_seed(1)
     z, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
     reference = model(z, t)

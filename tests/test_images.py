@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -95,11 +96,23 @@ def test_save_npz_layout(tmp_path) -> None:
     labels = torch.tensor([2, 0, 1])
     path = save_npz(tmp_path / "s.npz", batch, labels)
     with np.load(path, allow_pickle=False) as npz:
-        assert set(npz.files) == {"arr_0", "images", "arr_1", "labels"}
+        assert set(npz.files) == {"arr_0", "arr_1"}  # the images once, in the reference's layout, then the labels
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (3, 4, 5, 3)
         np.testing.assert_array_equal(npz["arr_0"], batch.permute(0, 2, 3, 1).numpy())
-        np.testing.assert_array_equal(npz["images"], npz["arr_0"])
-        assert npz["labels"].dtype == np.int64 and npz["labels"].tolist() == [2, 0, 1]
+        assert npz["arr_1"].dtype == np.int64 and npz["arr_1"].tolist() == [2, 0, 1]
     path = save_npz(tmp_path / "g.npz", batch[:, :1])
     with np.load(path, allow_pickle=False) as npz:
-        assert set(npz.files) == {"arr_0", "images"} and npz["arr_0"].shape == (3, 4, 5, 1)
+        assert set(npz.files) == {"arr_0"} and npz["arr_0"].shape == (3, 4, 5, 1)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_follow_the_umask(tmp_path, umask: int) -> None:
+    batch = torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8)
+    old = os.umask(umask)
+    try:
+        paths = [save_png(tmp_path / "a.png", batch[0]), save_grid(tmp_path / "g.png", batch),
+                 save_npz(tmp_path / "s.npz", batch)]
+    finally:
+        os.umask(old)
+    for path in paths:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
 from ddpmctl.diffusion import GaussianDiffusion
@@ -15,33 +16,30 @@ from ddpmctl.errors import ConfigError, DataError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.nll import NllProgress, evaluate_bound, evaluate_nll, term_noise
 from ddpmctl.schedules import beta_schedule
+from conftest import perturb_weights
 
 
 
-def tiny_model_config(T: int, *, in_channels: int = 1, out_channels: int | None = None,
-                      num_classes: int | None = None) -> ModelConfig:
-    return ModelConfig(image_size=8, in_channels=in_channels, model_channels=16, channel_mult=(1, 2),
-                       num_res_blocks=1, attention_resolutions=(4,), out_channels=out_channels or 2 * in_channels,
-                       num_timesteps=T, num_classes=num_classes)
+def tiny_config(T: int, *, in_channels: int = 1, num_classes: int | None = None,
+                use_timesteps: tuple[int, ...] | None = None, learned: bool = True) -> CheckpointConfig:
+    model = ModelConfig(image_size=8, in_channels=in_channels, model_channels=16, channel_mult=(1, 2),
+                        num_res_blocks=1, attention_resolutions=(4,), num_classes=num_classes)
+    diffusion = (DiffusionConfig(timesteps=T, use_timesteps=use_timesteps) if learned
+                 else DiffusionConfig(timesteps=T, use_timesteps=use_timesteps, var_type="fixed_small", loss_type="mse"))
+    return CheckpointConfig(model=model, diffusion=diffusion)
 
 
-def random_model(config: ModelConfig, seed: int = 1) -> torch.nn.Module:
+def random_model(config: CheckpointConfig, seed: int = 1) -> torch.nn.Module:
     """A freshly built U-Net whose zero-initialised output layers get small random weights (so the output, and
     every term of the bound, depends on the input, t and y: an untrained but not degenerate network)."""
     torch.manual_seed(seed)
-    model = config.build()
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model.eval()
+    return perturb_weights(build_model(config), 0.05, only_zero=True).eval()
 
 
 def tiny_checkpoint(path: Path, T: int, *, in_channels: int = 1, num_classes: int | None = None,
                     use_timesteps: tuple[int, ...] | None = None):
-    model_config = tiny_model_config(T, in_channels=in_channels, num_classes=num_classes)
-    config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T, use_timesteps=use_timesteps))
-    save_checkpoint(path, random_model(model_config).state_dict(), config,
+    config = tiny_config(T, in_channels=in_channels, num_classes=num_classes, use_timesteps=use_timesteps)
+    save_checkpoint(path, random_model(config).state_dict(), config,
                     kind="respaced" if use_timesteps else "model", lineage=[])
     return load_checkpoint(path)
 
@@ -103,8 +101,8 @@ def points_dataset(m: int, per_point: int, seed: int = 0) -> tuple[torch.Tensor,
 
 def test_total_is_prior_plus_every_term_and_batching_matches_a_plain_loop() -> None:
     T = 20
-    model = random_model(tiny_model_config(T))
-    diffusion = DiffusionConfig(timesteps=T).build()
+    model = random_model(tiny_config(T))
+    diffusion = build_diffusion(DiffusionConfig(timesteps=T))
     x_start = uint8_to_model(random_images(3))
     prior, terms = plain_loop(diffusion, model, x_start, seed=5)
     for batch_size in (1, 7, 20, 64):
@@ -126,8 +124,8 @@ def test_total_is_prior_plus_every_term_and_batching_matches_a_plain_loop() -> N
 
 def test_seed_reproducibility_and_progress() -> None:
     T = 10
-    model = random_model(tiny_model_config(T))
-    diffusion = DiffusionConfig(timesteps=T).build()
+    model = random_model(tiny_config(T))
+    diffusion = build_diffusion(DiffusionConfig(timesteps=T))
     x_start = uint8_to_model(random_images(2))
     events: list[NllProgress] = []
     a = evaluate_bound(diffusion, model, x_start, batch_size=6, seed=3, callback=events.append)
@@ -167,7 +165,7 @@ def test_bound_is_above_the_true_nll_and_an_untrained_network_scores_worse() -> 
     decoder = -torch.log2(upper - lower).flatten(1).mean(1)
     torch.testing.assert_close(exact.decoder, decoder, rtol=2e-3, atol=1e-4)
 
-    untrained = random_model(tiny_model_config(T, out_channels=1))
+    untrained = random_model(tiny_config(T, learned=False))
     worse = evaluate_bound(diffusion, untrained, x_start[::4], batch_size=512)
     assert worse.mean - 3 * worse.stderr > exact.mean + 3 * exact.stderr
 

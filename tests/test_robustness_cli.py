@@ -6,6 +6,7 @@ through ``ddpmctl train``, non-finite losses, out-of-memory, and a torchrun rank
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -20,13 +21,14 @@ import torch
 from typer.testing import CliRunner
 
 import ddpmctl.train as train_module
+from ddpmctl.build import build_model
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
 
 T = 8
-MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, out_channels=2, num_res_blocks=1,
-                    attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1, num_timesteps=T)
+MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, num_res_blocks=1,
+                    attention_resolutions=(4,), channel_mult=(1, 2), num_heads=1)
 DATA = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=1437)
 TRAIN_TINY = ["--model-channels", "16", "--channel-mult", "1,2", "--res-blocks", "1", "--attention-resolutions", "4",
               "--timesteps", "50", "--batch-size", "8", "--max-steps", "2", "--device", "cpu"]
@@ -40,7 +42,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("robust_cli")
     torch.manual_seed(0)
-    good = save_checkpoint(root / "good.safetensors", MODEL.build().state_dict(),
+    good = save_checkpoint(root / "good.safetensors", build_model(CheckpointConfig(model=MODEL, diffusion=DiffusionConfig(timesteps=T))).state_dict(),
                            CheckpointConfig(model=MODEL, diffusion=DiffusionConfig(timesteps=T), data=DATA),
                            kind="model", lineage=[])
     raw = good.read_bytes()
@@ -143,12 +145,12 @@ CASES: list[tuple[str, Any, int, str]] = [
     ("train-device", lambda f, t: ["train", "builtin:digits", "--device", "tpu"], 2, "--device"),
     ("train-resume-force", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), "--resume", "--force"],
      2, "--force"),
-    ("train-heads", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY, "--heads", "3"], 1,
+    ("train-heads", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY, "--heads", "3"], 2,
      "heads"),
     ("train-levels", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY, "--channel-mult",
-                                   "1,2,2,2,2"], 1, "cannot be halved"),
+                                   "1,2,2,2,2"], 2, "cannot be halved"),
     ("train-attention", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY,
-                                      "--attention-resolutions", "3"], 1, "never occur"),
+                                      "--attention-resolutions", "3"], 2, "never occur"),
     ("train-out-is-file", lambda f, t: ["train", "builtin:digits", "--out", str(f["good"]), *TRAIN_TINY], 1,
      "is a file"),
     ("train-resume-nothing", lambda f, t: ["train", "--out", str(t), "--resume"], 1, "no training run"),
@@ -164,12 +166,12 @@ CASES: list[tuple[str, Any, int, str]] = [
     ("sample-steps-0", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--steps", "0"], 2, "--steps"),
     ("sample-steps-type", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--steps", "many"], 2, "--steps"),
     ("sample-seed-neg", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--seed", "-1"], 2, "--seed"),
-    ("sample-steps-over-T", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--steps", str(T + 1)], 1,
+    ("sample-steps-over-T", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--steps", str(T + 1)], 2,
      f"chain's {T} steps"),
-    ("sample-class-uncond", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--class", "3"], 1,
+    ("sample-class-uncond", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--class", "3"], 2,
      "not class-conditional"),
-    ("sample-option", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "-o", "eta=fast"], 1, "eta=fast"),
-    ("sample-sampler", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--sampler", "euler"], 1,
+    ("sample-option", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "-O", "eta=fast"], 2, "eta=fast"),
+    ("sample-sampler", lambda f, t: ["sample", _good(f), "--out", str(t / "s"), "--sampler", "euler"], 2,
      "installed samplers"),
     ("sample-out-is-file", lambda f, t: ["sample", _good(f), "--out", str(f["good"]), "--steps", "1", "--num", "1",
                                          "--device", "cpu"], 1, "is a file"),
@@ -191,7 +193,7 @@ CASES: list[tuple[str, Any, int, str]] = [
     ("respace-spacing", lambda f, t: ["respace", _good(f), "--steps", "2", "--spacing", "log", "--out",
                                       str(t / "r.safetensors")], 2, "--spacing"),
     ("respace-steps-over-T", lambda f, t: ["respace", _good(f), "--steps", str(T * 10), "--out",
-                                           str(t / "r.safetensors")], 1, f"chain's {T} steps"),
+                                           str(t / "r.safetensors")], 2, f"chain's {T} steps"),
     ("respace-out-exists", lambda f, t: ["respace", _good(f), "--steps", "2", "--out", str(f["foreign"])], 1,
      "--force"),
     ("respace-out-is-input", lambda f, t: ["respace", _good(f), "--steps", "2", "--out", _good(f), "--force"], 1,
@@ -199,10 +201,10 @@ CASES: list[tuple[str, Any, int, str]] = [
     ("respace-out-folder", lambda f, t: ["respace", _good(f), "--steps", "2", "--out", str(t)], 1, "folder"),
     # distill
     ("distill-to-3", lambda f, t: ["distill", _good(f), "--data", "builtin:digits", "--out", str(t / "d"),
-                                   "--iters-per-stage", "1", "--to-steps", "3", "--device", "cpu"], 1,
+                                   "--iters-per-stage", "1", "--to-steps", "3", "--device", "cpu"], 2,
      "power of two"),
     ("distill-from-over-T", lambda f, t: ["distill", _good(f), "--data", "builtin:digits", "--out", str(t / "d"),
-                                          "--iters-per-stage", "1", "--from-steps", "64", "--device", "cpu"], 1,
+                                          "--iters-per-stage", "1", "--from-steps", "64", "--device", "cpu"], 2,
      "--from-steps"),
     ("distill-iters-0", lambda f, t: ["distill", _good(f), "--data", "builtin:digits", "--out", str(t / "d"),
                                       "--iters-per-stage", "0"], 2, "--iters-per-stage"),
@@ -223,11 +225,7 @@ CASES: list[tuple[str, Any, int, str]] = [
                          ids=[c[0] for c in CASES])
 def test_bad_input_table(files: dict[str, Path], tmp_path: Path, command: Any, code: int, words: str) -> None:
     result = invoke(*command(files, tmp_path))
-    if code == 2 and result.stderr.lstrip().startswith(("Usage:", "Try ")):
-        # typer's own parameter errors (a value of the wrong type): exit 2, the option named, no traceback.
-        assert result.exit_code == 2 and "Traceback" not in result.output and words in result.output, result.output
-        return
-    assert words in one_line(result, code)
+    assert words in one_line(result, code)  # typer's own usage errors too: one line, like ddpmctl's
 
 
 # ----------------------------------------------------------------------------------- --out never overwrites
@@ -293,9 +291,10 @@ def _folder(root: Path, kind: str) -> Path:
     ("truncated", ["--skip-bad-images", "--image-size", "8"], 0, "skipped 1 bad image"),
     ("tiny", [], 1, "--image-size"),
     ("tiny", ["--image-size", "8"], 0, "upscal"),
-    ("jpeg-named-png", ["--image-size", "8"], 0, ""),
+    ("jpeg-named-png", ["--image-size", "8"], 0, None),
 ])
-def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str], code: int, words: str) -> None:
+def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str], code: int,
+                                    words: str | None) -> None:
     folder = _folder(tmp_path, kind)
     result = invoke("train", str(folder), "--out", str(tmp_path / "run"), *TRAIN_TINY, *extra)
     if code:
@@ -303,7 +302,12 @@ def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str],
         assert not (tmp_path / "run" / "config.json").exists()  # nothing half-made
         return
     assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output and words in result.stderr.lower(), result.stderr
+    assert "Traceback" not in result.output, result.output
+    if words is None:  # read by content, not by name: all three images train and there is nothing to warn about
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["num_images"] == 3
+        assert "warning:" not in result.stderr, result.stderr
+    else:
+        assert words in result.stderr.lower(), result.stderr
     assert (tmp_path / "run" / "model_000002.safetensors").exists()
 
 
@@ -391,6 +395,7 @@ def _rank_of(pid: int) -> str | None:
     return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank processes through /proc")
 def test_a_dying_rank_ends_the_run_without_a_hang(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -422,4 +427,4 @@ def test_a_dying_rank_ends_the_run_without_a_hang(tmp_path: Path) -> None:
     # Rank 0 says what happened in one line (torchrun then prints its own summary); no ddpmctl traceback.
     assert "ddpmctl/train.py" not in stderr and "ddpmctl/distributed.py" not in stderr, stderr[-3000:]
     ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert all("another rank probably died" in line for line in ours), ours
+    assert len(ours) == 1 and "another rank probably died" in ours[0], stderr[-3000:]

@@ -6,7 +6,7 @@ import ast
 import importlib.metadata
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +16,14 @@ from pydantic import BaseModel
 
 import ddpmctl
 from ddpmctl import samplers
+from ddpmctl.config import DiffusionConfig
+from ddpmctl.denoiser import CLEAN, Denoiser
 from ddpmctl.errors import SamplerError, UnknownSamplerError
 from ddpmctl.samplers import Sampler, SampleRNG, StepInfo, available_samplers, get_sampler, parse_options
 from ddpmctl.testing import check_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTINS = ("ancestral", "strided", "ddim")
+BUILTINS = ("ancestral", "strided", "ddim", "student", "dpmpp-2m")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -41,32 +43,29 @@ def test_builtins_are_installed() -> None:
 
 
 class _GoodDDIMish(Sampler):
-    """A minimal correct sampler (deterministic DDIM on the full chain) to mutate into broken ones."""
+    """A minimal correct sampler (DDIM, eta 0.5) written against contract v2, to mutate into broken ones."""
 
+    api_version = 2
     name = "good"
     description = "a test sampler"
-
-    def num_steps(self, checkpoint: Any, steps: int | None) -> int:
-        return checkpoint.diffusion.num_timesteps
 
     def _eps_noise(self, x: torch.Tensor, rng: SampleRNG) -> torch.Tensor:
         return rng.randn_like(x)
 
-    def sample(self, checkpoint: Any, x_T: torch.Tensor, *, steps: int | None, rng: SampleRNG, callback: Any = None,
-               model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-        d, x = checkpoint.diffusion, x_T
-        n = d.num_timesteps
-        for i, k in enumerate(range(n - 1, -1, -1)):
-            t = torch.full((x.shape[0],), k, dtype=torch.int64)
-            with torch.no_grad():
-                out = d.ddim_sample(checkpoint.model, x, t, eta=0.5, noise=self._eps_noise(x, rng),
-                                    model_kwargs=self._kwargs(model_kwargs))
-            x = out["sample"]
-            self._report(callback, StepInfo(index=i, total=n, t=k, x=x, pred_xstart=out["pred_xstart"]))
+    def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], *, noise: SampleRNG,
+               callback: Any = None) -> torch.Tensor:
+        x = x_T
+        for i, t in enumerate(timesteps):
+            s = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
+            pred = self._predict(denoiser, x, t)
+            a, a_s = denoiser.alpha_bar(t), denoiser.alpha_bar(s)
+            sigma = 0.5 * ((1 - a_s) / (1 - a) * (1 - a / a_s)) ** 0.5
+            x = a_s**0.5 * pred.x0 + (1 - a_s - sigma**2) ** 0.5 * pred.eps + sigma * self._eps_noise(x, noise)
+            self._report(callback, StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.x0))
         return x
 
-    def _kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
-        return model_kwargs
+    def _predict(self, denoiser: Denoiser, x: torch.Tensor, t: int) -> Any:
+        return denoiser.predict(x, t)
 
     def _report(self, callback: Any, info: StepInfo) -> None:
         if callback is not None:
@@ -78,9 +77,13 @@ class _GlobalRNG(_GoodDDIMish):
         return torch.randn_like(x)
 
 
-class _NoKwargs(_GoodDDIMish):
-    def _kwargs(self, model_kwargs: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None
+class _OwnNetworkCall(_GoodDDIMish):
+    """Calls the network itself, without the class labels the denoiser would pass."""
+
+    def _predict(self, denoiser: Denoiser, x: torch.Tensor, t: int) -> Any:
+        return Denoiser(denoiser.network, DiffusionConfig(schedule="cosine", timesteps=denoiser.num_timesteps,
+                                                          mean_type="eps", var_type="fixed_small", loss_type="mse"),
+                        [t]).predict(x, t) if denoiser.model_kwargs else denoiser.predict(x, t)
 
 
 class _SilentSteps(_GoodDDIMish):
@@ -98,10 +101,23 @@ class _NoName(_GoodDDIMish):
     name = ""
 
 
-class _WrongLimit(_GoodDDIMish):
-    """Returns the first step's pred_xstart instead of finishing the chain."""
+class _Unversioned(_GoodDDIMish):
+    api_version = None
 
-    def sample(self, checkpoint: Any, x_T: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+
+class _BottomFirst(_GoodDDIMish):
+    """Walks the timesteps from the least noisy one: one step then evaluates t = 0 on pure noise."""
+
+    def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], **kwargs: Any) -> torch.Tensor:
+        if len(timesteps) == 1:
+            return denoiser.predict(x_T, 0).x0
+        return super().sample(denoiser, x_T, timesteps, **kwargs)
+
+
+class _WrongLimit(_GoodDDIMish):
+    """Returns the first step's x instead of finishing the chain."""
+
+    def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], **kwargs: Any) -> torch.Tensor:
         first: list[torch.Tensor] = []
         kwargs = dict(kwargs)
         user = kwargs.pop("callback", None)
@@ -111,7 +127,7 @@ class _WrongLimit(_GoodDDIMish):
             if user is not None:
                 user(info)
 
-        super().sample(checkpoint, x_T, callback=keep, **kwargs)
+        super().sample(denoiser, x_T, timesteps, callback=keep, **kwargs)
         return first[0]
 
 
@@ -121,10 +137,12 @@ def test_check_sampler_accepts_a_correct_sampler() -> None:
 
 @pytest.mark.parametrize(("cls", "message"), [
     (_GlobalRNG, "global RNG"),
-    (_NoKwargs, "model_kwargs"),
+    (_OwnNetworkCall, "class labels"),
     (_SilentSteps, "callback"),
     (_LooseOptions, "unknown keys"),
     (_NoName, "lowercase CLI name"),
+    (_Unversioned, "api_version"),
+    (_BottomFirst, "with one step does not recover the data mean"),
     (_WrongLimit, "does not recover"),
 ])
 def test_check_sampler_catches_broken_samplers(cls: type[Sampler], message: str) -> None:
@@ -139,10 +157,19 @@ PLUGIN_SOURCE = textwrap.dedent('''
     from ddpmctl import Sampler
 
     class Fine(Sampler):
+        api_version = 2
         name = "fine"
         description = "works"
 
+    class OldStyle(Sampler):  # a plugin written for contract v1: no api_version, num_steps + sample(checkpoint)
+        name = "old"
+        description = "v1"
+
+        def num_steps(self, checkpoint, steps):
+            return 1
+
     class Misnamed(Sampler):
+        api_version = 2
         name = "other"
         description = "registered under another name"
 
@@ -164,6 +191,7 @@ def fake_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[li
         importlib.metadata.EntryPoint("plain", "fake_ddpmctl_plugins:NotASampler", group),
         importlib.metadata.EntryPoint("broken", "fake_ddpmctl_broken:Thing", group),
         importlib.metadata.EntryPoint("gone", "fake_ddpmctl_missing_module:Thing", group),
+        importlib.metadata.EntryPoint("old", "fake_ddpmctl_plugins:OldStyle", group),
         importlib.metadata.EntryPoint("twice", "fake_ddpmctl_plugins:Fine", group),
         importlib.metadata.EntryPoint("twice", "fake_ddpmctl_plugins:Misnamed", group),
         *samplers._entry_points(),  # the real ones keep working beside the broken
@@ -190,12 +218,16 @@ def test_registry_reports_broken_plugins_and_keeps_the_rest(fake_plugins: list[i
     assert "ImportError: needs libfoo" in (entries["broken"].error or "")
     assert "ModuleNotFoundError" in (entries["gone"].error or "")
     assert "registered more than once" in (entries["twice"].error or "")
+    assert entries["old"].incompatible and not entries["old"].ok
+    assert "written for sampler API v1" in (entries["old"].error or "")
     for name in BUILTINS:
         assert entries[name].ok
     assert get_sampler("fine").name == "fine"
     with pytest.raises(SamplerError, match="installed but broken: cannot import"):
         get_sampler("broken")
-    with pytest.raises(UnknownSamplerError, match="installed samplers: ancestral, ddim, fine") as info:
+    with pytest.raises(SamplerError, match="installed but incompatible: .*written for sampler API v1"):
+        get_sampler("old")
+    with pytest.raises(UnknownSamplerError, match="installed samplers: ancestral, ddim, dpmpp-2m, fine") as info:
         get_sampler("ddmi")
     assert "broken" not in str(info.value)  # only usable ones are offered
     available_samplers()
@@ -221,6 +253,19 @@ def test_samplers_command_lists_broken_plugin(fake_plugins: list[int]) -> None:
     assert table.exit_code == 0, table.output
     # The table wraps long cells at the terminal's width: check the row names, and that the error is shown.
     assert "broken" in table.stdout and "fine" in table.stdout and "ImportErr" in table.stdout
+    assert not rows["old"]["ok"] and rows["old"]["incompatible"] and "incompatible" in table.stdout
+
+
+def test_sample_with_a_v1_plugin_is_one_line(fake_plugins: list[int], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ddpmctl.cli.app import app
+
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "any.safetensors"), "--sampler", "old",
+                                      "--out", str(tmp_path / "s")])
+    assert result.exit_code != 0, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: sampler 'old' is installed but incompatible"), lines
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,6 +285,8 @@ def test_parse_options() -> None:
         parse_options(ddim, ["eta=abc"])
     with pytest.raises(SamplerError, match="option eta=-0.1: Input should be greater than or equal to 0"):
         parse_options(ddim, ["eta=-0.1"])
+    with pytest.raises(SamplerError, match="option eta=1.5: Input should be less than or equal to 1"):
+        parse_options(ddim, ["eta=1.5"])
     with pytest.raises(SamplerError, match="given twice"):
         parse_options(ddim, ["eta=1", "eta=2"])
     for bad in (["eta=abc"], ["nope=1"], ["x"]):
@@ -280,7 +327,7 @@ def test_sample_rng_streams_depend_only_on_seed_and_index() -> None:
 
 ALLOWED_TOP = {"__future__", "typing", "math", "dataclasses", "collections", "torch", "pydantic"}
 PLUGIN_FILES = sorted((ROOT / "plugins" / "ddpmctl_samplers").glob("*.py")) + [
-    ROOT / "examples" / "ddpmctl-dpmsolver" / "ddpmctl_dpmsolver" / "__init__.py"]
+    ROOT / "examples" / "ddpmctl-heun" / "ddpmctl_heun" / "__init__.py"]
 
 
 @pytest.mark.parametrize("path", PLUGIN_FILES, ids=lambda p: p.name if p.name != "__init__.py" else p.parent.name)
@@ -300,3 +347,12 @@ def test_plugins_import_only_public_names(path: Path) -> None:
             for alias in node.names:  # `import ddpmctl` is fine, `import ddpmctl.diffusion` is not
                 assert alias.name.split(".")[0] in ALLOWED_TOP or alias.name == "ddpmctl", (
                     f"{path.name} imports {alias.name}")
+
+
+def test_the_readme_plugin_passes_the_contract() -> None:
+    # The plugin shown in full in README.md runs as written.
+    text = (ROOT / "README.md").read_text()
+    block = text.split("This is a complete plugin:\n\n```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
+    check_sampler(namespace["EulerSampler"])

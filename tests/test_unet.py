@@ -11,49 +11,51 @@ from ddpmctl.config import ModelConfig
 from ddpmctl.errors import ConfigError
 import ddpmctl.unet as unet
 from ddpmctl.unet import AttentionBlock, GroupNorm32, UNetModel, count_parameters, timestep_embedding
+from conftest import assert_same, perturb_weights
 
-CIFAR10 = ModelConfig(image_size=32, in_channels=3, model_channels=128, out_channels=6, num_res_blocks=3,
+CIFAR10 = ModelConfig(image_size=32, in_channels=3, model_channels=128, num_res_blocks=3,
                       attention_resolutions=(16, 8), dropout=0.3, channel_mult=(1, 2, 2, 2), num_heads=4,
-                      use_scale_shift_norm=True, num_timesteps=4000)
+                      use_scale_shift_norm=True)
+T = 100  # the chain length the tests' networks scale timesteps by
 
 
 def tiny(**overrides: object) -> ModelConfig:
-    base: dict[str, object] = dict(image_size=8, in_channels=3, model_channels=16, out_channels=3, num_res_blocks=1,
-                                   attention_resolutions=(4,), channel_mult=(1, 2), num_heads=2, num_timesteps=100)
+    base: dict[str, object] = dict(image_size=8, in_channels=3, model_channels=16, num_res_blocks=1,
+                                   attention_resolutions=(4,), channel_mult=(1, 2), num_heads=2)
     base.update(overrides)
     return ModelConfig(**base)
 
 
-def randomized(config: ModelConfig, seed: int = 0) -> UNetModel:
+def net(config: ModelConfig, *, out_channels: int | None = None, num_timesteps: int = T) -> UNetModel:
+    """The network (C outputs, a fixed variance, unless told otherwise) on a chain of ``num_timesteps`` steps."""
+    return UNetModel(config, out_channels=out_channels or config.in_channels, num_timesteps=num_timesteps)
+
+
+def randomized(config: ModelConfig, seed: int = 0, **kwargs: int) -> UNetModel:
     """A model whose zero-initialised layers are filled too, so the output depends on every path."""
     torch.manual_seed(seed)
-    model = UNetModel(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.1)
-    return model
+    return perturb_weights(net(config, **kwargs), 0.1, only_zero=True)
 
 
 def inputs(config: ModelConfig, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, config.in_channels, config.image_size, config.image_size, generator=g)
-    t = torch.randint(0, config.num_timesteps, (n,), generator=g)
+    t = torch.randint(0, T, (n,), generator=g)
     return x, t
 
 
 @pytest.mark.parametrize("out_channels", [3, 6])
 def test_output_shape_c_and_2c(out_channels: int) -> None:
-    config = tiny(out_channels=out_channels)
+    config = tiny()
     x, t = inputs(config)
-    assert UNetModel(config)(x, t).shape == (3, out_channels, 8, 8)
+    assert net(config, out_channels=out_channels)(x, t).shape == (3, out_channels, 8, 8)
 
 
 def test_fresh_model_outputs_zeros() -> None:
     # The output conv is zero-initialised (as in the reference): a new network predicts exactly 0.
     config = tiny()
     x, t = inputs(config)
-    assert torch.equal(UNetModel(config)(x, t), torch.zeros(3, 3, 8, 8))
+    assert torch.equal(net(config)(x, t), torch.zeros(3, 3, 8, 8))
 
 
 def test_class_conditional_uses_labels_and_requires_them() -> None:
@@ -69,7 +71,7 @@ def test_class_conditional_uses_labels_and_requires_them() -> None:
     with pytest.raises(ValueError, match="shape"):
         model(x, t, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="not class-conditional"):
-        UNetModel(tiny())(x, t, torch.tensor([0, 1, 2]))
+        net(tiny())(x, t, torch.tensor([0, 1, 2]))
 
 
 @pytest.mark.parametrize("dim", [1, 2, 7, 16, 33])
@@ -89,8 +91,8 @@ def test_timestep_embedding_matches_formula(dim: int) -> None:
 
 def test_model_scales_original_timesteps_to_1000() -> None:
     # Original index t of a T-step chain is embedded as t * 1000 / T: t = 1000 of T = 4000 looks like 250 of 1000.
-    model = randomized(tiny(num_timesteps=4000)).eval()
-    same = randomized(tiny(num_timesteps=1000)).eval()
+    model = randomized(tiny(), num_timesteps=4000).eval()
+    same = randomized(tiny(), num_timesteps=1000).eval()
     x, _ = inputs(model.config)
     torch.testing.assert_close(model(x, torch.tensor([1000, 2000, 3996])), same(x, torch.tensor([250, 500, 999])))
     # And the embedding the network actually feeds its MLP is [cos | sin] of (t * 1000 / T) * freq.
@@ -151,7 +153,7 @@ def test_cifar10_parameter_count() -> None:
     expected = _reference_count(image_size=32, in_channels=3, mc=128, out_channels=6, blocks=3,
                                 attention={16, 8}, mult=(1, 2, 2, 2))
     assert expected == 52_546_438
-    model = UNetModel(CIFAR10)
+    model = net(CIFAR10, out_channels=6, num_timesteps=4000)
     assert count_parameters(model) == expected
     # Spot checks against the reference's shapes (attention qkv is a 1x1 Conv1d there).
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -164,11 +166,11 @@ def test_cifar10_parameter_count() -> None:
                                                  num_res_blocks=2, model_channels=32, num_classes=3)])
 def test_small_parameter_counts_match_reference_formula(config: ModelConfig) -> None:
     expected = _reference_count(image_size=config.image_size, in_channels=config.in_channels,
-                                mc=config.model_channels, out_channels=config.out_channels,
+                                mc=config.model_channels, out_channels=config.in_channels,
                                 blocks=config.num_res_blocks, attention=set(config.attention_resolutions),
                                 mult=config.channel_mult)
     expected += (config.num_classes or 0) * 4 * config.model_channels
-    assert count_parameters(UNetModel(config)) == expected
+    assert count_parameters(net(config)) == expected
 
 
 def test_channels_last_matches_contiguous() -> None:
@@ -213,7 +215,7 @@ def test_groupnorm_normalises_in_fp32() -> None:
 
 
 def test_state_dict_has_no_nonpersistent_buffers() -> None:
-    model = UNetModel(tiny())
+    model = net(tiny())
     keys = set(model.state_dict())
     assert keys == {name for name, _ in model.named_parameters()}
     assert "freqs" in dict(model.named_buffers())
@@ -228,35 +230,35 @@ def test_deterministic_given_seed() -> None:
         torch.manual_seed(7)
         outs.append(model(x, t))
     assert torch.equal(outs[0], outs[1])
-    a, b = UNetModel(config).state_dict(), UNetModel(config).state_dict()
+    a, b = net(config).state_dict(), net(config).state_dict()
     torch.manual_seed(3)
-    c = UNetModel(config).state_dict()
+    c = net(config).state_dict()
     torch.manual_seed(3)
-    d = UNetModel(config).state_dict()
-    assert all(torch.equal(c[k], d[k]) for k in c)
+    d = net(config).state_dict()
+    assert_same(c, d)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_one_channel_8px_and_odd_configs_run_and_backprop() -> None:
-    for config in [tiny(in_channels=1, out_channels=2, attention_resolutions=(4,)),
+    for config in [tiny(in_channels=1, attention_resolutions=(4,)),
                    tiny(channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), use_scale_shift_norm=False,
                         model_channels=24, num_heads=3),
                    tiny(channel_mult=(1,), image_size=5, attention_resolutions=(5,), model_channels=17, num_heads=1)]:
         model = randomized(config)
         x, t = inputs(config, n=2)
         out = model(x, t)
-        assert out.shape == (2, config.out_channels, config.image_size, config.image_size)
+        assert out.shape == (2, config.in_channels, config.image_size, config.image_size)
         out.square().mean().backward()
         assert all(p.grad is not None for p in model.parameters())
 
 
 def test_bad_shapes_raise_config_errors() -> None:
     with pytest.raises(ConfigError, match="halved"):
-        UNetModel(tiny(image_size=6, channel_mult=(1, 2, 2)))
+        net(tiny(image_size=6, channel_mult=(1, 2, 2)))
     with pytest.raises(ConfigError, match="never occur"):
-        UNetModel(tiny(attention_resolutions=(16,)))
+        net(tiny(attention_resolutions=(16,)))
     with pytest.raises(ConfigError, match="heads"):
-        UNetModel(tiny(num_heads=3))
+        net(tiny(num_heads=3))
 
 
 def _reference_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -323,7 +325,9 @@ def test_channels_last_bf16_groupnorm_gradients_match_fp32() -> None:
 
 def test_channels_last_bf16_groupnorm_inference_takes_mixed_kernel_on_large_maps(monkeypatch) -> None:
     # Forward-only calls on maps of >= 32x32 pixels hand bf16 straight to the mixed-type kernel (faster there);
-    # its output must be bit-identical to the float round trip. Calls that need a gradient keep the round trip.
+    # calls that need a gradient keep the float round trip. Either way the result is the exact normalisation
+    # rounded once to bf16: within half a bf16 ulp (2^-8 relative) plus fp32 arithmetic error (1e-5 absolute on
+    # these O(1) outputs) of float64, whichever kernel this PyTorch build happens to pick.
     torch.manual_seed(0)
     norm = GroupNorm32(64)
     with torch.no_grad():
@@ -342,9 +346,10 @@ def test_channels_last_bf16_groupnorm_inference_takes_mixed_kernel_on_large_maps
     with torch.inference_mode():
         out_large, out_small = norm(large), norm(small)
     assert seen == [torch.bfloat16, torch.float32]
-    expected = group_norm(large.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16()
-    assert torch.equal(out_large, expected)
-    assert torch.equal(out_small, group_norm(small.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16())
+    for x, out in ((large, out_large), (small, out_small)):
+        exact = group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5)
     seen.clear()
     norm(large.clone().requires_grad_()).sum().backward()
     assert seen == [torch.float32]

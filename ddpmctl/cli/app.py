@@ -1,20 +1,87 @@
-"""The ``ddpmctl`` Typer app: registers one thin module per command."""
+"""The ``ddpmctl`` Typer app: registers one thin module per command.
+
+Importing this module must stay cheap (``ddpmctl --version`` and ``--help`` in well under half a second): the command
+modules import torch, numpy, pydantic, safetensors and PIL inside the command functions, never at module level
+(tests/test_cli_startup.py checks this; benchmarks/bench_startup.py times it).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ddpmctl import __version__
 from ddpmctl.cli import distill, eval_nll, info, respace, sample, samplers, train
 
+try:  # typer >= 0.26 ships its own copy of click
+    from typer._click.exceptions import ClickException
+except ImportError:  # pragma: no cover - older typer uses the click package
+    from click.exceptions import ClickException  # type: ignore[no-redef]
+
+
+def usage_line(err: Any) -> str:
+    """A click usage error as one line: 'error: <command>: <problem> (see `<command> --help`)'."""
+    message = " ".join(line.strip() for line in err.format_message().splitlines() if line.strip())
+    message = message.replace("Value error, ", "").rstrip(".")  # typer's validator wording, one style of line
+    ctx = getattr(err, "ctx", None)
+    if ctx is None:
+        return f"error: {message}"
+    return f"error: {ctx.command_path}: {message} (see `{ctx.command_path} --help`)"
+
+
+def _plain_flags(command: Any, ctx: Any) -> None:
+    """Show flags (``--resume``, ``--flip/--no-flip``, ``--help``) without a value placeholder: they take none.
+
+    Recent typer labels every option with its type, ``--resume <bool>``, which reads as if ``--resume true`` worked.
+    """
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class OneLineErrorGroup(TyperGroup):
+    """Typer's group, but a usage error is one line on stderr (exit 2) like every other ddpmctl error.
+
+    Typer draws its own errors as a multi-line rich box; everything ddpmctl reports itself is a single
+    ``error: ...`` line, so scripts can grep one format.
+    """
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _plain_flags(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _plain_flags(self, ctx)
+        super().format_help(ctx, formatter)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as err:
+            typer.echo(usage_line(err), err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        # Without standalone mode a command's typer.Exit(code) comes back as its return value.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="ddpmctl",
+    cls=OneLineErrorGroup,
     help="Train, sample, evaluate and distill Improved-DDPM diffusion models on image folders.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 

@@ -1,23 +1,33 @@
-"""What every command shares: the one-line error contract, consoles, ``--device`` and ``--json`` output."""
+"""What every command shares: the one-line error contract, consoles, ``--device``, choices and ``--json`` output.
+
+Exit codes: 2 = the command line is wrong (an unknown option, a value of the wrong type, a choice that does not
+exist, a number out of range, also a range that the named checkpoint sets, such as ``--steps`` > T, an unknown
+sampler or sampler option); 1 = anything else (files, data, checkpoints, run folders, the machine); 130 = Ctrl-C.
+Every error is one ``error: ...`` line on stderr.
+
+No heavy import here (torch, numpy, pydantic): ``ddpmctl --help`` imports this module.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 
-from ddpmctl.errors import DdpmctlError
+from ddpmctl.errors import DdpmctlError, OptionError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 console = Console(stderr=True)  # progress, tables meant for people
 out_console = Console()  # stdout: tables and results
+
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -54,6 +64,8 @@ def guarded(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except OptionError as err:
+            raise usage_error(_first_line(err)) from None
         except DdpmctlError as err:
             raise fail(str(err).splitlines()[0] if str(err) else type(err).__name__) from None
         except KeyboardInterrupt:
@@ -91,15 +103,43 @@ def resolve_device(spec: str) -> "torch.device":  # noqa: F821
     raise usage_error(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}")
 
 
+@contextlib.contextmanager
+def option_errors(*kinds: type[DdpmctlError]) -> Iterator[None]:
+    """Library errors of these kinds raised inside are about the command line's values: exit 2, not 1."""
+    try:
+        yield
+    except kinds as err:
+        raise usage_error(_first_line(err)) from None
+
+
 def print_json(payload: Any) -> None:
     """Machine-readable output on stdout (one JSON document)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
+PRECISION_HELP = ("auto | fp32 | bf16. auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU "
+                  "with AVX-512-BF16 or AMX), else fp32; bf16 elsewhere is emulated and slower than fp32.")
+
+
+def resolve_precision_option(precision: str, device: "torch.device") -> str:  # noqa: F821
+    """``--precision auto|fp32|bf16`` -> the precision used on ``device`` (fp32 | bf16); exit 2 for another value.
+
+    Where bf16 was asked for on a device that only emulates it, one warning line goes to stderr."""
+    from ddpmctl.hardware import PRECISION_REQUESTS, resolve_precision
+
+    if precision not in PRECISION_REQUESTS:
+        raise usage_error(f"--precision must be one of {', '.join(PRECISION_REQUESTS)}, not {precision!r}")
+    chosen, warning = resolve_precision(precision, device)
+    if warning is not None:
+        typer.echo(f"warning: {warning}", err=True)
+    return chosen
+
+
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto = CUDA when available)."
 
 
-def device_option() -> Any:
-    """A fresh ``--device`` option (typer mutates option objects, so each command needs its own)."""
-    return typer.Option("auto", "--device", help=DEVICE_HELP)
+def device_option(help: str = DEVICE_HELP, **kwargs: Any) -> Any:
+    """A fresh ``--device`` option, for ``Annotated[str, device_option()] = "auto"`` (typer mutates option objects,
+    so each command needs its own)."""
+    return typer.Option("--device", help=help, metavar="DEVICE", **kwargs)

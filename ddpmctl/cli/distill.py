@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from pydantic import ValidationError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.cli.common import console, guarded, out_console, print_json, resolve_device, usage_error
-
-
-def _first_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = "--" + "-".join(str(p) for p in first.get("loc", ())).replace("_", "-")
-    return f"{where}: {first.get('msg', 'invalid value')}"
+from ddpmctl.choices import PrecisionRequest, StudentParam, Weighting
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
+                                resolve_device, resolve_precision_option, usage_error)
+from ddpmctl.errors import validation_problem
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -42,32 +35,6 @@ def report_table(result: Any) -> Table:
     return table
 
 
-class _StopFlag:
-    """First Ctrl-C: finish the iteration, save the stage state, stop. Second Ctrl-C: stop at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def __enter__(self) -> _StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print("[yellow]stopping after this iteration (Ctrl-C again to abort without saving)[/yellow]")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
 @guarded
 def distill_command(
     checkpoint: Annotated[Path, typer.Argument(help="The teacher: a trained model (EMA) or a student to distill "
@@ -76,27 +43,32 @@ def distill_command(
                                       show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: student_{N}.safetensors, report.json, "
                                                           "resumable state.", show_default=False)],
-    iters_per_stage: Annotated[int, typer.Option("--iters-per-stage", help="Updates per halving (the paper: 50k).",
-                                                 show_default=False)],
+    iters_per_stage: Annotated[int, typer.Option("--iters-per-stage", min=1, help="Updates per halving (the paper: "
+                                                 "50k).", show_default=False)],
     from_steps: Annotated[Optional[int], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
-        "--from-steps", help="The teacher's DDIM steps, a power of two <= T (default: 1024 or T's largest power "
-                             "of two; for a student, its own N).", show_default=False)] = None,
-    to_steps: Annotated[int, typer.Option("--to-steps", help="The final student's steps (a power of two).")] = 4,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b")] = 64,
-    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate, decayed linearly to 0 in each stage.")]
-    = 5e-5,
-    param: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        "--param", help="Student head: v | x | both (default: the teacher's own head for a v or x0 model; for "
-                        "eps: both with learned-variance channels, else v).", show_default=False)] = None,
-    weighting: Annotated[str, typer.Option("--weighting", help="truncated-snr | snr+1")] = "truncated-snr",
-    precision: Annotated[str, typer.Option("--precision", help="fp32 | bf16 (the student's forward; targets "
-                                                               "stay fp32).")] = "fp32",
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    report_samples: Annotated[int, typer.Option("--report-samples", help="Noises for the quality report "
-                                                                         "(0: no report).")] = 64,
-    save_every: Annotated[int, typer.Option("--save-every", help="Save the stage state every N updates.")] = 200,
-    no_flip: Annotated[bool, typer.Option("--no-flip", help="Do not flip training images horizontally.")] = False,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | cuda:N.")] = "auto",
+        "--from-steps", min=1, help="The teacher's DDIM steps, a power of two <= T.",
+        show_default="1024 or T's largest power of two; a student's own N")] = None,
+    to_steps: Annotated[int, typer.Option("--to-steps", min=1, help="The final student's steps (a power of two).")
+                        ] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Training images per update.")] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="Adam learning rate, decayed linearly to "
+                                      "0 in each stage.")] = 5e-5,
+    param: Annotated[Optional[StudentParam], typer.Option(  # noqa: UP007
+        "--param", help="Student head.",
+        show_default="the teacher's own head for a v or x0 model; for eps: both with learned-variance channels, "
+                     "else v")] = None,
+    weighting: Annotated[Weighting, typer.Option("--weighting", help="Loss weight over t: truncated-snr = "
+                                                 "max(SNR, 1), snr+1 = SNR + 1.")] = "truncated-snr",
+    precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
+        " It sets the student's forward pass (the teacher's targets stay fp32)."))] = "auto",
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Same seed, same machine: the same students.")] = 0,
+    report_samples: Annotated[int, typer.Option("--report-samples", min=0, help="Noises for the quality report "
+                                                "(0: no report).")] = 64,
+    save_every: Annotated[int, typer.Option("--save-every", min=1, help="Save the stage state every N updates.")
+                          ] = 200,
+    flip: Annotated[bool, typer.Option("--flip/--no-flip", help="Flip training images horizontally at random.")
+                    ] = True,
+    device: Annotated[str, device_option()] = "auto",
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (finished stages are "
                                                           "kept).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Start over, replacing a run in --out.")] = False,
@@ -104,19 +76,25 @@ def distill_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Distill a model into a few-step student by repeatedly halving its DDIM steps (progressive distillation)."""
+    from pydantic import ValidationError
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
     from ddpmctl.distill import DistillConfig, distill
 
     if resume and force:
         raise usage_error("--resume and --force contradict each other: pick one")
+    torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
     try:
         config = DistillConfig(
             checkpoint=str(checkpoint), data=data, out=str(out), from_steps=from_steps, to_steps=to_steps,
             iters_per_stage=iters_per_stage, batch_size=batch_size, lr=lr, param=param, weighting=weighting,
             precision=precision, seed=seed, report_samples=report_samples, save_every=save_every,
-            flip=not no_flip)
+            flip=flip)
     except ValidationError as err:
-        raise usage_error(_first_problem(err)) from None
-    torch_device = resolve_device(device)
+        raise usage_error(validation_problem(err, lambda loc: "--" + "-".join(map(str, loc)).replace("_", "-"))) \
+            from None
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} it/s"),
@@ -125,11 +103,15 @@ def distill_command(
     tasks: dict[int, Any] = {}
 
     def on_event(event: Any) -> None:
-        if event.kind in ("plan", "reference", "saved") and not quiet:
+        if event.kind == "stopping":
+            console.print(Text(event.message, style="yellow"))
+        elif event.kind in ("plan", "reference", "saved") and not quiet:
             console.print(Text(event.message))
         elif event.kind == "stage_start":
+            if not tasks:  # the bars appear once set-up has succeeded, so a set-up error prints alone
+                progress.start()
             tasks[event.stage] = progress.add_task(
-                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps}",
+                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps} {precision}",
                 total=event.total, completed=event.iteration, loss="-", speed="-")
         elif event.kind == "step":
             task = tasks[event.stage]
@@ -137,11 +119,13 @@ def distill_command(
             speed = progress.tasks[task].speed
             progress.update(task, speed="-" if not speed else f"{speed:.1f}")
 
-    with _StopFlag() as stop, progress:
-        result = distill(config, device=torch_device, resume=resume, force=force, callback=on_event,
-                         should_stop=stop)
+    try:  # Ctrl-C: distill() saves the stage state and returns (a second one aborts)
+        result = distill(config, device=torch_device, resume=resume, force=force, callback=on_event)
+    finally:
+        if tasks:
+            progress.stop()
     if json_output:
-        print_json(result.to_json())
+        print_json({**result.to_json(), "precision": precision})
     elif result.stages:
         out_console.print(report_table(result))
     if result.interrupted:

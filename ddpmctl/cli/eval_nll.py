@@ -10,7 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.choices import Estimator, PrecisionRequest, Split
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
+                                resolve_device, resolve_precision_option, usage_error)
 
 DEFAULT_MC_TERMS = 64
 
@@ -48,6 +50,12 @@ def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, s
         "seed": seed,
         "bits_per_dim": result.mean,
         "stderr": _finite(result.stderr),
+        # Each image's own bits/dim and, for mc, its Monte-Carlo standard error (null when M == 1).
+        "per_image": [
+            {"bits_per_dim": float(bpd),
+             "mc_stderr": _finite(float(result.bpd_stderr[i])) if result.bpd_stderr is not None else None}
+            for i, bpd in enumerate(result.bpd.tolist())
+        ],
         "breakdown": [
             {"term": name, "t_range": list(span) if span is not None else None, "bits_per_dim": mean,
              "stderr": _finite(stderr)}
@@ -56,11 +64,13 @@ def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, s
     }
 
 
-def result_line(result: Any) -> str:
-    """'bits/dim: 1.2345 ± 0.0123 (N images, T terms)'."""
+def result_line(result: Any, precision: str | None = None) -> str:
+    """'bits/dim: 1.2345 ± 0.0123 (N images, T terms[; precision])'."""
     how = f"{result.num_terms} terms"
     if result.estimator == "mc":
         how += f"; mc, {result.mc_terms} sampled per image"
+    if precision is not None:
+        how += f"; {precision}"
     return f"bits/dim: {_fmt(result.mean)} ± {_fmt(result.stderr)} ({result.num_images} images, {how})"
 
 
@@ -103,73 +113,57 @@ def _resolve_data(config: Any, data: str | None, split: str | None) -> tuple[str
 def eval_nll_command(
     checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
     data: Annotated[Optional[str], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
-        "--data", help="Image folder or builtin:NAME (default: the held-out split of the checkpoint's built-in "
-                       "training set).")] = None,
-    split: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        "--split", help="test | train, for builtin: datasets (default test).")] = None,
+        "--data", help="Image folder or builtin:NAME.",
+        show_default="the held-out split of the checkpoint's built-in training set")] = None,
+    split: Annotated[Optional[Split], typer.Option(  # noqa: UP007
+        "--split", help="For builtin: datasets.", show_default="test")] = None,
+    num: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        "--num", "-n", min=1, help="Evaluate the first N images.", show_default="all")] = None,
     num_images: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        "--num-images", "-n", help="Evaluate the first N images (default: all).")] = None,
+        "--num-images", min=1, hidden=True, help="Old name of --num.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", "-b", help="(image, timestep) pairs per network call.")] = 256,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the noise (and of the mc draws).")] = 0,
-    estimator: Annotated[str, typer.Option(
+        "--batch-size", "-b", min=1, help="(image, timestep) pairs per network call.")] = 256,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise (and of the mc draws).")] = 0,
+    estimator: Annotated[Estimator, typer.Option(
         "--estimator", help="exact: every term of the bound; mc: importance-sampled KL terms.")] = "exact",
     terms: Annotated[Optional[int], typer.Option(  # noqa: UP007
-        "--terms", help=f"mc: KL terms sampled per image (default {DEFAULT_MC_TERMS}).")] = None,
+        "--terms", min=1, help="mc: KL terms sampled per image.",
+        show_default=f"{DEFAULT_MC_TERMS} with mc")] = None,
     pilot_images: Annotated[int, typer.Option(
-        "--pilot-images", help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
-    device: str = device_option(),
+        "--pilot-images", min=1, help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
+    precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
+        " bf16 runs the network under autocast; the bound's arithmetic stays fp64."))] = "auto",
+    device: Annotated[str, device_option()] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
 ) -> None:
     """Bits/dim of held-out images through the variational bound (prior + L_0 + KL terms), with error bars."""
-    if estimator not in ("exact", "mc"):
-        raise usage_error(f"--estimator must be exact or mc, not {estimator!r}")
+    if num is not None and num_images is not None:
+        raise usage_error("--num-images is the old name of --num: give one of them")
+    num_images = num if num is not None else num_images
     if terms is not None and estimator != "mc":
         raise usage_error("--terms is for --estimator mc (the exact estimator evaluates every term)")
     if estimator == "mc" and terms is None:
         terms = DEFAULT_MC_TERMS
-    if terms is not None and terms < 1:
-        raise usage_error(f"--terms must be at least 1, got {terms}")
-    if num_images is not None and num_images < 1:
-        raise usage_error(f"--num-images must be at least 1, got {num_images}")
-    if batch_size < 1:
-        raise usage_error(f"--batch-size must be at least 1, got {batch_size}")
-    if pilot_images < 1:
-        raise usage_error(f"--pilot-images must be at least 1, got {pilot_images}")
-    if seed < 0:
-        raise usage_error(f"--seed must be >= 0, got {seed}")
-    if split is not None and split not in ("test", "train"):
-        raise usage_error(f"--split must be test or train, not {split!r}")
     torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
 
     from ddpmctl.checkpoint import load_checkpoint
-    from ddpmctl.data import load_dataset
-    from ddpmctl.errors import DataError
-    from ddpmctl.nll import evaluate_nll
+    from ddpmctl.data import load_dataset_for
+    from ddpmctl.nll import check_has_bound, evaluate_nll
 
     loaded = load_checkpoint(checkpoint, device=torch_device)
-    model_config = loaded.config.model
+    check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)
-    if model_config.in_channels not in (1, 3):
-        raise DataError(f"the model takes {model_config.in_channels}-channel images; datasets are 1 or 3 channels")
 
     def note(message: str) -> None:
         if not quiet:
             console.print(f"note: {message}", markup=False, highlight=False)
 
-    dataset = load_dataset(source, image_size=model_config.image_size,
-                           color="gray" if model_config.in_channels == 1 else "rgb",
-                           class_cond=bool(model_config.num_classes), split=data_split or "train", on_warning=note)
-    if dataset.channels != model_config.in_channels or dataset.image_size != model_config.image_size:
-        raise DataError(f"{source} gives {dataset.channels}-channel {dataset.image_size}px images but the model takes "
-                        f"{model_config.in_channels}-channel {model_config.image_size}px")
-    if model_config.num_classes and dataset.num_classes != model_config.num_classes:
-        raise DataError(f"the model is conditioned on {model_config.num_classes} classes but {source} has "
-                        f"{dataset.num_classes}")
+    dataset = load_dataset_for(loaded.config.model, source, split=data_split or "train", on_warning=note)
     count = len(dataset)
     if num_images is not None and num_images > count:
-        note(f"--num-images {num_images}: {source} has {count} images, evaluating all of them")
+        note(f"--num {num_images}: {source} has {count} images, evaluating all of them")
     count = min(count, num_images or count)
     images = dataset.images[:count]
     labels = dataset.labels[:count] if dataset.labels is not None else None
@@ -186,10 +180,12 @@ def eval_nll_command(
 
     with progress:
         result = evaluate_nll(loaded, images, labels, batch_size=batch_size, estimator=estimator, terms=terms,
-                              seed=seed, pilot_images=pilot_images, callback=on_progress)
+                              seed=seed, pilot_images=pilot_images, callback=on_progress,
+                              precision=precision)  # type: ignore[arg-type]
 
     if json_output:
-        print_json(nll_payload(result, checkpoint=str(checkpoint), data=source, split=data_split, seed=seed))
+        print_json({**nll_payload(result, checkpoint=str(checkpoint), data=source, split=data_split, seed=seed),
+                    "precision": precision})
         return
-    out_console.print(result_line(result), markup=False, highlight=False, soft_wrap=True)
+    out_console.print(result_line(result, precision), markup=False, highlight=False, soft_wrap=True)
     out_console.print(breakdown_table(result))

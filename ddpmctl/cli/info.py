@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.checkpoint import CheckpointInfo, file_sha256, read_checkpoint_info
-from ddpmctl.cli.common import guarded, out_console, print_json
+from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ddpmctl.checkpoint import CheckpointInfo
 
 
 def _steps_summary(steps: tuple[int, ...]) -> str:
@@ -22,6 +24,22 @@ def _steps_summary(steps: tuple[int, ...]) -> str:
 def _lineage_entry(entry: dict[str, Any]) -> str:
     return ", ".join(f"{key}={value if isinstance(value, str) else json.dumps(value)}"
                      for key, value in entry.items()) or "(empty)"
+
+
+def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
+    """Which weights the training run saved: raw, or which EMA (None when no train entry says).
+
+    Checkpoints written before the EMA warm-up existed record no ``ema_warmup``: their EMA had none."""
+    entry = next((e for e in lineage if isinstance(e, dict) and e.get("op") == "train"), None)
+    if entry is None:
+        return None
+    if entry.get("ema") is None:
+        return f"raw training weights (step {entry.get('step')})"
+    warmup = entry.get("ema_warmup", "none")
+    how = ("no warm-up (improved-diffusion: starts at the random init)" if warmup == "none"
+           else "warm-up 1-(1+t)^-2/3 (starts at the first trained weights)" if warmup == "power" else f"warm-up {warmup}")
+    updates = f", {entry['ema_updates']} updates" if "ema_updates" in entry else ""
+    return f"EMA rate {entry['ema']}, {how}{updates}"
 
 
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
@@ -38,6 +56,7 @@ def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
         "num_tensors": info.num_tensors,
         "config": config.model_dump(mode="json"),
         "lineage": info.lineage,
+        "weights": weights_kind(info.lineage),
         "tensors": {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in info.tensors},
     }
 
@@ -57,7 +76,7 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
         ("parameters", f"{info.num_parameters:,}"),
         ("tensors", str(info.num_tensors)),
         ("image size", f"{model.image_size}x{model.image_size}"),
-        ("channels", f"{model.in_channels} in, {model.out_channels} out"),
+        ("channels", f"{model.in_channels} in, {info.config.out_channels} out"),
         ("network", f"{model.model_channels} ch, mult {','.join(map(str, model.channel_mult))}, "
                     f"{model.num_res_blocks} res blocks, attention at "
                     f"{','.join(map(str, model.attention_resolutions)) or 'none'}, {model.num_heads} heads, "
@@ -81,6 +100,9 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     if data is not None:
         rows.append(("data", f"{data.source} ({data.num_images} images, {data.image_size}px, "
                              f"{data.channels} channel(s))"))
+    weights = weights_kind(info.lineage)
+    if weights is not None:
+        rows.append(("weights", weights))
     for index, entry in enumerate(info.lineage, start=1):
         rows.append((f"lineage {index}", _lineage_entry(entry)))
     if not info.lineage:
@@ -94,10 +116,18 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
 @guarded
 def info_command(
     checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    device: Annotated[Optional[str], device_option(  # noqa: UP007 - typer needs Optional on 3.10
+        "Also build the network and load every weight on this device (auto | cpu | cuda | cuda:N) to check the "
+        "whole file.", show_default="none: read and validate the header only")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts."""
+    from ddpmctl.checkpoint import file_sha256, load_checkpoint, read_checkpoint_info
+
+    torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)
+    if torch_device is not None:
+        load_checkpoint(checkpoint, device=torch_device)
     sha256 = file_sha256(checkpoint)
     if json_output:
         print_json(info_payload(info, sha256))

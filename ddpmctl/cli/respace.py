@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import guarded, out_console, print_json, usage_error
+from ddpmctl.cli.common import device_option, guarded, option_errors, out_console, print_json, resolve_device
 from ddpmctl.errors import CheckpointError, SamplerError
 
+Spacing = Literal["even", "ddim"]  # the sampler spacings a respaced checkpoint can be made with
 
-def respaced_config(config: Any, steps: int, spacing: Literal["even", "ddim"]) -> Any:
+
+def respaced_config(config: Any, steps: int, spacing: Spacing) -> Any:
     """The parent's config with ``use_timesteps`` = K of its chain's steps, as ORIGINAL indices (composes)."""
     from ddpmctl.config import CheckpointConfig
     from ddpmctl.samplers import choose_timesteps
@@ -28,26 +30,27 @@ def respaced_config(config: Any, steps: int, spacing: Literal["even", "ddim"]) -
 @guarded
 def respace_command(
     checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
-    steps: Annotated[int, typer.Option("--steps", help="Steps of the new chain (1..the parent's).",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Steps of the new chain (1..the parent's).",
                                        show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="The checkpoint file to write.", show_default=False)],
-    spacing: Annotated[str, typer.Option(
+    out: Annotated[Path, typer.Option("--out", "-o", help="The checkpoint file to write.", show_default=False)],
+    spacing: Annotated[Spacing, typer.Option(
         "--spacing", help="even: K evenly spaced steps (IDDPM); ddim: DDIM's stride range(0, T, i).")] = "even",
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
+    device: Annotated[Optional[str], device_option(  # noqa: UP007 - typer needs Optional on 3.10
+        "After writing, load the new checkpoint's network on this device (auto | cpu | cuda | cuda:N) to check it "
+        "(respacing itself never runs the network).", show_default="none: no check")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Write a checkpoint that samples in K steps: same weights, the diffusion respaced (learned variances rescale)."""
-    from ddpmctl.checkpoint import file_sha256, load_tensors, read_checkpoint_info, save_checkpoint
+    from ddpmctl.checkpoint import file_sha256, load_checkpoint, load_tensors, read_checkpoint_info, save_checkpoint
 
-    if spacing not in ("even", "ddim"):
-        raise usage_error(f"--spacing must be even or ddim, not {spacing!r}")
-    if steps < 1:
-        raise usage_error(f"--steps must be at least 1, not {steps}")
+    torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)  # validated: a foreign or broken file fails here in one line
     if info.kind == "student":
         raise SamplerError(f"{checkpoint.name} is a distilled student: its step grid is fixed and cannot be respaced")
-    config = respaced_config(info.config, steps, spacing)  # type: ignore[arg-type]
+    with option_errors(SamplerError):  # --steps beyond the parent's chain, or no DDIM stride gives K steps
+        config = respaced_config(info.config, steps, spacing)
     if out.exists() and out.is_dir():
         raise CheckpointError(f"--out {out} is a folder: give a file name such as {out / 'respaced.safetensors'}")
     if out.exists() and out.resolve() == checkpoint.resolve():
@@ -67,6 +70,8 @@ def respace_command(
         save_checkpoint(out, tensors, config, kind="respaced", lineage=lineage)
     except OSError as err:
         raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
+    if torch_device is not None:
+        load_checkpoint(out, device=torch_device)
 
     use = config.diffusion.use_timesteps or ()
     summary = {"out": str(out), "from": str(checkpoint), "kind": "respaced", "steps": len(use),

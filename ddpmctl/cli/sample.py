@@ -9,10 +9,14 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
-from ddpmctl.errors import SamplerError
+from ddpmctl.choices import PrecisionRequest
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, option_errors, out_console, print_json,
+                                resolve_precision_option,
+                                resolve_device)
+from ddpmctl.errors import SamplerError, UnknownSamplerError
 
 _SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
+MAX_IMAGES = 999_999  # the file names have six digits
 
 
 def resolve_class(label: str, num_classes: int | None, class_names: tuple[str, ...] | None, ckpt_name: str) -> int:
@@ -67,59 +71,56 @@ def _remove_if_empty(folder: Path) -> None:
 @guarded
 def sample_command(
     checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Folder for 000000.png ..., grid.png (first 256) and samples.npz.",
-                                      show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for 000000.png ..., grid.png (first 256) and "
+                                      "samples.npz.", show_default=False)],
     sampler: Annotated[str, typer.Option("--sampler", "-s", help="Sampler plugin (see `ddpmctl samplers`).")] = "ddim",
     steps: Annotated[Optional[int], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
-        "--steps", help="Network steps. Default: the sampler's own (ddim and strided: 50, or the whole chain if "
-                        "shorter; ancestral: the whole chain).", show_default=False)] = None,
-    num: Annotated[int, typer.Option("--num", "-n", help="Number of images.")] = 64,
+        "--steps", min=1, help="Network steps, at most the checkpoint's chain.",
+        show_default="the sampler's own: ddim and strided 50, dpmpp-2m 20, or the whole chain if shorter; "
+                     "ancestral the whole chain")] = None,
+    # (--num, --batch-size and --seed are checked by the library: samplers.check_sample_counts.)
+    num: Annotated[int, typer.Option("--num", "-n", max=MAX_IMAGES, help="Number of images.")] = 64,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", "-b", help="Images per batch (never changes an image).")] = 64,
     seed: Annotated[int, typer.Option("--seed", help="Image i depends only on (seed, i).")] = 0,
     option: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007
-        "--option", "-o", help="Sampler option key=value (repeatable), e.g. -o eta=0.5.", show_default=False)] = None,
+        "--opt", "-O", metavar="KEY=VALUE", help="Sampler option (repeatable), e.g. -O eta=0.5; `ddpmctl samplers` "
+                                                 "lists each sampler's options.", show_default=False)] = None,
     class_label: Annotated[Optional[str], typer.Option(  # noqa: UP007
-        "--class", help="Class name or index for a class-conditional model (default: drawn per image).",
-        show_default=False)] = None,
+        "--class", help="Class name or index for a class-conditional model.",
+        show_default="drawn per image")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace samples already in --out.")] = False,
-    precision: Annotated[str, typer.Option(
-        "--precision", metavar="fp32|bf16",
-        help="bf16: the network under bf16 autocast (about 1.7x faster on CPUs with AVX-512 BF16; the sampler's "
-             "arithmetic stays fp32).")] = "fp32",
-    device: str = device_option(),
+    precision: Annotated[PrecisionRequest, typer.Option(
+        "--precision", help=PRECISION_HELP + " bf16 runs the network under autocast (about 1.7x faster on CPUs with "
+                            "AVX-512 BF16); the sampler's arithmetic stays fp32.")] = "auto",
+    device: Annotated[str, device_option()] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
-    """Generate images from a checkpoint: PNGs, a grid and an .npz (uint8 NHWC, + labels when class-conditional)."""
+    """Generate images from a checkpoint: PNGs, a grid and samples.npz (arr_0: uint8 NHWC, arr_1: the labels of a
+    class-conditional model)."""
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.images import save_grid, save_npz, save_png
-    from ddpmctl.inference import PRECISIONS
-    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options
+    from ddpmctl.samplers import (SampleProgress, check_sample_counts, generate, get_sampler, parse_options,
+                                  sampling_timesteps)
 
-    if num < 1:
-        raise usage_error(f"--num must be at least 1, not {num}")
-    if batch_size < 1:
-        raise usage_error(f"--batch-size must be at least 1, not {batch_size}")
-    if seed < 0:
-        raise usage_error(f"--seed must be >= 0, not {seed}")
-    if steps is not None and steps < 1:
-        raise usage_error(f"--steps must be at least 1, not {steps}")
-    if precision not in PRECISIONS:
-        raise usage_error(f"--precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if num > 999_999:
-        raise usage_error(f"--num {num} is more than the 999,999 images the file names allow")
-    sampler_cls = get_sampler(sampler)
-    options = parse_options(sampler_cls, option or [])
+    with option_errors(SamplerError):  # a bad count: the command line is wrong
+        check_sample_counts(num, batch_size, seed)
+    with option_errors(UnknownSamplerError):  # an unknown name is a bad command line; a broken plugin is not
+        sampler_cls = get_sampler(sampler)
+    with option_errors(SamplerError):  # a bad -O option
+        options = parse_options(sampler_cls, option or [])
     torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
     ckpt = load_checkpoint(checkpoint, device=torch_device)
     label = None
-    if class_label is not None:
-        data = ckpt.config.data
-        label = resolve_class(class_label, ckpt.config.model.num_classes,
-                              data.class_names if data is not None else None, checkpoint.name)
-    instance = sampler_cls(options)
-    total_steps = instance.num_steps(ckpt, steps)  # bad --steps fails before --out is touched
+    with option_errors(SamplerError):  # --class or --steps out of what the checkpoint allows
+        if class_label is not None:
+            data = ckpt.config.data
+            label = resolve_class(class_label, ckpt.config.model.num_classes,
+                                  data.class_names if data is not None else None, checkpoint.name)
+        instance = sampler_cls(options)
+        total_steps = len(sampling_timesteps(ckpt, instance, steps))  # bad --steps fails before --out is touched
     created = prepare_out_dir(out, force=force)
     try:
         started = time.perf_counter()
@@ -161,5 +162,5 @@ def sample_command(
     if json_output:
         print_json(summary)
     elif not quiet:
-        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps) to {out}/ "
+        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps, {precision}) to {out}/ "
                           f"with grid.png and samples.npz in {seconds:.1f}s", highlight=False, soft_wrap=True)

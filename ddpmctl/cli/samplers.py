@@ -23,6 +23,7 @@ def samplers_payload() -> list[dict[str, Any]]:
             row["options"] = describe_options(entry.cls)
         else:
             row["error"] = entry.error
+            row["incompatible"] = entry.incompatible
         rows.append(row)
     return rows
 
@@ -35,7 +36,7 @@ def _format_default(value: Any) -> str:
 def samplers_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
 ) -> None:
-    """List the installed sampler plugins (entry-point group ddpmctl.samplers) and their -o options."""
+    """List the installed sampler plugins (entry-point group ddpmctl.samplers) and their -O options."""
     rows = samplers_payload()
     if json_output:
         print_json(rows)
@@ -43,7 +44,7 @@ def samplers_command(
     table = Table(show_lines=True)
     table.add_column("name", style="bold", no_wrap=True)
     table.add_column("description", overflow="fold")  # errors are shown whole, never cut with an ellipsis
-    table.add_column("options (-o key=value)", overflow="fold")
+    table.add_column("options (-O key=value)", overflow="fold")
     table.add_column("package", overflow="fold")
     for row in rows:
         if row["ok"]:
@@ -51,5 +52,6 @@ def samplers_command(
                                 for o in row["options"]) or "-"
             table.add_row(row["name"], row["description"], options, row["package"] or "-")
         else:
-            table.add_row(row["name"], f"[red]broken: {row['error']}[/red]", "-", row["package"] or "-")
+            state = "incompatible" if row["incompatible"] else "broken"
+            table.add_row(row["name"], f"[red]{state}: {row['error']}[/red]", "-", row["package"] or "-")
     out_console.print(table)

@@ -1,41 +1,48 @@
-"""`ddpmctl train DATA`: flags (+ ``--config FILE.toml``) -> TrainConfig -> ddpmctl.train.train, with progress.
+"""`ddpmctl train DATA`: flags (+ ``--config FILE``) -> TrainConfig -> ddpmctl.train.train, with progress.
 
-Only options the user actually gave override the file (and, with ``--resume``, the saved run): every option defaults
-to None here and the dict of given values is laid over the lower layers.
+Layers, lowest first: TrainConfig's defaults, the ``--config`` file (TOML, or a run's own ``config.json``), the
+saved run with ``--resume``, then the options actually given on the command line. Every option shows its real
+default in ``--help``; whether it was *given* is asked of click (the parameter's source), so a default never
+overrides a value from a lower layer.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
-import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
-from pydantic import ValidationError
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
-from ddpmctl.cli.common import console, guarded, print_json, resolve_device, usage_error
-from ddpmctl.config import TrainConfig
+from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, NanPolicy, PrecisionRequest, Schedule,
+                             TimestepSamplerName)
+from ddpmctl.cli.common import console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.errors import validation_problem
+
+try:  # Python >= 3.11
+    import tomllib
+except ImportError:  # Python 3.10: the same parser as a package (dependency with python_version < "3.11")
+    import tomli as tomllib  # type: ignore[no-redef]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from pydantic import ValidationError
+
+    from ddpmctl.config import TrainConfig
+
+# The command line spells the variance types with hyphens (tests/test_cli_options.py keeps them equal to the
+# config's, whose other choices the CLI takes from ddpmctl.choices as they are).
+VarType = Literal["learned-range", "fixed-small", "fixed-large", "learned"]
 
 # Options whose value is a comma-separated list of integers.
 _INT_LISTS = ("channel_mult", "attention_resolutions")
 # Options spelled with hyphens on the command line but stored with underscores.
 _HYPHEN_VALUES = ("var_type",)
-_FIELD_FLAGS = {"data": "DATA", "flip": "--no-flip"}
-
-
-def _opt(*names: str, **kwargs: Any) -> Any:
-    """typer.Option without a shown default (every option defaults to None: 'not given')."""
-    return typer.Option(*names, show_default=False, **kwargs)
-
-
-def _default(text: str, field: str) -> str:
-    """Help text ending in the TrainConfig default (parentheses: square brackets are rich markup)."""
-    value = TrainConfig.model_fields[field].default
-    return f"{text} (default: {value})."
+_FIELD_FLAGS = {"data": "DATA", "flip": "--flip/--no-flip"}
+# Parameters of train_command that are not TrainConfig fields.
+_NOT_FIELDS = ("config_file", "resume", "force", "device", "quiet", "json_output")
 
 
 def _flag(field: str) -> str:
@@ -65,23 +72,43 @@ def _normalise(values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _read_config_file(path: Path) -> dict[str, Any]:
-    """``--config FILE.toml``: keys are TrainConfig field names (hyphens accepted); unknown keys are usage errors."""
+def _parse_config_file(path: Path) -> dict[str, Any]:
+    """The raw key/value table of ``--config``: TOML, or JSON (a run's ``config.json``: its ``train`` section).
+
+    A run folder stands for its ``config.json``. A run's ``out`` is dropped: the new run needs its own folder.
+    """
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
     try:
-        with open(path, "rb") as handle:
-            raw = tomllib.load(handle)
+        raw_bytes = path.read_bytes()
     except FileNotFoundError:
         raise usage_error(f"--config {path}: no such file") from None
     except IsADirectoryError:
-        raise usage_error(f"--config {path}: is a folder, not a TOML file") from None
+        raise usage_error(f"--config {path}: is a folder without a config.json, not a config file") from None
     except OSError as err:
         raise usage_error(f"--config {path}: {err.strerror or err}") from None
-    except tomllib.TOMLDecodeError as err:
+    if path.suffix.lower() == ".json" or raw_bytes.lstrip()[:1] == b"{":
+        try:
+            raw = json.loads(raw_bytes.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as err:
+            raise usage_error(f"--config {path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise usage_error(f"--config {path}: expected a JSON object of options")
+        if isinstance(raw.get("train"), dict):  # a run folder's config.json
+            raw = {key: value for key, value in raw["train"].items() if key != "out"}
+        return raw
+    try:
+        return tomllib.loads(raw_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise usage_error(f"--config {path}: not valid TOML ({err})") from None
+
+
+def _read_config_file(path: Path, fields: Any) -> dict[str, Any]:
+    """``--config FILE``: keys are TrainConfig field names (hyphens accepted); unknown keys are usage errors."""
     values: dict[str, Any] = {}
-    for key, value in raw.items():
+    for key, value in _parse_config_file(path).items():
         field = key.replace("-", "_")
-        if field not in TrainConfig.model_fields:
+        if field not in fields:
             raise usage_error(f"--config {path}: unknown key {key!r} (keys are the option names, e.g. "
                               "batch_size, lr, max_steps)")
         if field in _INT_LISTS and isinstance(value, list):
@@ -90,18 +117,15 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     return _normalise(values)
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave this option (command line or environment), rather than it taking its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
 def _validation_line(err: ValidationError) -> str:
     """The first pydantic problem as one line naming the option."""
-    first = err.errors()[0]
-    message = str(first.get("msg", "invalid value"))
-    message = re.sub(r"^(Value|Assertion) error, ", "", message)
-    loc = first.get("loc") or ()
-    if not loc:
-        return message
-    field = str(loc[0])
-    shown = first.get("input")
-    given = f" (got {shown!r})" if shown is not None and not isinstance(shown, dict) else ""
-    return f"{_flag(field)}: {message[:1].lower() + message[1:]}{given}"
+    return validation_problem(err, lambda loc: _flag(str(loc[0])) if loc else "", show_input=True)
 
 
 def _default_out(data: str) -> str:
@@ -115,6 +139,8 @@ class _ProgressView:
     """Renders TrainEvents on stderr: step/total, loss, img/s, ETA (elapsed/remaining time for --max-time only)."""
 
     def __init__(self, config: TrainConfig) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
         self.config = config
         self.by_time = config.max_steps is None
         fields = "loss {task.fields[loss]}  {task.fields[speed]}"
@@ -125,7 +151,7 @@ class _ProgressView:
             columns = [TextColumn("step {task.completed:.0f}/{task.total:.0f}"), BarColumn(),
                        TextColumn(fields), TextColumn("ETA {task.fields[eta]}")]
         self.progress = Progress(*columns, console=console, transient=False)
-        self.task: TaskID | None = None
+        self.task: Any = None  # a rich TaskID once training has started
         self.rate: float | None = None
 
     def __enter__(self) -> _ProgressView:
@@ -142,7 +168,7 @@ class _ProgressView:
 
     def __call__(self, event: Any) -> None:
         if event.kind == "warning":
-            self.progress.console.print(f"warning: {event.message}", markup=False, highlight=False)
+            self.progress.console.print(f"warning: {event.message}", markup=False, highlight=False, soft_wrap=True)
             return
         if event.kind == "start":
             # The bar appears once set-up (data, folder checks) has succeeded, so errors print alone.
@@ -161,7 +187,8 @@ class _ProgressView:
             return
         if event.kind == "log" and event.metrics:
             m = event.metrics
-            self.progress.update(self.task, loss=f"{m['loss']:.4f}", speed=f"{m['img_per_s']:.0f} img/s")
+            self.progress.update(self.task, loss=f"{m['loss']:.4f}",
+                                 speed=f"{m['img_per_s']:.0f} img/s {m.get('precision', '')}".rstrip())
         if event.kind in ("step", "log", "end"):
             if self.by_time:
                 self.progress.update(self.task, completed=min(event.elapsed, self.config.max_time or 0),
@@ -178,90 +205,124 @@ class _ProgressView:
                 self.progress.update(self.task, completed=event.step, eta="-" if eta is None else self._clock(eta))
 
 
+def _opt(*names: str, **kwargs: Any) -> Any:
+    """typer.Option in the "Model" / "Diffusion" / ... help panels."""
+    return typer.Option(*names, **kwargs)
+
+
+_DATA, _DIFFUSION, _NETWORK, _OPTIMISATION, _RUN = "Data", "Diffusion", "Network", "Optimisation", "Run"
+_SCALED = "scaled with the image size, like the reference's"
+_CHOSEN = "chosen from the data (README: Defaults that fit the data)"
+
+
 @guarded
 def train_command(
-    data: Annotated[Optional[str], typer.Argument(
+    ctx: typer.Context,
+    data: Annotated[Optional[str], typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
         help="Image folder or builtin:digits (optional with --resume or a --config that sets data).",
         show_default=False)] = None,
-    out: Annotated[Optional[str], _opt("--out", "-o", help="Run folder (default: runs/<data>-<time>).")] = None,
-    config_file: Annotated[Optional[Path], _opt(
-        "--config", help="TOML file of options (keys = option names with underscores); flags override it.")] = None,
-    image_size: Annotated[Optional[str], _opt("--image-size", metavar="INT",
-                                              help="Resize/crop to this size (default: the data's).")] = None,
-    color: Annotated[Optional[str], _opt("--color", metavar="auto|rgb|gray",
-                                         help=_default("1 or 3 channels", "color"))] = None,
-    class_cond: Annotated[Optional[bool], _opt("--class-cond",
-                                               help="Condition on class labels (sub-folder names).")] = None,
-    no_flip: Annotated[Optional[bool], _opt("--no-flip", help="No random horizontal flips.")] = None,
-    skip_bad_images: Annotated[Optional[bool], _opt("--skip-bad-images",
-                                                    help="Skip unreadable images (counted).")] = None,
-    schedule: Annotated[Optional[str], _opt("--schedule", metavar="cosine|linear",
-                                            help=_default("Beta schedule", "schedule"))] = None,
-    timesteps: Annotated[Optional[str], _opt("--timesteps", metavar="INT",
-                                             help=_default("Diffusion steps T", "timesteps"))] = None,
-    mean_type: Annotated[Optional[str], _opt("--mean-type", metavar="eps|x0|v",
-                                             help=_default("What the network predicts", "mean_type"))] = None,
-    var_type: Annotated[Optional[str], _opt("--var-type", metavar="learned-range|fixed-small|fixed-large|learned",
-                                            help="Reverse-process variance (default: learned-range).")] = None,
-    loss: Annotated[Optional[str], _opt("--loss", metavar="hybrid|simple|vlb", help=_default(
-        "hybrid = L_simple + L_vlb/1000, simple = L_simple, vlb = rescaled KL", "loss"))] = None,
-    timestep_sampler: Annotated[Optional[str], _opt("--timestep-sampler", metavar="uniform|loss-second-moment",
-                                                    help=_default("How t is drawn", "timestep_sampler"))] = None,
-    model_channels: Annotated[Optional[str], _opt("--model-channels", metavar="INT",
-                                                  help="Base width (default: scaled with the image size).")] = None,
-    channel_mult: Annotated[Optional[str], _opt("--channel-mult", metavar="1,2,2,2", help=(
-        "Width multiplier per resolution (default: scaled with the image size)."))] = None,
-    res_blocks: Annotated[Optional[str], _opt("--res-blocks", metavar="INT", help=(
-        "Residual blocks per resolution (default: scaled with the image size)."))] = None,
-    attention_resolutions: Annotated[Optional[str], _opt("--attention-resolutions", metavar="16,8", help=(
-        "Feature-map sizes with self-attention, or none (default: scaled with the image size)."))] = None,
-    heads: Annotated[Optional[str], _opt("--heads", metavar="INT", help=_default("Attention heads", "heads"))] = None,
-    dropout: Annotated[Optional[str], _opt("--dropout", metavar="FLOAT", help=_default("Dropout", "dropout"))] = None,
-    batch_size: Annotated[Optional[str], _opt("--batch-size", metavar="INT", help=_default(
-        "Global batch, split among torchrun ranks", "batch_size"))] = None,
-    lr: Annotated[Optional[str], _opt("--lr", metavar="FLOAT", help=_default("AdamW learning rate", "lr"))] = None,
-    weight_decay: Annotated[Optional[str], _opt("--weight-decay", metavar="FLOAT",
-                                                help=_default("AdamW weight decay", "weight_decay"))] = None,
-    ema: Annotated[Optional[str], _opt("--ema", metavar="RATE", help=_default("EMA rate", "ema"))] = None,
-    grad_clip: Annotated[Optional[str], _opt("--grad-clip", metavar="NORM", help=(
-        "Clip the global gradient norm (default: no clipping; the norm is logged always)."))] = None,
-    max_steps: Annotated[Optional[str], _opt("--max-steps", metavar="INT",
-                                             help="Stop after this many optimizer steps in all.")] = None,
-    max_time: Annotated[Optional[str], _opt("--max-time", metavar="DURATION",
-                                            help="Wall-clock budget of this invocation, e.g. 90s, 10m, 2h.")] = None,
-    save_every: Annotated[Optional[str], _opt("--save-every", metavar="STEPS",
-                                              help=_default("Checkpoint interval", "save_every"))] = None,
-    keep: Annotated[Optional[str], _opt("--keep", metavar="N", help=_default("Keep the last N saves", "keep"))] = None,
-    log_every: Annotated[Optional[str], _opt("--log-every", metavar="STEPS",
-                                             help=_default("metrics.jsonl interval", "log_every"))] = None,
-    precision: Annotated[Optional[str], _opt("--precision", metavar="fp32|bf16", help=_default(
-        "bf16: autocast for the network; weights, optimizer and losses stay fp32", "precision"))] = None,
-    seed: Annotated[Optional[str], _opt("--seed", metavar="INT", help=_default(
-        "Same seed, same machine: a bit-identical run", "seed"))] = None,
-    nan_policy: Annotated[Optional[str], _opt("--nan-policy", metavar="stop|skip", help=_default(
-        "On a non-finite loss: stop (keeping the last checkpoint) or skip the step", "nan_policy"))] = None,
-    resume: Annotated[bool, _opt("--resume", help="Continue the run in --out from its newest save.")] = False,
-    force: Annotated[bool, _opt("--force", help="Delete the run already in --out and start over.")] = False,
-    device: Annotated[str, _opt("--device", help="auto | cpu | cuda | cuda:N (auto = CUDA when available).")] = "auto",
+    out: Annotated[Optional[str], _opt(  # noqa: UP007
+        "--out", "-o", metavar="DIR", help="Run folder.", show_default="runs/<data>-<time>",
+        rich_help_panel=_RUN)] = None,
+    config_file: Annotated[Optional[Path], _opt(  # noqa: UP007
+        "--config", metavar="FILE|RUN", show_default=False, rich_help_panel=_RUN,
+        help="Options from a TOML file (keys = option names with underscores), or from a run's config.json "
+             "(or the run folder itself) to reuse its settings; options given here override it.")] = None,
+    image_size: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--image-size", help="Resize/crop to this size.", show_default="the data's",
+        rich_help_panel=_DATA)] = None,
+    color: Annotated[ColorMode, _opt("--color", help="1 or 3 channels (auto: 1 when every image is grayscale).",
+                                     rich_help_panel=_DATA)] = "auto",
+    class_cond: Annotated[bool, _opt("--class-cond/--no-class-cond", help="Condition on class labels (sub-folder "
+                                     "names).", rich_help_panel=_DATA)] = False,
+    flip: Annotated[Optional[bool], _opt(  # noqa: UP007
+        "--flip/--no-flip", help="Random horizontal flips.", show_default="on, except for builtin:digits",
+        rich_help_panel=_DATA)] = None,
+    skip_bad_images: Annotated[bool, _opt("--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images "
+                                          "(counted) instead of stopping.", rich_help_panel=_DATA)] = False,
+    schedule: Annotated[Schedule, _opt("--schedule", help="Beta schedule.", rich_help_panel=_DIFFUSION)] = "cosine",
+    timesteps: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--timesteps", help="Diffusion steps T.", show_default=f"{_CHOSEN}: 1000 below 32x32, else 4000",
+        rich_help_panel=_DIFFUSION)] = None,
+    mean_type: Annotated[Optional[MeanType], _opt(  # noqa: UP007
+        "--mean-type", help="What the network predicts.", show_default="eps", rich_help_panel=_DIFFUSION)] = None,
+    var_type: Annotated[VarType, _opt("--var-type", help="Reverse-process variance.", rich_help_panel=_DIFFUSION)
+                        ] = "learned-range",
+    loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000, simple = L_simple, vlb = "
+                                   "rescaled KL.", rich_help_panel=_DIFFUSION)] = "hybrid",
+    timestep_sampler: Annotated[TimestepSamplerName, _opt("--timestep-sampler", help="How t is drawn.",
+                                                      rich_help_panel=_DIFFUSION)] = "uniform",
+    model_channels: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--model-channels", help="Base width.", show_default=_SCALED, rich_help_panel=_NETWORK)] = None,
+    channel_mult: Annotated[Optional[str], _opt(  # noqa: UP007
+        "--channel-mult", metavar="1,2,2,2", help="Width multiplier per resolution.",
+        show_default=_SCALED, rich_help_panel=_NETWORK)] = None,
+    res_blocks: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--res-blocks", help="Residual blocks per resolution.", show_default=_SCALED,
+        rich_help_panel=_NETWORK)] = None,
+    attention_resolutions: Annotated[Optional[str], _opt(  # noqa: UP007
+        "--attention-resolutions", metavar="16,8", help="Feature-map sizes with self-attention, or none.",
+        show_default=_SCALED, rich_help_panel=_NETWORK)] = None,
+    heads: Annotated[int, _opt("--heads", help="Attention heads.", rich_help_panel=_NETWORK)] = 4,
+    dropout: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--dropout", help="Dropout.", show_default=f"{_CHOSEN}: 0.1 under 20,000 images, else 0",
+        rich_help_panel=_NETWORK)] = None,
+    batch_size: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--batch-size", "-b", help="Global batch, split among torchrun ranks.",
+        show_default=f"{_CHOSEN}: 128 below 16x16, else 64", rich_help_panel=_OPTIMISATION)] = None,
+    lr: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--lr", help="AdamW learning rate.", show_default=f"{_CHOSEN}: 2e-4 below 16x16, else 1e-4",
+        rich_help_panel=_OPTIMISATION)] = None,
+    weight_decay: Annotated[float, _opt("--weight-decay", help="AdamW weight decay.",
+                                        rich_help_panel=_OPTIMISATION)] = 0.0,
+    ema: Annotated[float, _opt("--ema", metavar="RATE", help="EMA rate (with the warm-up: the cap of its growing "
+                               "decay).", rich_help_panel=_OPTIMISATION)] = 0.9999,
+    ema_warmup: Annotated[EmaWarmup, _opt(
+        "--ema-warmup", help="power: decay min(rate, 1-(1+t)^-2/3), so the average starts at the first trained "
+        "weights; none: improved-diffusion's EMA, which starts at the random init.",
+        rich_help_panel=_OPTIMISATION)] = "power",
+    grad_clip: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--grad-clip", metavar="NORM", help="Clip the global gradient norm (the norm is logged always).",
+        show_default="no clipping", rich_help_panel=_OPTIMISATION)] = None,
+    precision: Annotated[PrecisionRequest, _opt("--precision", help="bf16: autocast for the network; weights, optimizer "
+                                         "and losses stay fp32. auto: bf16 where the device has it natively (CUDA "
+                                         "with bf16, a CPU with AVX-512-BF16 or AMX), else fp32.",
+                                         rich_help_panel=_OPTIMISATION)] = "auto",
+    nan_policy: Annotated[NanPolicy, _opt("--nan-policy", help="On a non-finite loss: stop (keeping the last "
+                                          "checkpoint) or skip the step.", rich_help_panel=_OPTIMISATION)] = "stop",
+    max_steps: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--max-steps", help="Stop after this many optimizer steps in all.", show_default="no limit",
+        rich_help_panel=_RUN)] = None,
+    max_time: Annotated[Optional[str], _opt(  # noqa: UP007
+        "--max-time", metavar="DURATION", help="Wall-clock budget of this invocation, e.g. 90s, 10m, 2h.",
+        show_default="no limit", rich_help_panel=_RUN)] = None,
+    save_every: Annotated[int, _opt("--save-every", metavar="STEPS", help="Checkpoint interval.",
+                                    rich_help_panel=_RUN)] = 1000,
+    keep: Annotated[int, _opt("--keep", metavar="N", help="Keep the last N saves.", rich_help_panel=_RUN)] = 3,
+    log_every: Annotated[int, _opt("--log-every", metavar="STEPS", help="metrics.jsonl interval.",
+                                   rich_help_panel=_RUN)] = 10,
+    seed: Annotated[int, _opt("--seed", help="Same seed, same machine: a bit-identical run.", rich_help_panel=_RUN)
+                    ] = 0,
+    resume: Annotated[bool, _opt("--resume", help="Continue the run in --out from its newest save.",
+                                 rich_help_panel=_RUN)] = False,
+    force: Annotated[bool, _opt("--force", help="Delete the run already in --out and start over.",
+                                rich_help_panel=_RUN)] = False,
+    device: Annotated[str, device_option()] = "auto",
     quiet: Annotated[bool, _opt("--quiet", "-q", help="Show nothing but errors.")] = False,
     json_output: Annotated[bool, _opt("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
     """Train an Improved-DDPM model on an image folder (or builtin:digits); torchrun for several processes."""
+    from pydantic import ValidationError
+
+    from ddpmctl.config import TrainConfig
+    from ddpmctl.distributed import env_world_size, split_batch
+    from ddpmctl.errors import ConfigError
     from ddpmctl.runfolder import saved_train_config
     from ddpmctl.train import train
 
-    given: dict[str, Any] = {
-        "data": data, "out": out, "image_size": image_size, "color": color, "class_cond": class_cond,
-        "flip": False if no_flip else None, "skip_bad_images": skip_bad_images, "schedule": schedule,
-        "timesteps": timesteps, "mean_type": mean_type, "var_type": var_type, "loss": loss,
-        "timestep_sampler": timestep_sampler, "model_channels": model_channels, "channel_mult": channel_mult,
-        "res_blocks": res_blocks, "attention_resolutions": attention_resolutions, "heads": heads,
-        "dropout": dropout, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "ema": ema,
-        "grad_clip": grad_clip, "max_steps": max_steps, "max_time": max_time, "save_every": save_every,
-        "keep": keep, "log_every": log_every, "precision": precision, "seed": seed, "nan_policy": nan_policy,
-    }
-    given = _normalise({k: v for k, v in given.items() if v is not None})
-    file_values = _read_config_file(config_file) if config_file is not None else {}
+    given = _normalise({name: value for name, value in ctx.params.items()
+                        if name not in _NOT_FIELDS and _given(ctx, name)})
+    file_values = _read_config_file(config_file, TrainConfig.model_fields) if config_file is not None else {}
     if resume and force:
         raise usage_error("--resume continues the run in --out, --force deletes it: give one of them")
     values = {**file_values, **given}
@@ -279,6 +340,11 @@ def train_command(
     except ValidationError as err:
         raise usage_error(_validation_line(err)) from None
 
+    try:  # before any rank joins the process group: every rank stops at once with the same line
+        if config.batch_size is not None:  # (a batch chosen from the data is checked once the data is loaded)
+            split_batch(config.batch_size, env_world_size())
+    except ConfigError as err:
+        raise usage_error(str(err)) from None
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
     show = main_rank and not quiet
     torch_device = resolve_device(device)
