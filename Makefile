@@ -7,7 +7,7 @@ STAMP := $(VENV)/.ddpmctl-installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-fast demo bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Everything but the torchrun and kill trials (marked slow).
+test-fast: install
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: install
 	bash examples/demo.sh $(VENV)/bin/ddpmctl $(DEMO_DIR)

@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -36,7 +36,11 @@ from ddpmctl.build import build_diffusion, build_model  # noqa: E402
 from ddpmctl.config import CheckpointConfig, TrainConfig  # noqa: E402
 from ddpmctl.allocator import tune_malloc  # noqa: E402
 from ddpmctl.ema import EMA  # noqa: E402
+from ddpmctl.hardware import (PLAIN_PATHS, FastPaths, cpu_capability, cpu_native_bf16, fast_paths,  # noqa: E402
+                              forced_fast_paths)
 from ddpmctl.inference import AutocastModel, inference_network  # noqa: E402
+from ddpmctl.loop import clip_gradients  # noqa: E402
+from reference_unet import ReferenceUNet, reference_train_step  # noqa: E402
 
 # issue 7's two configs, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
 CONFIGS: dict[str, dict[str, object]] = {
@@ -55,8 +59,9 @@ Clock = Callable[[], float]
 def train_config(name: str, precision: str, *, quick: bool) -> TrainConfig:
     spec = dict(CONFIGS[name])
     batch = int(spec.pop("batch_size")) // (4 if quick else 1)  # type: ignore[call-overload]
+    # T = 4000 and eps as issue 7 measured; the rest of the data defaults as for a 32 px, CIFAR-sized set.
     return TrainConfig(data="bench", max_steps=1, precision=precision, batch_size=batch,  # type: ignore[arg-type]
-                       **spec)
+                       timesteps=4000, mean_type="eps", **spec).with_data_defaults(image_size=32, num_images=50000)
 
 
 @dataclass
@@ -67,18 +72,21 @@ class Trainer:
     config: TrainConfig
     model: torch.nn.Module
     step: Callable[[], torch.Tensor]
+    paths: FastPaths
     losses: list[torch.Tensor] = field(default_factory=list)
 
 
-def build_trainer(config: TrainConfig, *, seed: int = 0) -> Trainer:
-    """train.py's pieces for ``config``; the network in channels_last (the layout the U-Net is tuned for)."""
+def build_trainer(config: TrainConfig, *, seed: int = 0, paths: FastPaths | None = None) -> Trainer:
+    """train.py's pieces for ``config``, the network taking ``paths`` (None: this machine's choice)."""
     device = torch.device("cpu")
+    paths = paths or fast_paths(device)
+    layout = torch.channels_last if paths.channels_last else torch.contiguous_format
     model_config = config.make_model_config(image_size=32, channels=3, num_classes=None)
     diffusion_config = config.make_diffusion_config()
     diffusion = build_diffusion(diffusion_config)
     torch.manual_seed(seed)
     model = build_model(CheckpointConfig(model=model_config, diffusion=diffusion_config))
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device, memory_format=layout)
     model.train()
     params = list(model.parameters())
     optimizer = train_loop.make_optimizer(params, config, device)
@@ -89,19 +97,19 @@ def build_trainer(config: TrainConfig, *, seed: int = 0) -> Trainer:
     generator = torch.Generator().manual_seed(seed)
     # A fixed batch of "images" on the 8-bit grid; fresh timesteps and noise every step, as in training.
     images = torch.randint(0, 256, (batch, 3, 32, 32), generator=generator, dtype=torch.uint8)
-    x_start = images.float() / 127.5 - 1.0
+    x_start = (images.float() / 127.5 - 1.0).contiguous(memory_format=layout)
     weights = torch.ones(batch)
-    trainer = Trainer(config, model, lambda: torch.zeros(()))
+    trainer = Trainer(config, model, lambda: torch.zeros(()), paths)
 
     def step() -> torch.Tensor:
         t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator)
         noise = torch.randn(x_start.shape, generator=generator)
-        losses = train_loop.compute_losses(diffusion, model_call, x_start, t, noise, {})
-        loss = (losses["loss"] * weights).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grads = [p.grad for p in params if p.grad is not None]
-        train_loop.grad_norm(grads)
+        with forced_fast_paths(paths):
+            losses = train_loop.compute_losses(diffusion, model_call, x_start, t, noise, {})
+            loss = (losses["loss"] * weights).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        clip_gradients(params, None)  # the norm train.py logs (no clipping)
         optimizer.step()
         ema.update(model)
         trainer.losses.append(loss.detach())  # read after timing: no host sync inside the step
@@ -109,6 +117,31 @@ def build_trainer(config: TrainConfig, *, seed: int = 0) -> Trainer:
 
     trainer.step = step
     return trainer
+
+
+def build_reference(config: TrainConfig, *, seed: int = 0) -> Callable[[], object]:
+    """The reference-style U-Net's training step (benchmarks/reference_unet.py) on the same batch and draws."""
+    model_config = config.make_model_config(image_size=32, channels=3, num_classes=None)
+    diffusion = build_diffusion(config.make_diffusion_config())
+    torch.manual_seed(seed)
+    model = ReferenceUNet(in_channels=3, model_channels=model_config.model_channels,
+                          out_channels=2 * model_config.in_channels, num_res_blocks=model_config.num_res_blocks,
+                          attention_resolutions=model_config.attention_resolutions, image_size=32,
+                          dropout=model_config.dropout, channel_mult=model_config.channel_mult,
+                          num_heads=model_config.num_heads)
+    model.train()
+    step = reference_train_step(model, diffusion, diffusion.num_timesteps, lr=config.lr,
+                                weight_decay=config.weight_decay, ema_rate=config.ema,
+                                compute_losses=train_loop.compute_losses)
+    batch = config.batch_size
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (batch, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    x_start = images.float() / 127.5 - 1.0
+
+    def run() -> object:
+        t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator)
+        return step(x_start, t, torch.randn(x_start.shape, generator=generator))
+    return run
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, warmup: int, repeats: int,
@@ -163,75 +196,111 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisions: tuple[str, ...] = PRECISIONS
-                 ) -> list[dict[str, object]]:
-    """Training and sampling rows for config ``name``, one per precision, timed interleaved.
+def path_variants(chosen: FastPaths) -> dict[str, FastPaths]:
+    """The plain network, each layout/projection path alone, and this machine's choice (the fp32 paths' 2x2)."""
+    variants = {"plain": PLAIN_PATHS,
+                "channels_last": replace(PLAIN_PATHS, channels_last=True),
+                "conv_projections": replace(PLAIN_PATHS, conv_projections=True)}
+    if chosen not in variants.values():
+        variants["chosen"] = chosen
+    return variants
 
-    The matmul peaks are re-measured in the same round robin as the steps, so each fraction of peak compares
-    numbers taken under the same machine load (a shared machine's load drifts over a run).
-    """
-    trainers = {p: build_trainer(train_config(name, p, quick=quick)) for p in precisions}
+
+def variant_name(paths: FastPaths, variants: dict[str, FastPaths]) -> str:
+    return next(name for name, p in variants.items() if p == paths)
+
+
+def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisions: tuple[str, ...]
+                 ) -> dict[str, object]:
+    """Config ``name``: training steps and sampling calls of every fast-path variant, the reference-style U-Net
+    and (where measured) bf16, all interleaved round robin with the matmul and conv probes, so every ratio
+    compares figures taken under the same machine load."""
+    chosen = fast_paths("cpu")
+    variants = path_variants(chosen)
+    chosen_name = variant_name(chosen, variants)
+    fp32 = train_config(name, "fp32", quick=quick)
+    trainers = {f"fp32 {v}": build_trainer(fp32, paths=p) for v, p in variants.items()}
+    if "bf16" in precisions:
+        bf16 = train_config(name, "bf16", quick=quick)
+        trainers["bf16 plain"] = build_trainer(bf16, paths=PLAIN_PATHS)
+        trainers[f"bf16 {chosen_name}"] = build_trainer(bf16, paths=chosen)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     probes = {**{f"mm_{p}": matmul(dtypes[p], mm_size) for p in precisions},
               **{f"conv_{p}": conv_probe(dtypes[p]) for p in precisions}}
-    warmup, repeats = (0, 2) if quick else (1, 4)
+    warmup, repeats = (0, 2) if quick else (1, 3)
     # The counted step doubles as the first warm-up step (allocator and oneDNN primitive caches).
-    train_flops = {p: count_flops(tr.step) for p, tr in trainers.items()}
-    train_s = interleaved_medians({**{p: tr.step for p, tr in trainers.items()}, **probes}, warmup=warmup,
-                                  repeats=repeats, clock=clock)
+    chosen_rows = [f"{p} {chosen_name}" for p in precisions]
+    train_flops = {key: count_flops(trainers[key].step) for key in chosen_rows}
+    steps: dict[str, Callable[[], object]] = {key: tr.step for key, tr in trainers.items()}
+    steps["fp32 reference"] = build_reference(fp32)
+    train_s = interleaved_medians({**steps, **probes}, warmup=warmup, repeats=repeats, clock=clock)
 
     # Sampling = forward passes only, in eval mode (a sampler's network call), at twice the training batch.
-    sample_batch = 2 * trainers[precisions[0]].config.batch_size
+    batch = fp32.batch_size
+    sample_batch = 2 * batch
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(sample_batch, 3, 32, 32, generator=generator)
-    t = torch.randint(0, 4000, (sample_batch,), generator=generator)
+    x = torch.randn(4 * batch, 3, 32, 32, generator=generator)
+    t = torch.randint(0, 4000, (4 * batch,), generator=generator)
 
-    def forward(trainer: Trainer, precision: str, micro_batch: int | None | str = "auto") -> Callable[[], object]:
+    def forward(trainer: Trainer, precision: str, images: int, micro_batch: int | None | str = "auto"
+                ) -> Callable[[], object]:
         # The network call `ddpmctl sample` makes: generate()'s wrapper (precision, micro-batches).
         network = inference_network(trainer.model, torch.device("cpu"), 32, trainer.config.model_channels,
                                     precision=precision, micro_batch=micro_batch)  # type: ignore[arg-type]
-        if micro_batch == "auto":
-            micro_batches[precision] = network.micro_batch
+        layout = torch.channels_last if trainer.paths.channels_last else torch.contiguous_format
+        xs, ts = x[:images].contiguous(memory_format=layout), t[:images]
 
         def run() -> object:
-            with torch.inference_mode():
-                return network(x, t)
+            with torch.inference_mode(), forced_fast_paths(trainer.paths):
+                return network(xs, ts)
+        run.micro_batch = network.micro_batch  # type: ignore[attr-defined]
         return run
 
     for trainer in trainers.values():
         trainer.model.eval()
-    micro_batches: dict[str, int | None] = {}
-    forwards = {p: forward(tr, p) for p, tr in trainers.items()}
-    # The same call without micro-batches (the whole batch at once), timed alongside: the before/after of that
-    # optimisation in one run.
-    one_call = {f"{p}_one_call": forward(tr, p, None) for p, tr in trainers.items()
-                if (micro_batches[p] or sample_batch) < sample_batch}
-    sample_flops = {p: count_flops(fn) for p, fn in forwards.items()}
-    sample_s = interleaved_medians({**forwards, **one_call, **probes}, warmup=0, repeats=repeats + 1, clock=clock)
+    forwards = {key: forward(tr, key.split()[0], sample_batch) for key, tr in trainers.items()}
+    if "bf16" in precisions:  # the bf16-only paths, each turned off alone
+        for path in ("bf16_math_attention", "mixed_groupnorm"):
+            flipped = replace(chosen, **{path: not getattr(chosen, path)})
+            trainer = build_trainer(train_config(name, "bf16", quick=quick), paths=flipped)
+            trainer.model.eval()
+            forwards[f"bf16 {chosen_name}, {path} {'on' if getattr(flipped, path) else 'off'}"] = forward(
+                trainer, "bf16", sample_batch)
+    # CPU micro-batches: a call of 4x the training batch, split as `ddpmctl sample` splits it, vs one call.
+    chosen_fp32 = trainers[f"fp32 {chosen_name}"]
+    split = forward(chosen_fp32, "fp32", 4 * batch)
+    if (split.micro_batch or 4 * batch) < 4 * batch:  # type: ignore[attr-defined]
+        forwards["fp32 micro-batched x4"] = split
+        forwards["fp32 one call x4"] = forward(chosen_fp32, "fp32", 4 * batch, None)
+    sample_flops = {key: count_flops(forwards[key]) for key in chosen_rows}
+    sample_s = interleaved_medians({**forwards, **probes}, warmup=0, repeats=repeats + 1, clock=clock)
 
     rows = []
-    for p, trainer in trainers.items():
-        batch = trainer.config.batch_size
+    for key in chosen_rows:
+        p = key.split()[0]
         rows.append({
-            "config": name, "precision": p,
-            "parameters": sum(q.numel() for q in trainer.model.parameters()),
+            "config": name, "precision": p, "paths": chosen_name,
+            "parameters": sum(q.numel() for q in trainers[key].model.parameters()),
             "train_batch": batch,
-            "train_step_s": train_s[p],
-            "train_img_per_s": batch / train_s[p],
-            "train_gflop_per_step": train_flops[p] / 1e9,
-            "train_gflop_per_s": train_flops[p] / train_s[p] / 1e9,
+            "train_step_s": train_s[key],
+            "train_img_per_s": batch / train_s[key],
+            "train_gflop_per_step": train_flops[key] / 1e9,
+            "train_gflop_per_s": train_flops[key] / train_s[key] / 1e9,
             "train_peak_gflop_per_s": 2 * mm_size**3 / train_s[f"mm_{p}"] / 1e9,
             "train_conv_probe_gflop_per_s": conv_probe_flops() / train_s[f"conv_{p}"] / 1e9,
             "sample_batch": sample_batch,
-            "sample_micro_batch": micro_batches[p],
-            "sample_img_per_s": sample_batch / sample_s[p],
-            "sample_one_call_img_per_s": (sample_batch / sample_s[f"{p}_one_call"] if f"{p}_one_call" in sample_s
-                                          else None),  # None: the call is not split
-            "sample_gflop_per_s": sample_flops[p] / sample_s[p] / 1e9,
+            "sample_img_per_s": sample_batch / sample_s[key],
+            "sample_gflop_per_s": sample_flops[key] / sample_s[key] / 1e9,
             "sample_peak_gflop_per_s": 2 * mm_size**3 / sample_s[f"mm_{p}"] / 1e9,
             "sample_conv_probe_gflop_per_s": conv_probe_flops() / sample_s[f"conv_{p}"] / 1e9,
         })
-    return rows
+    train_img_s = {key: batch / s for key, s in train_s.items() if not key.startswith(("mm_", "conv_"))}
+    sample_img_s = {key: (4 if "x4" in key else 2) * batch / s for key, s in sample_s.items()
+                    if not key.startswith(("mm_", "conv_"))}
+    return {"config": name, "chosen": chosen_name, "chosen_paths": asdict(chosen),
+            "variants": {v: asdict(p) for v, p in variants.items()}, "rows": rows,
+            "train_img_per_s": train_img_s, "sample_img_per_s": sample_img_s,
+            "micro_batch": split.micro_batch}  # type: ignore[attr-defined]
 
 
 def loss_curves(*, quick: bool) -> dict[str, object]:
@@ -267,6 +336,44 @@ def peak_rss_training_b(quick: bool, threads: int) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
+def sampling_probe(quick: bool, threads: int, calls: int = 4) -> float:
+    """Median seconds of a sampling call (config (a), fp32, this machine's paths, twice the training batch) after
+    the first, in this process as it is (the malloc A/B runs this in fresh processes)."""
+    torch.set_num_threads(threads)
+    trainer = build_trainer(train_config("a", "fp32", quick=quick))
+    trainer.model.eval()
+    batch = 2 * trainer.config.batch_size
+    network = inference_network(trainer.model, torch.device("cpu"), 32, trainer.config.model_channels)
+    x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 4000, (batch,))
+    clock = time.process_time if threads == 1 else time.perf_counter  # as --clock process: load-proof at 1 thread
+    times = []
+    with torch.inference_mode():
+        for _ in range(calls):
+            start = clock()
+            network(x, t)
+            times.append(clock() - start)
+    return statistics.median(times[1:])
+
+
+def malloc_ab(quick: bool, threads: int, rounds: int) -> dict[str, object]:
+    """glibc malloc tuning on vs off (ddpmctl.allocator), in fresh processes alternated A/B/A/B: the tuning acts
+    on a process's heap from its start, so it cannot be toggled inside one process."""
+    seconds: dict[str, list[float]] = {"tuned": [], "glibc defaults": []}
+    for _ in range(rounds):
+        for name, flag in (("tuned", "1"), ("glibc defaults", "0")):
+            code = (f"import bench; print(bench.tune_malloc(), bench.sampling_probe({quick}, {threads}))")
+            out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True,
+                                 text=True, check=True, env={**os.environ, "DDPMCTL_MALLOC_TUNING": flag})
+            applied, value = out.stdout.split()[-2:]
+            if (applied == "True") != (flag == "1"):
+                return {"error": "malloc tuning does not apply here (not glibc)"}
+            seconds[name].append(float(value))
+    medians = {name: statistics.median(v) for name, v in seconds.items()}
+    return {"seconds": medians, "tuned_over_defaults": medians["glibc defaults"] / medians["tuned"],
+            "rounds": rounds}
+
+
 def loadavg() -> float | None:
     try:
         return os.getloadavg()[0]
@@ -274,15 +381,24 @@ def loadavg() -> float | None:
         return None
 
 
+def _ratio_table(title: str, img_s: dict[str, float], base: str) -> None:
+    print(title)
+    for key, value in img_s.items():
+        print(f"  {key:<52} {value:8.2f} img/s  {value / img_s[base]:5.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized: batches / 4, fewer repeats, no RSS run")
     parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
-    parser.add_argument("--configs", default="a,b", help="which configs to run (a, b)")
+    parser.add_argument("--configs", default="a", help="which configs to run (a, b; b takes minutes more)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))
     parser.add_argument("--clock", choices=("wall", "process"), default="wall",
                         help="process = CPU time of this process: immune to other jobs' load, for --threads 1")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="measure bf16 too: auto = where the CPU has it natively (emulated bf16 is ~9x slower)")
     parser.add_argument("--no-nll", action="store_true", help="skip the eval-nll measurement")
+    parser.add_argument("--no-malloc", action="store_true", help="skip the malloc tuning A/B (fresh processes)")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress shows under `make`/tee
     if args.clock == "process" and args.threads != 1:
@@ -295,38 +411,53 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown config(s) {unknown}: choose from {sorted(CONFIGS)}")
     load_start = loadavg()
+    native = cpu_native_bf16()
+    precisions = ("fp32", "bf16") if args.bf16 == "on" or (args.bf16 == "auto" and native) else ("fp32",)
+    chosen = fast_paths("cpu")
 
-    size, repeats = (1024, 3) if args.quick else (2048, 5)
-    peaks = {p: matmul_peak(torch.float32 if p == "fp32" else torch.bfloat16, size=size, repeats=repeats,
-                            clock=clock) for p in PRECISIONS}
     print(f"machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
           f"torch {torch.__version__}, clock {args.clock}, load average {load_start}, "
           f"malloc tuning {'on' if malloc_tuned else 'off'}")
-    print(f"matmul peak at start: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s")
-    conv_probe_s = interleaved_medians({p: conv_probe(torch.float32 if p == "fp32" else torch.bfloat16)
-                                        for p in PRECISIONS}, warmup=2, repeats=repeats, clock=clock)
+    print(f"CPU capability {cpu_capability()}, native bf16 {'yes' if native else 'no (AVX-512-BF16/AMX absent)'}: "
+          f"--precision auto picks {'bf16' if native else 'fp32'}; bench precisions {', '.join(precisions)}")
+    print(f"fast paths chosen here: {chosen.describe()}")
+    size, repeats = (1024, 3) if args.quick else (2048, 5)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {p: matmul_peak(dtypes[p], size=size, repeats=repeats, clock=clock) for p in precisions}
+    conv_probe_s = interleaved_medians({p: conv_probe(dtypes[p]) for p in precisions}, warmup=2, repeats=repeats,
+                                       clock=clock)
     conv_probes = {p: conv_probe_flops() / seconds / 1e9 for p, seconds in conv_probe_s.items()}
-    print(f"3x3 conv probe {CONV_PROBE} at start: fp32 {conv_probes['fp32']:.1f} GFLOP/s, "
-          f"bf16 {conv_probes['bf16']:.1f} GFLOP/s")
+    print("matmul peak at start: " + ", ".join(f"{p} {v:.1f}" for p, v in peaks.items()) + " GFLOP/s; "
+          f"3x3 conv probe {CONV_PROBE}: " + ", ".join(f"{p} {v:.1f}" for p, v in conv_probes.items()) + " GFLOP/s")
 
+    configs: list[dict[str, object]] = []
     rows: list[dict[str, object]] = []
     for name in names:
-        for row in bench_config(name, quick=args.quick, clock=clock, mm_size=size):
+        result = bench_config(name, quick=args.quick, clock=clock, mm_size=size, precisions=precisions)
+        configs.append(result)
+        for row in result["rows"]:  # type: ignore[attr-defined]
             for kind in ("train", "sample"):
-                achieved = float(row[f"{kind}_gflop_per_s"])  # type: ignore[arg-type]
-                row[f"{kind}_fraction_of_peak"] = achieved / float(row[f"{kind}_peak_gflop_per_s"])  # type: ignore[arg-type]
-                row[f"{kind}_fraction_of_conv_probe"] = (
-                    achieved / float(row[f"{kind}_conv_probe_gflop_per_s"]))  # type: ignore[arg-type]
+                achieved = float(row[f"{kind}_gflop_per_s"])
+                row[f"{kind}_fraction_of_peak"] = achieved / float(row[f"{kind}_peak_gflop_per_s"])
+                row[f"{kind}_fraction_of_conv_probe"] = achieved / float(row[f"{kind}_conv_probe_gflop_per_s"])
             rows.append(row)
-            print(f"  measured config {name} {row['precision']}", flush=True)
-    summary: dict[str, dict[str, float]] = {}
-    for name in names:
-        fp32 = next(r for r in rows if r["config"] == name and r["precision"] == "fp32")
-        bf16 = next(r for r in rows if r["config"] == name and r["precision"] == "bf16")
-        summary[name] = {
-            key: float(bf16[f"{kind}_img_per_s"]) / float(fp32[f"{kind}_img_per_s"])  # type: ignore[arg-type]
-            for key, kind in (("train_bf16_over_fp32", "train"), ("sample_bf16_over_fp32", "sample"))
-        }
+        chosen_name = result["chosen"]
+        train_img_s: dict[str, float] = result["train_img_per_s"]  # type: ignore[assignment]
+        sample_img_s: dict[str, float] = result["sample_img_per_s"]  # type: ignore[assignment]
+        batch = CONFIGS[name]["batch_size"] // (4 if args.quick else 1)  # type: ignore[operator]
+        _ratio_table(f"config {name}, training batch {batch} (interleaved medians; ratio to fp32 plain = NCHW, "
+                     "all fast paths off):", train_img_s, "fp32 plain")
+        _ratio_table(f"config {name}, sampling calls of {2 * batch} (ratio to fp32 plain):",
+                     {k: v for k, v in sample_img_s.items() if "x4" not in k}, "fp32 plain")
+        ours = train_img_s[f"fp32 {chosen_name}"]
+        result["fp32_over_reference"] = ours / train_img_s["fp32 reference"]
+        print(f"config {name}: fp32 training, ddpmctl as chosen here over the reference-style U-Net: "
+              f"{result['fp32_over_reference']:.3f}x")
+        if "fp32 one call x4" in sample_img_s:
+            result["micro_batch_over_one_call"] = sample_img_s["fp32 micro-batched x4"] / sample_img_s["fp32 one call x4"]
+            print(f"config {name}: sampling {4 * batch} images in micro-batches of {result['micro_batch']} "
+                  f"{sample_img_s['fp32 micro-batched x4']:.2f} img/s vs one call "
+                  f"{sample_img_s['fp32 one call x4']:.2f} img/s ({result['micro_batch_over_one_call']:.3f}x)")
 
     print("fractions are of the matmul peak re-measured alongside each config's steps (the 'peak' columns); "
           "'of conv' divides by the conv probe re-measured the same way")
@@ -339,22 +470,23 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['train_fraction_of_peak']:>7.2f} {r['train_fraction_of_conv_probe']:>7.2f} "
               f"{r['sample_img_per_s']:>12.2f} {r['sample_gflop_per_s']:>8.1f} {r['sample_peak_gflop_per_s']:>6.0f} "
               f"{r['sample_fraction_of_peak']:>7.2f} {r['sample_fraction_of_conv_probe']:>7.2f}")
-    for name, s in summary.items():
-        print(f"config {name}: bf16/fp32 training {s['train_bf16_over_fp32']:.2f}x, "
-              f"sampling {s['sample_bf16_over_fp32']:.2f}x")
-    for r in rows:
-        if r["sample_one_call_img_per_s"] is None:
-            continue
-        print(f"config {r['config']} {r['precision']} sampling: micro-batches of {r['sample_micro_batch']} "
-              f"{r['sample_img_per_s']:.1f} img/s vs one call of {r['sample_batch']} "
-              f"{r['sample_one_call_img_per_s']:.1f} img/s "
-              f"({float(r['sample_img_per_s']) / float(r['sample_one_call_img_per_s']):.2f}x)")  # type: ignore[arg-type]
 
-    curves = loss_curves(quick=args.quick)
-    print(f"loss curves, config (a) batch {curves['batch']} lr {curves['lr']}, the same {curves['steps']} steps:")
-    for p in PRECISIONS:
-        print(f"  {p}: " + " ".join(f"{v:.4f}" for v in curves[p]))  # type: ignore[attr-defined]
-    print(f"  relative difference: max {curves['max_rel_diff']:.4f}, mean {curves['mean_rel_diff']:.4f}")
+    malloc: dict[str, object] = {}
+    if not args.no_malloc:
+        malloc = malloc_ab(args.quick, args.threads, rounds=1 if args.quick else 2)
+        if "error" in malloc:
+            print(f"malloc tuning A/B: {malloc['error']}")
+        else:
+            print(f"malloc tuning A/B (fresh processes, sampling calls of config (a)): tuned "
+                  f"{malloc['tuned_over_defaults']:.3f}x glibc's defaults")
+
+    curves: dict[str, object] = {}
+    if "bf16" in precisions:
+        curves = loss_curves(quick=args.quick)
+        print(f"loss curves, config (a) batch {curves['batch']} lr {curves['lr']}, the same {curves['steps']} steps:")
+        for p in PRECISIONS:
+            print(f"  {p}: " + " ".join(f"{v:.4f}" for v in curves[p]))  # type: ignore[attr-defined]
+        print(f"  relative difference: max {curves['max_rel_diff']:.4f}, mean {curves['mean_rel_diff']:.4f}")
 
     nll: dict[str, object] = {}
     if not args.no_nll:
@@ -376,10 +508,11 @@ def main(argv: list[str] | None = None) -> int:
     load_end = loadavg()
     print(f"load average: {load_start} at start, {load_end} at end")
     result = {"quick": args.quick, "threads": args.threads, "clock": args.clock, "torch": torch.__version__,
-              "malloc_tuned": malloc_tuned,
+              "cpu_capability": cpu_capability(), "native_bf16": native, "precisions": list(precisions),
+              "fast_paths": asdict(chosen), "malloc_tuned": malloc_tuned,
               "load_average": {"start": load_start, "end": load_end}, "peaks_gflop_per_s": peaks,
-              "conv_probe_gflop_per_s": conv_probes, "rows": rows,
-              "summary": summary, "loss_curves": curves, "eval_nll": nll, "peak_rss_mib_config_b": rss,
+              "conv_probe_gflop_per_s": conv_probes, "configs": configs, "rows": rows, "malloc_ab": malloc,
+              "loss_curves": curves, "eval_nll": nll, "peak_rss_mib_config_b": rss,
               "self_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 import struct
 import zipfile
@@ -34,7 +33,9 @@ from pydantic import ValidationError
 import ddpmctl
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.config import CheckpointConfig
-from ddpmctl.errors import CheckpointError
+from ddpmctl.errors import CheckpointError, validation_problem
+from ddpmctl.fileio import atomic_write
+from ddpmctl.hardware import memory_format
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.diffusion import GaussianDiffusion
@@ -120,61 +121,16 @@ class LoadedCheckpoint:
 # Atomic writes
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); platforms that cannot open directories simply skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Callable[[Path], None], *, what: str) -> Path:
-    """Write via ``write(tmp)`` into a temporary file beside ``path``, fsync, then rename over ``path``.
-
-    A crash or a failing write never leaves a half-written file under the final name: the old file stays.
-    """
+    """fileio.atomic_write with one-line CheckpointErrors that say whether a previous file is untouched."""
     path = Path(path)
-    existed = path.exists()
-    untouched = f"the previous {what} is untouched" if existed else f"no {what} was written"
+    untouched = f"the previous {what} is untouched" if path.exists() else f"no {what} was written"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CheckpointError(f"could not write {path}: {err.strerror or err}; {untouched}") from None
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        # O_EXCL: never follow or clobber something already there; mode 0o666 lets the umask decide, as open() does.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        os.close(fd)
-        write(tmp)
-        # safetensors re-creates the file owner-only; give it the mode an ordinary open() would have.
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as handle:
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        return atomic_write(path, write)
     except (OSError, safetensors.SafetensorError) as err:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
         reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
         raise CheckpointError(f"could not write {path}: {reason}; {untouched}") from None
-    except BaseException:
-        # A bug or Ctrl-C mid-write: still never leave the temporary file behind.
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _cpu_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -241,7 +197,7 @@ def _check_consistency(config: CheckpointConfig, kind: str) -> str | None:
 
 def save_checkpoint(path: str | os.PathLike[str], state_dict: Mapping[str, torch.Tensor],
                     config: CheckpointConfig, *, kind: str, lineage: list[dict[str, Any]]) -> Path:
-    """Atomically write a ddpmctl checkpoint (DESIGN.md "The checkpoint format"); returns the path."""
+    """Atomically write a ddpmctl checkpoint (docs/design.md "The checkpoint format"); returns the path."""
     problem = _check_consistency(config, kind)
     if problem is not None:
         raise ValueError(f"refusing to write an inconsistent checkpoint: {problem}")
@@ -388,13 +344,6 @@ def _read_header(path: Path) -> _Header:
     return _Header(metadata, tensors, offsets, size)
 
 
-def _first_validation_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "(top level)"
-    message = " ".join(str(first.get("msg", "invalid")).split())
-    return f"config.{where}: {message}" if where != "(top level)" else f"config: {message}"
-
-
 def _short(value: str, limit: int = 40) -> str:
     """A quoted, single-line excerpt of an untrusted string for an error message."""
     text = value if len(value) <= limit else value[:limit] + "..."
@@ -405,7 +354,7 @@ _FORMAT_RE = re.compile(r"^ddpmctl/(\d{1,9})$")
 
 
 def _validate_metadata(path: Path, metadata: dict[str, str] | None) -> tuple[CheckpointConfig, str, list, str]:
-    """format, kind, config, lineage, created_with -> validated values (DESIGN.md "The checkpoint format")."""
+    """format, kind, config, lineage, created_with -> validated values (docs/design.md "The checkpoint format")."""
     if not metadata or "format" not in metadata:
         raise CheckpointError(f"{path} has no ddpmctl metadata: was it written by ddpmctl?")
     fmt = metadata["format"]
@@ -426,7 +375,8 @@ def _validate_metadata(path: Path, metadata: dict[str, str] | None) -> tuple[Che
     except ValidationError as err:
         if any(e.get("type") == "json_invalid" for e in err.errors()):
             raise CheckpointError(f"{path}: config metadata is not valid JSON") from None
-        raise CheckpointError(f"{path}: invalid {_first_validation_problem(err)}") from None
+        problem = validation_problem(err, lambda loc: ".".join(map(str, ("config", *loc))))
+        raise CheckpointError(f"{path}: invalid {problem}") from None
     problem = _check_consistency(config, kind)
     if problem is not None:
         raise CheckpointError(f"{path}: inconsistent config: {problem}")
@@ -527,8 +477,8 @@ def load_checkpoint(path: str | os.PathLike[str], *, device: str | torch.device 
     except Exception as err:  # shapes were checked above; this is a last line of defence for untrusted files
         message = " ".join(str(err).split())[:200] or type(err).__name__
         raise CheckpointError(f"{path}: weights do not fit the config's network: {message}") from None
-    # channels_last: the layout oneDNN's convolutions run fastest in (sampling, eval-nll).
-    model.eval().to(device, memory_format=torch.channels_last)
+    # channels_last where it wins (hardware.fast_paths): oneDNN's convolutions run fastest in it.
+    model.eval().to(device, memory_format=memory_format(device))
     try:
         diffusion = build_diffusion(config.diffusion)
     except (ValueError, RuntimeError) as err:

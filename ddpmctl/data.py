@@ -28,12 +28,13 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Literal, NoReturn
+from typing import NoReturn
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ddpmctl.choices import ColorMode, Split
 from ddpmctl.config import DataInfo, ModelConfig
 from ddpmctl.errors import ConfigError, DataError
 
@@ -53,8 +54,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "test = index % 5 == 0 (360), train = the rest (1,437)",
 }
 
-Split = Literal["train", "test"]
-Color = Literal["auto", "rgb", "gray"]
+Color = ColorMode
 
 
 @dataclass
@@ -398,9 +398,9 @@ def _raise_all_bad(root: str, count: int, first: str) -> NoReturn:
     raise DataError(f"{_show(root)} has no readable images: all {count} image files are bad (first: {first})")
 
 
-def _load_folder(
-    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None]
-) -> ImageDataset:
+def _image_files(root: str) -> list[str]:
+    """The image files under the folder ``root`` (relative paths); DataError when there is no such folder or no
+    image in it."""
     try:
         st = os.stat(root)
     except FileNotFoundError:
@@ -409,7 +409,6 @@ def _load_folder(
         raise DataError(f"cannot read {_show(root)}: {_one_line(err.strerror or err)}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise DataError(f"{_show(root)} is a file, not a folder: expected a folder of images or builtin:NAME")
-
     rel_paths, ignored = _list_folder(root)
     if not rel_paths:
         if ignored == 0:
@@ -418,6 +417,28 @@ def _load_folder(
             f"{_show(root)} has no image files (looked for {', '.join(IMAGE_EXTENSIONS)}); "
             f"{ignored} other file{'s' if ignored != 1 else ''} ignored"
         )
+    return rel_paths
+
+
+def _choose_size(root: str, probed: list[tuple[int, tuple[int, int, bool]]], image_size: int | None,
+                 warn: Callable[[str], None]) -> int:
+    """``image_size``, or else the smallest short side of the probed (width, height, gray) headers."""
+    if image_size is not None:
+        return int(image_size)
+    sizes = {(w, h) for _, (w, h, _g) in probed}
+    size = min(min(w, h) for _, (w, h, _g) in probed)
+    if not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1]):
+        warn(
+            f"images in {_show(root)} have different sizes or are not square: using {size}x{size} "
+            f"(the smallest short side); set the image size to choose another"
+        )
+    return size
+
+
+def _load_folder(
+    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None]
+) -> ImageDataset:
+    rel_paths = _image_files(root)
     labels_all, class_names = _class_labels(root, rel_paths) if class_cond else (None, None)
 
     skipped: list[str] = []
@@ -441,17 +462,7 @@ def _load_folder(
     if not probed:
         _raise_all_bad(root, len(rel_paths), first_reason[0])
 
-    short_sides = [min(w, h) for _, (w, h, _g) in probed]
-    if image_size is None:
-        sizes = {(w, h) for _, (w, h, _g) in probed}
-        size = min(short_sides)
-        if not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1]):
-            warn(
-                f"images in {_show(root)} have different sizes or are not square: using {size}x{size} "
-                f"(the smallest short side); set the image size to choose another"
-            )
-    else:
-        size = int(image_size)
+    size = _choose_size(root, probed, image_size, warn)
     channels = {"gray": 1, "rgb": 3}.get(color) or (1 if all(g for _, (_w, _h, g) in probed) else 3)
 
     # Pass 2: decode, convert and resize each image straight into one preallocated array.

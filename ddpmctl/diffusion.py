@@ -1,7 +1,7 @@
 """GaussianDiffusion: forward process, posterior, model parameterizations, sampling steps and VLB terms.
 
-Follows improved-diffusion's ``gaussian_diffusion.py`` (Nichol & Dhariwal 2021) and PAPERS.md's reference
-conventions 3-11 and 15 to the letter, plus the v-parameterization of Salimans & Ho (2022).
+Follows improved-diffusion's ``gaussian_diffusion.py`` (Nichol & Dhariwal 2021) and the reference conventions
+#3-11 and #15 of docs/conventions.md to the letter, plus the v-parameterization of Salimans & Ho (2022).
 
 Notation: ``t`` is an int64 tensor [N] of indices into THIS diffusion's steps (0 = least noisy); the network is
 always called with ``timestep_map[t]``, the original training-chain indices. Coefficient tables are float64 on
@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
+from ddpmctl.choices import LossType, MeanType, VarType, is_learned_variance
 from ddpmctl.losses import discretized_gaussian_log_likelihood, normal_kl
 
-MEAN_TYPES = ("eps", "x0", "v")
-VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")
-LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+MEAN_TYPES: tuple[str, ...] = get_args(MeanType)
+VAR_TYPES: tuple[str, ...] = get_args(VarType)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 # The float64 tables every instance exposes (reference names) and the private ones the steps gather from.
 _PUBLIC_TABLES = (
@@ -56,6 +57,56 @@ def _table_dtype(x: torch.Tensor) -> torch.dtype:
     # float64 and float32 inputs keep their dtype; half-precision inputs get float32 coefficients (the
     # reference always used float32) so that e.g. 1/sqrt(abar) at the top of a T = 4000 chain stays finite.
     return x.dtype if x.dtype in (torch.float64, torch.float32) else torch.float32
+
+
+def _tables(b: np.ndarray) -> dict[str, np.ndarray]:
+    """Every table of a chain with betas ``b`` (float64), by the reference's names."""
+    # All tables in numpy float64 with the reference's expressions, so they match it bit for bit.
+    alphas = 1.0 - b
+    alphas_cumprod = np.cumprod(alphas, axis=0)
+    alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # abar before step 0 is 1 (docs/conventions.md #3)
+    alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
+    # Posterior q(x_{k-1} | x_k, x0), IDDPM eq. 10-12.
+    posterior_variance = b * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
+    # beta_tilde_0 = 0, so its log is clipped to log(beta_tilde_1) (docs/conventions.md #3). A one-step chain has no
+    # beta_tilde_1 (the reference raises there); beta_0 is the only variance it has, so it stands in.
+    first_var = posterior_variance[1] if len(b) > 1 else b[0]
+    fixed_large_variance = np.append(first_var, b[1:])  # docs/conventions.md #4
+    return {
+        "betas": b,
+        "alphas_cumprod": alphas_cumprod,
+        "alphas_cumprod_prev": alphas_cumprod_prev,
+        "alphas_cumprod_next": alphas_cumprod_next,
+        "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
+        "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
+        "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
+        "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
+        "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
+        "posterior_variance": posterior_variance,
+        "posterior_log_variance_clipped": np.log(np.append(first_var, posterior_variance[1:])),
+        "posterior_mean_coef1": b * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
+        "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
+        "one_minus_alphas_cumprod": 1.0 - alphas_cumprod,
+        "log_betas": np.log(b),
+        "fixed_large_variance": fixed_large_variance,
+        "fixed_large_log_variance": np.log(fixed_large_variance),
+    }
+
+
+def _timestep_map(timestep_map: torch.Tensor | np.ndarray | list[int] | None, T: int) -> torch.Tensor:
+    """Original index of each of the ``T`` steps, int64 (arange for an unrespaced chain)."""
+    if timestep_map is None:
+        tmap = torch.arange(T, dtype=torch.int64)
+    elif isinstance(timestep_map, torch.Tensor):
+        tmap = timestep_map.detach().to(device="cpu", dtype=torch.int64).clone()
+    else:
+        tmap = torch.from_numpy(np.array(timestep_map, dtype=np.int64))
+    if timestep_map is not None:
+        if tmap.shape != (T,):
+            raise ValueError(f"timestep_map must have one entry per step ({T}), got shape {tuple(tmap.shape)}")
+        if (tmap < 0).any():
+            raise ValueError("timestep_map entries must be >= 0")
+    return tmap
 
 
 class GaussianDiffusion:
@@ -99,51 +150,12 @@ class GaussianDiffusion:
         T = int(b.shape[0])
         self.num_timesteps = T
 
-        # All tables in numpy float64 with the reference's expressions, so they match it bit for bit.
-        alphas = 1.0 - b
-        alphas_cumprod = np.cumprod(alphas, axis=0)
-        alphas_cumprod_prev = np.append(1.0, alphas_cumprod[:-1])  # abar before step 0 is 1 (convention 3)
-        alphas_cumprod_next = np.append(alphas_cumprod[1:], 0.0)
-        # Posterior q(x_{k-1} | x_k, x0), IDDPM eq. 10-12.
-        posterior_variance = b * (1.0 - alphas_cumprod_prev) / (1.0 - alphas_cumprod)
-        # beta_tilde_0 = 0, so its log is clipped to log(beta_tilde_1) (convention 3). A one-step chain has no
-        # beta_tilde_1 (the reference raises there); beta_0 is the only variance it has, so it stands in.
-        first_var = posterior_variance[1] if T > 1 else b[0]
-        fixed_large_variance = np.append(first_var, b[1:])  # convention 4
-        tables: dict[str, np.ndarray] = {
-            "betas": b,
-            "alphas_cumprod": alphas_cumprod,
-            "alphas_cumprod_prev": alphas_cumprod_prev,
-            "alphas_cumprod_next": alphas_cumprod_next,
-            "sqrt_alphas_cumprod": np.sqrt(alphas_cumprod),
-            "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - alphas_cumprod),
-            "log_one_minus_alphas_cumprod": np.log(1.0 - alphas_cumprod),
-            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod),
-            "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / alphas_cumprod - 1),
-            "posterior_variance": posterior_variance,
-            "posterior_log_variance_clipped": np.log(np.append(first_var, posterior_variance[1:])),
-            "posterior_mean_coef1": b * np.sqrt(alphas_cumprod_prev) / (1.0 - alphas_cumprod),
-            "posterior_mean_coef2": (1.0 - alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - alphas_cumprod),
-            "one_minus_alphas_cumprod": 1.0 - alphas_cumprod,
-            "log_betas": np.log(b),
-            "fixed_large_variance": fixed_large_variance,
-            "fixed_large_log_variance": np.log(fixed_large_variance),
-        }
+        tables = _tables(b)
         self._cpu_tables = {name: torch.from_numpy(np.ascontiguousarray(arr)) for name, arr in tables.items()}
         for name in _PUBLIC_TABLES:
             setattr(self, name, self._cpu_tables[name])
 
-        if timestep_map is None:
-            tmap = torch.arange(T, dtype=torch.int64)
-        elif isinstance(timestep_map, torch.Tensor):
-            tmap = timestep_map.detach().to(device="cpu", dtype=torch.int64).clone()
-        else:
-            tmap = torch.from_numpy(np.array(timestep_map, dtype=np.int64))
-        if timestep_map is not None:
-            if tmap.shape != (T,):
-                raise ValueError(f"timestep_map must have one entry per step ({T}), got shape {tuple(tmap.shape)}")
-            if (tmap < 0).any():
-                raise ValueError("timestep_map entries must be >= 0")
+        tmap = _timestep_map(timestep_map, T)
         self.timestep_map = tmap
         if original_num_steps is None:
             original_num_steps = T if timestep_map is None else int(tmap.max()) + 1
@@ -160,7 +172,7 @@ class GaussianDiffusion:
     @property
     def learned_sigma(self) -> bool:
         """True when the network outputs 2C channels: [mean part | variance values]."""
-        return self.var_type in ("learned", "learned_range")
+        return is_learned_variance(self.var_type)
 
     def __repr__(self) -> str:
         return (
@@ -199,7 +211,9 @@ class GaussianDiffusion:
         return model(x, self.original_timesteps(t), **(model_kwargs or {}))
 
     def _split_output(self, model_output: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[mean part | variance values] for learned sigma (convention 5), else (output, None); checks shapes."""
+        """[mean part | variance values] for learned sigma (docs/conventions.md #5), else (output, None).
+
+        Checks the shapes."""
         B, C = x.shape[:2]
         channels = 2 * C if self.learned_sigma else C
         expected = (B, channels, *x.shape[2:])
@@ -299,7 +313,7 @@ class GaussianDiffusion:
     ) -> dict[str, torch.Tensor]:
         """p(x_{t-1} | x_t) from the network: {"mean", "variance", "log_variance", "pred_xstart", "eps"}.
 
-        "eps" is the noise implied by the (clipped) pred_xstart, as DDIM uses it (convention 15).
+        "eps" is the noise implied by the (clipped) pred_xstart, as DDIM uses it (docs/conventions.md #15).
         """
         model_output = self._call_model(model, x, t, model_kwargs)
         return self.p_mean_variance_from_output(
@@ -315,11 +329,11 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         denoised_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """p_mean_variance for an already computed network output (conventions 4-6)."""
+        """p_mean_variance for an already computed network output (docs/conventions.md #4-6)."""
         mean_part, var_values = self._split_output(model_output, x)
         tables = self._tables(x)
         if var_values is None:
-            # Fixed variances; fixed_large uses beta_tilde_1 at k = 0 for a better decoder NLL (convention 4).
+            # Fixed variances; fixed_large uses beta_tilde_1 at k = 0 for a better decoder NLL (docs/conventions.md #4).
             var_name, log_name = (
                 ("fixed_large_variance", "fixed_large_log_variance")
                 if self.var_type == "fixed_large"
@@ -332,7 +346,7 @@ class GaussianDiffusion:
             model_variance = torch.exp(model_log_variance)
         else:
             # learned_range: interpolate the log-variance between beta_tilde (v = -1) and beta (v = +1),
-            # v not clamped (IDDPM eq. 15, convention 5).
+            # v not clamped (IDDPM eq. 15, docs/conventions.md #5).
             min_log = self._gather(tables["posterior_log_variance_clipped"], t, x)
             max_log = self._gather(tables["log_betas"], t, x)
             frac = (var_values + 1) / 2
@@ -348,7 +362,7 @@ class GaussianDiffusion:
         if denoised_fn is not None:
             pred_xstart = denoised_fn(pred_xstart)
         if clip_denoised:
-            # Clamp BEFORE the posterior mean (convention 6).
+            # Clamp BEFORE the posterior mean (docs/conventions.md #6).
             pred_xstart = pred_xstart.clamp(-1, 1)
         model_mean = (
             self._gather(tables["posterior_mean_coef1"], t, x) * pred_xstart
@@ -363,7 +377,8 @@ class GaussianDiffusion:
         }
 
     def _nonzero_mask(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        # No noise is added at k = 0 (the noise is still drawn, keeping a seeded stream aligned: convention 15).
+        # No noise is added at k = 0 (the noise is still drawn, keeping a seeded stream aligned:
+        # docs/conventions.md #15).
         return (t != 0).to(_table_dtype(x)).reshape(-1, *([1] * (x.dim() - 1)))
 
     def p_sample(
@@ -422,7 +437,8 @@ class GaussianDiffusion:
         clip_denoised: bool = True,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """L_t in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the decoder NLL at t = 0 (convention 8).
+        """L_t in bits/dim: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)), or the decoder NLL at t = 0
+        (docs/conventions.md #8).
 
         Returns {"output": [N], "pred_xstart"}.
         """
@@ -452,7 +468,9 @@ class GaussianDiffusion:
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
     def prior_bpd(self, x_start: torch.Tensor) -> torch.Tensor:
-        """KL(q(x_{T-1} | x_0) || N(0, I)) in bits/dim, [N] (convention 10); not trainable, ~0 for a good schedule."""
+        """KL(q(x_{T-1} | x_0) || N(0, I)) in bits/dim, [N] (docs/conventions.md #10).
+
+        Not trainable, ~0 for a good schedule."""
         t = torch.full((x_start.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x_start.device)
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         kl_prior = normal_kl(qt_mean, qt_log_variance, 0.0, 0.0)
@@ -467,7 +485,8 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Per-sample training loss at steps t (IDDPM Sec. 3.1, convention 7): {"loss", "mse", "vb"}, each [N].
+        """Per-sample training loss at steps t (IDDPM Sec. 3.1, docs/conventions.md #7): {"loss", "mse", "vb"},
+        each [N].
 
         "vb" is the VLB term as it enters the loss (already multiplied by T/1000 for rescaled_mse, by T for
         rescaled_kl); zeros for a fixed variance with an MSE loss. For the KL losses "mse" is a detached
@@ -517,7 +536,7 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The whole variational bound in bits/dim, one term per step from T-1 down to 0 (convention 11).
+        """The whole variational bound in bits/dim, one term per step from T-1 down to 0 (docs/conventions.md #11).
 
         Returns {"total_bpd" [N], "prior_bpd" [N], "vb" [N, T], "xstart_mse" [N, T], "mse" [N, T],
         "timesteps" [T]}. Columns are in loop order as in the reference: column j holds step

@@ -32,12 +32,13 @@ from ddpmctl.checkpoint import (
     save_tensors,
     write_json_atomic,
 )
-from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig, StudentParam
+from ddpmctl.choices import StudentParam
+from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig
 from ddpmctl.data import ImageDataset, load_dataset_for
 from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.inference import AutocastModel
-from ddpmctl.loop import StopSignals, dotted_keys, load_optimizer_state, optimizer_state_tensors
+from ddpmctl.loop import StopSignals, clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.progressive import (
     GridDenoiser,
     ddim_on_grid,
@@ -389,7 +390,7 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+        clip_gradients(student.parameters(), config.grad_clip)
         optimizer.step()
         iteration += 1
         recent = (recent + [loss.item()])[-window:]

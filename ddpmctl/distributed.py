@@ -9,9 +9,11 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from ddpmctl.errors import ConfigError, TrainingError
 
@@ -64,6 +66,25 @@ def _timeout_s() -> float:
     return seconds
 
 
+def env_world_size() -> int:
+    """The world size torchrun announces in WORLD_SIZE (1 outside torchrun)."""
+    return max(_env_int("WORLD_SIZE", 1), 1)
+
+
+def split_batch(global_batch: int, world_size: int) -> int:
+    """Each rank's share of ``--batch-size`` (the global batch); ConfigError when it does not divide evenly."""
+    if global_batch % world_size:
+        raise ConfigError(f"--batch-size {global_batch} is the global batch and must divide evenly among "
+                          f"{world_size} ranks: use a multiple of {world_size}")
+    return global_batch // world_size
+
+
+def cpu_threads_per_rank(local_ranks: int) -> int:
+    """Torch threads for one of ``local_ranks`` processes sharing this machine's usable cores (at least 1)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(local_ranks, 1))
+
+
 def setup(device: torch.device, *, timeout_s: float | None = None) -> DistInfo:
     """Join torchrun's process group when WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA; one GPU per local rank).
 
@@ -84,8 +105,8 @@ def setup(device: torch.device, *, timeout_s: float | None = None) -> DistInfo:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
-        # Every rank on one CPU: split the cores, oversubscription costs far more than it gains.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world_size, 1)))
+        # The ranks on this machine share its cores: oversubscription costs far more than it gains.
+        torch.set_num_threads(cpu_threads_per_rank(_env_int("LOCAL_WORLD_SIZE", world_size)))
     owns = False
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -99,6 +120,25 @@ def teardown(info: DistInfo) -> None:
     """Destroy the process group if :func:`setup` created it."""
     if info.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def data_parallel(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` under DistributedDataParallel, its gradients living in DDP's all-reduce buckets.
+
+    DDP lays each bucket view out with its parameter's strides (channels_last or contiguous, whichever the model
+    has now) and warns "Grad strides do not match bucket view strides" when a fresh gradient's strides differ, which
+    autograd allows in size-1 dimensions (a [C, C, 1] attention weight). Here every parameter gets a zero gradient
+    before DDP is built, so with ``gradient_as_bucket_view`` DDP turns each one into its bucket view; backward then
+    accumulates in place into the bucket (no copy, no stride check to fail) as long as the caller keeps the
+    gradients: zero them with ``zero_grad(set_to_none=False)``, never set them to None.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def _comm_device(info: DistInfo) -> torch.device:
@@ -142,23 +182,18 @@ def barrier(info: DistInfo) -> None:
 
 def all_reduce_max(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     """Elementwise max over ranks of a small float tensor (stop/NaN flags every rank must agree on)."""
-    if not info.distributed:
-        return values
-    buf = values.to(_comm_device(info), torch.float32).clone()
-    try:
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
-    except RuntimeError as err:
-        raise _lost_rank("all_reduce", err) from None
-    return buf.to(values.device)
+    return _all_reduce(info, values, dist.ReduceOp.MAX, torch.float32) if info.distributed else values
 
 
 def all_reduce_sum(info: DistInfo, values: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (metric accumulators); returns a new tensor on the input's device."""
-    if not info.distributed:
-        return values
-    buf = values.to(_comm_device(info)).clone()
+    return _all_reduce(info, values, dist.ReduceOp.SUM) if info.distributed else values
+
+
+def _all_reduce(info: DistInfo, values: torch.Tensor, op: Any, dtype: torch.dtype | None = None) -> torch.Tensor:
+    buf = values.to(_comm_device(info), dtype).clone()
     try:
-        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        dist.all_reduce(buf, op=op)
     except RuntimeError as err:
         raise _lost_rank("all_reduce", err) from None
     return buf.to(values.device)

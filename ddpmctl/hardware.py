@@ -12,13 +12,17 @@ answers "not native".
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16"]
+from ddpmctl.choices import Precision
+
 PrecisionRequest = Literal["auto", "fp32", "bf16"]
 PRECISION_REQUESTS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
@@ -96,6 +100,68 @@ def resolve_precision(requested: str, device: torch.device | str) -> tuple[Preci
         return ("bf16" if native else "fp32"), None
     if native:
         return "bf16", None
-    what = "this CPU has neither AVX-512-BF16 nor AMX" if device.type == "cpu" else f"{device} lacks native bf16"
-    return "bf16", (f"--precision bf16: {what}, so bf16 is emulated here and runs slower than fp32 "
-                    "(use --precision auto or fp32)")
+    what = "this CPU has no AVX-512-BF16 or AMX" if device.type == "cpu" else f"{device} has no native bf16"
+    return "bf16", f"--precision bf16: {what}, so bf16 is emulated and slower than fp32 (use auto or fp32)"
+
+
+# ------------------------------------------------------------------------------------------ fast paths per machine
+@dataclass(frozen=True)
+class FastPaths:
+    """The network's optional speed paths. Each is a measured win on the machines it is chosen for (``make bench``
+    times every one against the plain network; benchmarks/README.md has the figures); none changes a result beyond
+    float rounding."""
+
+    channels_last: bool
+    """Network weights and batches in channels_last: oneDNN's convolutions run without layout round trips."""
+    conv_projections: bool
+    """Attention's qkv/output projections as 1x1 conv2d on the map (oneDNN) instead of matmuls over tokens."""
+    bf16_math_attention: bool
+    """bf16 CPU attention as two GEMMs around the softmax instead of the fused SDPA kernel."""
+    mixed_groupnorm: bool
+    """Forward-only bf16 GroupNorm on large channels_last CPU maps through the mixed-type kernel."""
+
+    def describe(self) -> str:
+        return ", ".join(f"{name} {'on' if getattr(self, name) else 'off'}" for name in FAST_PATH_NAMES)
+
+
+FAST_PATH_NAMES: tuple[str, ...] = ("channels_last", "conv_projections", "bf16_math_attention", "mixed_groupnorm")
+# Every path off: NCHW, projections as matmuls, the fused attention kernel, GroupNorm on an fp32 copy.
+PLAIN_PATHS = FastPaths(channels_last=False, conv_projections=False, bf16_math_attention=False,
+                        mixed_groupnorm=False)
+
+
+@lru_cache(maxsize=8)
+def choose_fast_paths(device_type: str) -> FastPaths:
+    """The paths that win on this machine (issue 13, measured on AVX2-only and AVX-512-BF16 CPUs).
+
+    channels_last, the 1x1-conv projections and the mixed-type GroupNorm won on both CPUs. The bf16 attention
+    GEMMs won only where bf16 is native: with emulated bf16 (AVX2) the fused kernel is about 2x faster.
+    """
+    native = device_type == "cpu" and cpu_native_bf16()
+    return FastPaths(channels_last=True, conv_projections=True, bf16_math_attention=native, mixed_groupnorm=True)
+
+
+_forced: FastPaths | None = None
+
+
+def fast_paths(device: torch.device | str) -> FastPaths:
+    """The paths the network takes on ``device``: this machine's choice, unless :func:`forced_fast_paths` is on."""
+    if _forced is not None:
+        return _forced
+    return choose_fast_paths(torch.device(device).type)
+
+
+@contextmanager
+def forced_fast_paths(paths: FastPaths) -> Iterator[None]:
+    """Take ``paths`` instead of the machine's choice inside the block (the bench's A/B, tests)."""
+    global _forced
+    previous, _forced = _forced, paths
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def memory_format(device: torch.device | str) -> torch.memory_format:
+    """The layout networks and batches use on ``device`` (see :attr:`FastPaths.channels_last`)."""
+    return torch.channels_last if fast_paths(device).channels_last else torch.contiguous_format

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ddpmctl.fileio import create_temp_beside
+from ddpmctl.fileio import atomic_write
 
 __all__ = ["uint8_to_model", "model_to_uint8", "save_png", "make_grid", "save_grid", "save_npz"]
 
@@ -52,27 +52,15 @@ def _to_pil(img_chw: torch.Tensor) -> Image.Image:
 
 
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write through ``write(file)`` into a temporary file beside ``path``, fsync, then rename onto ``path``.
-
-    The rename is atomic on POSIX and Windows, so a crash never leaves a half-written file under the final name.
-    """
+    """Write through ``write(file)`` atomically (``fileio.atomic_write``): never a half-written file at ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_name, fd = create_temp_beside(path)  # not mkstemp: that is 0600 whatever the umask
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Never leave the temporary file behind, whatever interrupted the write.
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+
+    def fill(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return atomic_write(path, fill)
 
 
 def save_png(path: str | os.PathLike[str], img_uint8_chw: torch.Tensor) -> Path:

@@ -15,16 +15,17 @@ another size may take other kernel blockings. Its noise, and so what it shows, d
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal, Union, get_args
 
 import torch
 from torch import nn
 
+from ddpmctl.choices import Precision
+
 __all__ = ["AutocastModel", "InferenceNetwork", "Precision", "PRECISIONS", "MicroBatch", "default_micro_batch",
            "inference_network"]
 
-Precision = Literal["fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Images per network call: a number, None (the whole batch at once) or "auto" (default_micro_batch).
 MicroBatch = Union[int, None, Literal["auto"]]  # noqa: UP007 - a runtime alias on Python 3.10
 

@@ -1,5 +1,5 @@
 """What every training loop of ddpmctl shares (``train`` and ``distill``): stop signals, seeds derived from
-``--seed``, and the optimizer state as flat tensors for a run folder's state file.
+``--seed``, gradient norm and clipping, and the optimizer state as flat tensors for a run folder's state file.
 
 Optimizer state keys are ``optim.{parameter index}.{name}`` (e.g. ``optim.3.exp_avg``); distillation states of
 ddpmctl 0.1 used ``/`` as the separator, which :func:`dotted_keys` still reads.
@@ -7,15 +7,17 @@ ddpmctl 0.1 used ``/`` as the separator, which :func:`dotted_keys` still reads.
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["StopSignals", "derive_seed", "dotted_keys", "load_optimizer_state", "optimizer_state_tensors"]
+__all__ = ["StopSignals", "clip_gradients", "derive_seed", "dotted_keys", "load_optimizer_state",
+           "optimizer_state_tensors"]
 
 
 class StopSignals:
@@ -55,6 +57,12 @@ class StopSignals:
 def derive_seed(seed: int, *keys: int) -> int:
     """A well-mixed 63-bit seed for the stream named by ``keys`` (a rank, a stage) of run seed ``seed``."""
     return int(np.random.SeedSequence([seed, *keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """The gradients' global L2 norm (before clipping; a device tensor, read without a host sync), after scaling
+    them down to ``max_norm`` when it is given. None only measures: max_norm = inf makes the scale exactly 1."""
+    return torch.nn.utils.clip_grad_norm_(params, math.inf if max_norm is None else max_norm, foreach=True)
 
 
 def optimizer_state_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

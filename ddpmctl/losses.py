@@ -33,7 +33,7 @@ def normal_kl(
 
 
 def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-    """Standard normal CDF via 0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (PAPERS convention 9)."""
+    """Standard normal CDF via 0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) (docs/conventions.md #9)."""
     return 0.5 * (1.0 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3))))
 
 
@@ -43,7 +43,7 @@ def discretized_gaussian_log_likelihood(
     """log P(x) of a Gaussian discretized to the 256 bins of 8-bit data in [-1, 1], elementwise, in nats.
 
     Bins have half-width 1/255; the first and last bins extend to -inf / +inf; every log clamps at 1e-12
-    (PAPERS convention 9, Ho et al. 2020 eq. 13). ``x`` must lie on the 8-bit grid mapped to [-1, 1].
+    (docs/conventions.md #9, Ho et al. 2020 eq. 13). ``x`` must lie on the 8-bit grid mapped to [-1, 1].
     """
     if not (x.shape == means.shape == log_scales.shape):
         raise ValueError(

@@ -17,20 +17,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from ddpmctl.choices import Estimator
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.images import uint8_to_model
-from ddpmctl.inference import MicroBatch, inference_network
+from ddpmctl.inference import MicroBatch, Precision, inference_network
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
     from ddpmctl.diffusion import GaussianDiffusion
 
-Estimator = Literal["exact", "mc"]
 
 # The exact-mode noise of one image is drawn in blocks of this many terms, each block from its own keyed
 # generator: a batch that needs terms 130..140 of image 7 draws one block, never the 130 before it.
@@ -215,7 +215,8 @@ class _MCPairs:
 
 def _vb_terms(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """L_t (L_0 at t = 0) in bits/dim for a stack of pairs, as calc_bpd_loop computes each (conventions 8-11)."""
+    """L_t (L_0 at t = 0) in bits/dim for a stack of pairs, as calc_bpd_loop computes each
+    (docs/conventions.md #8-11)."""
     x_t = diffusion.q_sample(x_start, t, noise=noise)
     model_kwargs = {"y": y} if y is not None else None
     return diffusion.vb_terms_bpd(model, x_start, x_t, t, clip_denoised=True, model_kwargs=model_kwargs)["output"]
@@ -255,7 +256,7 @@ def _run_pairs(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch.Ten
 
 
 def _check_images(images: torch.Tensor, scale_images: bool) -> torch.Tensor:
-    """uint8 [N, C, H, W] -> float32 on the 8-bit grid in [-1, 1] (convention 11: x / 127.5 - 1 exactly)."""
+    """uint8 [N, C, H, W] -> float32 on the 8-bit grid in [-1, 1] (docs/conventions.md #11: x / 127.5 - 1 exactly)."""
     if images.dim() != 4:
         raise DataError(f"expected images of shape [N, C, H, W], got {tuple(images.shape)}")
     if images.shape[0] == 0:
@@ -312,14 +313,7 @@ def evaluate_bound(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch
     ``labels`` (int64 [N]) are passed to the model as ``y``. ``proposal`` (float [K], p(0) = 0) replaces the
     pilot estimate in mc mode. Image i's noise depends only on (seed, i), whatever ``batch_size`` is.
     """
-    if batch_size < 1:
-        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
-    if estimator not in ("exact", "mc"):
-        raise ConfigError(f"unknown estimator {estimator!r}: use exact or mc")
-    if estimator == "exact" and terms is not None:
-        raise ConfigError("terms is for the mc estimator (exact evaluates every term)")
-    if estimator == "mc" and (terms is None or terms < 1):
-        raise ConfigError(f"the mc estimator needs terms >= 1, got {terms}")
+    _check_estimator(batch_size, estimator, terms)
     num_terms = diffusion.num_timesteps
     n, shape, device = x_start.shape[0], tuple(x_start.shape[1:]), x_start.device
     if labels is not None:
@@ -377,24 +371,43 @@ def evaluate_bound(diffusion: GaussianDiffusion, model: Denoiser, x_start: torch
         values[rows] = _run_pairs(diffusion, model, x_chunk, y_chunk, list(range(rows.start, rows.stop)), pairs,
                                   batch_size, progress).double().cpu()
 
-    decoder = values[:, 0].clone()
     if isinstance(pairs, _MCPairs):
         assert terms is not None and proposal is not None
-        t_mc = torch.stack([pairs.drawn[i] for i in range(n)]).cpu()
-        # Importance weights 1/(M p(t_k)): E_p[L_t / p(t)] = sum_t L_t (the sum over t >= 1 of the KL terms).
-        weighted = values[:, 1:] / proposal[t_mc]
-        kl_quartiles = _kl_split(weighted / terms, t_mc, num_terms)
-        if terms > 1:
-            kl_within = weighted.std(dim=1, correction=1) / math.sqrt(terms)
-        else:
-            kl_within = torch.full((n,), float("nan"), dtype=torch.float64)
-        return NllResult("mc", prior + decoder + kl_quartiles.sum(1), prior, decoder, kl_quartiles,
-                         _quartile_ranges(num_terms), num_terms, per_image, mc_terms=terms, pilot_images=pilot,
-                         bpd_stderr=kl_within)
+        return _mc_result(pairs, prior, values, proposal, terms, num_terms, pilot)
+    decoder = values[:, 0].clone()
     t_all = torch.arange(num_terms).expand(n, num_terms)
     kl_quartiles = _kl_split(values, t_all, num_terms)
     return NllResult("exact", prior + values.sum(1), prior, decoder, kl_quartiles, _quartile_ranges(num_terms),
                      num_terms, per_image, terms=values if keep_terms else None)
+
+
+def _check_estimator(batch_size: int, estimator: str, terms: int | None) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}")
+    if estimator not in ("exact", "mc"):
+        raise ConfigError(f"unknown estimator {estimator!r}: use exact or mc")
+    if estimator == "exact" and terms is not None:
+        raise ConfigError("terms is for the mc estimator (exact evaluates every term)")
+    if estimator == "mc" and (terms is None or terms < 1):
+        raise ConfigError(f"the mc estimator needs terms >= 1, got {terms}")
+
+
+def _mc_result(pairs: _MCPairs, prior: torch.Tensor, values: torch.Tensor, proposal: torch.Tensor, terms: int,
+               num_terms: int, pilot: int) -> NllResult:
+    """The importance-sampled bound of every image from its ``terms`` drawn KL terms (and its exact L_0, prior)."""
+    n = values.shape[0]
+    decoder = values[:, 0].clone()
+    t_mc = torch.stack([pairs.drawn[i] for i in range(n)]).cpu()
+    # Importance weights 1/(M p(t_k)): E_p[L_t / p(t)] = sum_t L_t (the sum over t >= 1 of the KL terms).
+    weighted = values[:, 1:] / proposal[t_mc]
+    kl_quartiles = _kl_split(weighted / terms, t_mc, num_terms)
+    if terms > 1:
+        kl_within = weighted.std(dim=1, correction=1) / math.sqrt(terms)
+    else:
+        kl_within = torch.full((n,), float("nan"), dtype=torch.float64)
+    return NllResult("mc", prior + decoder + kl_quartiles.sum(1), prior, decoder, kl_quartiles,
+                     _quartile_ranges(num_terms), num_terms, pairs.per_image, mc_terms=terms, pilot_images=pilot,
+                     bpd_stderr=kl_within)
 
 
 def check_has_bound(checkpoint: LoadedCheckpoint) -> None:
@@ -408,12 +421,13 @@ def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, label
                  batch_size: int = 256, estimator: Estimator = "exact", terms: int | None = None, seed: int = 0,
                  pilot_images: int = 4, keep_terms: bool = False,
                  callback: Callable[[NllProgress], None] | None = None, scale_images: bool = True,
-                 micro_batch: MicroBatch = "auto") -> NllResult:
+                 micro_batch: MicroBatch = "auto", precision: Precision = "fp32") -> NllResult:
     """Bits/dim of 8-bit images under a checkpoint's own chain (IDDPM Table 1-2's NLL); see the module docstring.
 
     ``images_uint8``: uint8 [N, C, H, W] (``scale_images=False``: floats already on the 8-bit grid in [-1, 1]).
     ``labels`` are required for a class-conditional model and ignored otherwise. ``micro_batch`` caps the images
     per forward pass ("auto": sized for the CPU, see ddpmctl.inference); it changes results only at float rounding.
+    ``precision`` "bf16" runs the network under bf16 autocast (its outputs, and everything after, stay fp32/fp64).
     """
     check_has_bound(checkpoint)
     model_config = checkpoint.config.model
@@ -434,7 +448,7 @@ def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, label
     device = next(iter(checkpoint.model.parameters())).device
     checkpoint.model.eval()
     network = inference_network(checkpoint.model, device, model_config.image_size, model_config.model_channels,
-                                micro_batch=micro_batch)
+                                micro_batch=micro_batch, precision=precision)
     return evaluate_bound(checkpoint.diffusion, network, x_start.to(device), labels,
                           batch_size=batch_size, estimator=estimator, terms=terms, seed=seed,
                           pilot_images=pilot_images, keep_terms=keep_terms, callback=callback)

@@ -2,7 +2,7 @@
 grids, the student heads, the deterministic DDIM step, the two-teacher-step target, the loss weights, and a
 network seen as an x_hat predictor on original indices. No I/O; ``ddpmctl.distill`` runs the stages.
 
-Discrete-time adaptation (PAPERS.md "Progressive distillation"): the teacher's own abar table over its T training
+Discrete-time adaptation (docs/conventions.md "Distillation grid"): the teacher's own abar table over its T training
 steps; the N-step grid is k_i = round(i T / N) - 1, i = 1..N (the top step T - 1 has SNR ~ 0), its midpoints
 k'_i = round((i - 1/2) T / N) - 1, and index -1 stands for clean data (abar = 1). Starting from a power of two every
 grid nests in the previous one.
@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ddpmctl.config import DistillConfig, StudentParam, Weighting
+from ddpmctl.choices import StudentParam, Weighting
+from ddpmctl.config import DistillConfig
 from ddpmctl.denoiser import CLEAN, Head, student_predict_xstart
 from ddpmctl.errors import ConfigError, OptionError
 
@@ -35,7 +36,7 @@ def is_power_of_two(n: int) -> bool:
 
 
 def student_grid(num_timesteps: int, steps: int) -> list[int]:
-    """Original indices k_i = round(i T / N) - 1, i = 1..N, ascending (PAPERS.md, discrete-time adaptation).
+    """Original indices k_i = round(i T / N) - 1, i = 1..N, ascending (docs/conventions.md "Distillation grid").
 
     Rounding is Python's round of the exact rational i T / N (half to even). The grid for N is the even-numbered
     points of the grid for 2N because i T / N and 2i T / (2N) are the same rational, whatever the rounding rule.
@@ -63,7 +64,8 @@ def stage_times(num_timesteps: int, steps: int) -> tuple[list[int], list[int], l
 def predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
                    head: Head) -> torch.Tensor:
     """x_hat of a trained model (mean_type eps / x0 / v: its first C channels; variance channels ignored) or of a
-    student (v / x / both). eps: x_hat = (z - sigma eps) / alpha (PAPERS.md, IDDPM parameterizations)."""
+    student (v / x / both). eps: x_hat = (z - sigma eps) / alpha
+    (docs/conventions.md "Parameterisations and variances")."""
     channels = z.shape[1]
     if head == "eps":
         return (z - sigma * model_output[:, :channels]) / alpha

@@ -101,7 +101,8 @@ class LossAwareSampler(ScheduleSampler):
 
 
 class LossSecondMomentResampler(LossAwareSampler):
-    """p_t proportional to sqrt(E[L_t^2]) over the last ``history_per_term`` losses per step (convention 16)."""
+    """p_t proportional to sqrt(E[L_t^2]) over the last ``history_per_term`` losses per step
+    (docs/conventions.md #16)."""
 
     def __init__(self, diffusion: Any, history_per_term: int = 10, uniform_prob: float = 0.001) -> None:
         super().__init__(diffusion)

@@ -11,7 +11,7 @@ from ddpmctl.diffusion import GaussianDiffusion
 
 
 def _ddim_stride_steps(num_timesteps: int, desired_count: int) -> set[int]:
-    """range(0, T, i) for the smallest integer stride i >= 1 giving exactly N steps (convention 13)."""
+    """range(0, T, i) for the smallest integer stride i >= 1 giving exactly N steps (docs/conventions.md #13)."""
     if desired_count < 1:
         raise ValueError(f"ddim{desired_count}: the number of steps must be >= 1")
     # Strides beyond T all give the single step {0}, so i = 1..T covers every achievable count.
@@ -35,7 +35,7 @@ def _parse_section_counts(spec: str) -> list[int]:
 
 
 def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> set[int]:
-    """Which of ``num_timesteps`` original steps to keep (IDDPM ``space_timesteps``, conventions 12-13).
+    """Which of ``num_timesteps`` original steps to keep (IDDPM ``space_timesteps``, docs/conventions.md #12-13).
 
     ``section_counts`` is "ddimN" (DDIM's fixed stride), a comma-separated string or a list of per-section step
     counts: the chain is cut into len(counts) near-equal sections, each strided to its count.
@@ -84,7 +84,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | Sequence[int]) -> 
 
 
 def respace(diffusion: GaussianDiffusion, use_timesteps: Iterable[int]) -> GaussianDiffusion:
-    """``diffusion`` restricted to the steps ``use_timesteps`` (indices into its own steps; convention 14).
+    """``diffusion`` restricted to the steps ``use_timesteps`` (indices into its own steps; docs/conventions.md #14).
 
     New betas beta'_i = 1 - abar[m_i] / abar[m_{i-1}] (abar before m_0 is 1); the posterior is recomputed from
     them. The result calls the network with the ORIGINAL indices: its timestep_map is the parent's map at m.

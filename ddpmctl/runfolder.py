@@ -12,16 +12,17 @@ starts with the JSON for the same reason. Distillation (:data:`DISTILLATION`): `
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ddpmctl.checkpoint import write_json_atomic
-from ddpmctl.errors import CheckpointError, ConfigError
+from ddpmctl.config import TrainConfig
+from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
+from ddpmctl.fileio import atomic_write
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -153,6 +154,7 @@ def remove_temp_files(run_dir: Path, layout: RunLayout = TRAINING) -> list[str]:
     """Delete the temporary files of killed writers (never complete, never read); returns their names."""
     if not run_dir.is_dir():
         return []
+    # (metrics.jsonl.tmp: the metrics rewrite of ddpmctl 0.1, before it went through fileio.atomic_write.)
     removed = [p for p in run_dir.iterdir() if layout.is_temp_file(p.name) or _SAFETENSORS_TMP.match(p.name)
                or p.name == METRICS_FILE + ".tmp"]
     for path in removed:
@@ -187,7 +189,29 @@ def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, An
     if payload.get("format", layout.format) != layout.format:  # (hand-written settings files may omit it)
         raise ConfigError(f"{path} was not written by this version of ddpmctl (format "
                           f"{str(payload.get('format'))[:40]!r}, expected {layout.format})")
+    if layout is TRAINING:
+        payload["train"] = _with_legacy_values(payload["train"], payload.get("model"))
     return payload
+
+
+# A run folder written before a field existed was trained as these values say: it resumes exactly so.
+_LEGACY_TRAIN_VALUES = {"ema_warmup": "none"}
+# Network-shape options left to the size-scaled defaults (None) by older versions: their saved network decides.
+_LEGACY_MODEL_FIELDS = {"model_channels": "model_channels", "channel_mult": "channel_mult",
+                        "res_blocks": "num_res_blocks", "attention_resolutions": "attention_resolutions"}
+
+
+def _with_legacy_values(train: dict[str, Any], model: Any) -> dict[str, Any]:
+    """Fill fields an older ddpmctl did not save with what that version did (EMA without warm-up; the network it
+    built), so a run folder written before them resumes bit for bit under today's defaults."""
+    train = dict(train)
+    for field, value in _LEGACY_TRAIN_VALUES.items():
+        train.setdefault(field, value)
+    if isinstance(model, dict):
+        for field, model_field in _LEGACY_MODEL_FIELDS.items():
+            if train.get(field) is None and model.get(model_field) is not None:
+                train[field] = model[model_field]
+    return train
 
 
 def saved_train_config(run_dir: Path) -> dict[str, Any]:
@@ -207,17 +231,19 @@ def _show(value: Any) -> str:
 
 def config_differences(saved: dict[str, Any], given: BaseModel,
                        resumable: frozenset[str] = RESUMABLE_FIELDS) -> list[str]:
-    """Fields (other than ``resumable``) where ``given`` differs from the saved run, as 'flag (saved, given)'."""
+    """Fields (other than ``resumable``) where ``given`` differs from the saved run, as 'flag (saved, given)'.
+
+    A training option ``given`` leaves to its default choice (None) takes the saved value and is no difference."""
     try:
         saved_config = type(given).model_validate(saved)
-    except ValueError as err:
-        raise ConfigError(f"the saved run config is invalid: {str(err).splitlines()[0]}") from None
+    except ValidationError as err:
+        raise ConfigError(f"the saved run config is invalid: {validation_problem(err)}") from None
     diffs = []
     for field in type(given).model_fields:
         if field in resumable:
             continue
         old, new = getattr(saved_config, field), getattr(given, field)
-        if old != new:
+        if old != new and not (new is None and isinstance(given, TrainConfig)):
             diffs.append(f"{_flag(field)} (saved {_show(old)}, given {_show(new)})")
     return diffs
 
@@ -235,9 +261,8 @@ def rewrite_metrics(run_dir: Path, up_to_step: int) -> None:
             continue  # a line cut short by a kill
         if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= up_to_step:
             kept.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    text = "".join(line + "\n" for line in kept)
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ddpmctl.choices import Precision, Spacing
 from ddpmctl.denoiser import Denoiser, OriginalStep
-from ddpmctl.errors import SamplerError, UnknownSamplerError
+from ddpmctl.errors import SamplerError, UnknownSamplerError, validation_problem
 from ddpmctl.images import model_to_uint8
-from ddpmctl.inference import MicroBatch, Precision, inference_network
+from ddpmctl.inference import MicroBatch, inference_network
 from ddpmctl.respace import space_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,9 +37,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 ENTRY_POINT_GROUP = "ddpmctl.samplers"
 API_VERSION = 2  # the contract a plugin declares with ``api_version``; v1 handed plugins the loaded checkpoint
-
-# How the driver picks a run's timesteps from the checkpoint's chain (see sampling_timesteps).
-Spacing = Literal["even", "ddim", "logsnr"]
 
 # Independent streams derived from one user seed: image noise and class labels never share a generator.
 _NOISE_STREAM = 0
@@ -101,7 +99,7 @@ StepCallback = Callable[[StepInfo], None]
 
 
 class SamplerOptions(BaseModel):
-    """Base of every sampler's ``Options``: frozen, unknown keys rejected (so ``-o typo=1`` is an error)."""
+    """Base of every sampler's ``Options``: frozen, unknown keys rejected (so ``-O typo=1`` is an error)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -204,7 +202,7 @@ def _load(ep: importlib.metadata.EntryPoint) -> SamplerEntry:
         obj.Options()
     except ValidationError as err:
         return SamplerEntry(**base, error=f"{ep.value}.Options has options without defaults: "
-                                          f"{_first_problem(err)}")
+                                          f"{validation_problem(err)}")
     return SamplerEntry(**base, cls=obj)
 
 
@@ -248,14 +246,8 @@ def get_sampler(name: str) -> type[Sampler]:
     return entry.cls
 
 
-def _first_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ())) or "value"
-    return f"{where}: {first.get('msg', 'invalid')}"
-
-
 def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
-    """``["eta=0.5", "spacing=ddim"]`` -> ``cls.Options``; one-line SamplerError for anything wrong (llm's -o)."""
+    """``["eta=0.5", "spacing=ddim"]`` -> ``cls.Options``; one-line SamplerError for anything wrong (-O)."""
     fields = cls.Options.model_fields
     known = ", ".join(fields) if fields else "none"
     values: dict[str, str] = {}
@@ -272,10 +264,11 @@ def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
     try:
         return cls.Options.model_validate(values)
     except ValidationError as err:
-        first = err.errors()[0]
-        key = str(first.get("loc", ("?",))[0])
-        raw = values.get(key, "")
-        raise SamplerError(f"option {key}={raw}: {first.get('msg', 'invalid value')}") from None
+        def option(loc: tuple[str | int, ...]) -> str:
+            key = str(loc[0]) if loc else "?"
+            return f"option {key}={values.get(key, '')}"
+
+        raise SamplerError(validation_problem(err, option)) from None
 
 
 def describe_options(cls: type[Sampler]) -> list[dict[str, Any]]:
@@ -326,7 +319,7 @@ def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> torch.Te
 
 
 def step_counts_with_ddim_stride(total: int) -> list[int]:
-    """Every K the "ddimK" stride rule (range(0, total, i), convention 13) can give on a chain of ``total``."""
+    """Every K the "ddimK" stride rule (range(0, total, i); docs/conventions.md #13) gives on a ``total`` chain."""
     return sorted({len(range(0, total, stride)) for stride in range(1, total + 1)})
 
 
@@ -364,10 +357,11 @@ def choose_timesteps(total: int, steps: int, spacing: Spacing, *,
                      log_snr: Sequence[float] | None = None) -> set[int]:
     """K positions of a ``total``-step chain (the one --steps check and the one spacing helper of ddpmctl).
 
-    even: the IDDPM rule (convention 12); ddim: the reference's stride range(0, total, i) (convention 13; a
-    SamplerError names nearby K that work); logsnr: uniform in lambda = log alpha - log sigma between the top and
-    the bottom step (``log_snr``: lambda of each position, ascending positions). One step is always the TOP step:
-    a single network call on pure noise must be made where the network expects pure noise.
+    even: the IDDPM rule (docs/conventions.md #12); ddim: the reference's stride range(0, total, i)
+    (docs/conventions.md #13; a SamplerError names nearby K that work); logsnr: uniform in lambda = log alpha -
+    log sigma between the top and the bottom step (``log_snr``: lambda of each position, ascending positions).
+    One step is always the TOP step: a single network call on pure noise must be made where the network expects
+    pure noise.
     """
     if not 1 <= steps <= total:
         raise SamplerError(f"--steps must be between 1 and the chain's {total} steps, not {steps}")
@@ -455,6 +449,16 @@ def build_denoiser(checkpoint: LoadedCheckpoint, timesteps: Sequence[OriginalSte
                     student_head=student.param if student is not None else None)
 
 
+def check_sample_counts(num: int, batch_size: int, seed: int) -> None:
+    """What :func:`generate` accepts for ``num``, ``batch_size`` and ``seed`` (SamplerError naming the option)."""
+    if num < 1:
+        raise SamplerError(f"--num must be at least 1, not {num}")
+    if batch_size < 1:
+        raise SamplerError(f"--batch-size must be at least 1, not {batch_size}")
+    if seed < 0:
+        raise SamplerError(f"--seed must be >= 0, not {seed}")
+
+
 def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_size: int, seed: int,
              steps: int | None, class_label: int | None = None,
              callback: Callable[[SampleProgress], None] | None = None,
@@ -469,12 +473,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     autocast (the sampler's arithmetic stays fp32); ``micro_batch`` caps the images per network call ("auto":
     sized for the CPU, see ddpmctl.inference) and, like ``batch_size``, changes an image only at float rounding.
     """
-    if num < 1:
-        raise SamplerError(f"--num must be at least 1, not {num}")
-    if batch_size < 1:
-        raise SamplerError(f"--batch-size must be at least 1, not {batch_size}")
-    if seed < 0:
-        raise SamplerError(f"--seed must be >= 0, not {seed}")
+    check_sample_counts(num, batch_size, seed)
     run_steps = sampling_timesteps(checkpoint, sampler, steps, timesteps)  # validates before any network call
     total_steps = len(run_steps)
 

@@ -11,7 +11,7 @@ SCHEDULES = ("linear", "cosine")
 
 
 def beta_schedule(name: str, T: int) -> torch.Tensor:
-    """The named beta schedule for a chain of ``T`` steps, as a float64 tensor [T] (PAPERS conventions 1-2)."""
+    """The named beta schedule for a chain of ``T`` steps, as a float64 tensor [T] (docs/conventions.md #1-2)."""
     if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T < 1:
         raise ValueError(f"the number of diffusion steps must be an integer >= 1, got {T!r}")
     T = int(T)

@@ -22,7 +22,9 @@ from pydantic import BaseModel, ValidationError
 import ddpmctl
 from ddpmctl.build import build_diffusion
 from ddpmctl.checkpoint import LoadedCheckpoint
+from ddpmctl.choices import is_learned_variance
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
+from ddpmctl.progressive import student_grid  # re-exported: the one grid k_i = round(i T / N) - 1
 from ddpmctl.samplers import API_VERSION, Sampler, SampleRNG, StepInfo, build_denoiser, sampling_timesteps
 
 __all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "exact_checkpoint", "student_grid", "check_sampler",
@@ -67,9 +69,9 @@ class ExactGaussianDenoiser(torch.nn.Module):
     """The exact eps-predictor for data x_0 ~ N(mean, std^2) elementwise (Bayes' rule for a linear Gaussian).
 
     E[x_0 | x_t] = m + sqrt(abar) s^2 / (abar s^2 + 1 - abar) * (x_t - sqrt(abar) m); eps is re-derived from it.
-    With ``learned_sigma`` the v channel encodes (learned_range, convention 5) the exact reverse variance of the
-    original chain, Var[x_{t-1} | x_t] = beta_tilde_t + coef1_t^2 Var[x_0 | x_t], which makes ancestral sampling on
-    that chain exact for this data; ``betas`` (the original chain's) is then required.
+    With ``learned_sigma`` the v channel encodes (learned_range, docs/conventions.md #5) the exact reverse variance
+    of the original chain, Var[x_{t-1} | x_t] = beta_tilde_t + coef1_t^2 Var[x_0 | x_t], which makes ancestral
+    sampling on that chain exact for this data; ``betas`` (the original chain's) is then required.
     """
 
     def __init__(self, mean: float, std: float, alphas_cumprod: torch.Tensor, *, betas: torch.Tensor | None = None,
@@ -115,11 +117,6 @@ class ExactGaussianDenoiser(torch.nn.Module):
         return eps
 
 
-def student_grid(timesteps: int, steps: int) -> tuple[int, ...]:
-    """A distilled student's grid: k_i = round(i T / N) - 1, i = 1..N (PAPERS.md, progressive distillation)."""
-    return tuple(round(i * timesteps / steps) - 1 for i in range(1, steps + 1))
-
-
 def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, diffusion: DiffusionConfig,
                      num_classes: int | None = None, kind: str = "model",
                      student_steps: int = 8) -> LoadedCheckpoint:
@@ -129,7 +126,7 @@ def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, 
     """
     student = None
     if kind == "student":
-        student = StudentConfig(param="x", steps=student_grid(diffusion.timesteps, student_steps),
+        student = StudentConfig(param="x", steps=tuple(student_grid(diffusion.timesteps, student_steps)),
                                 teacher_steps=2 * student_steps)
     config = CheckpointConfig(
         model=ModelConfig(image_size=image_size, in_channels=channels, num_classes=num_classes),
@@ -148,7 +145,7 @@ def _full_chain(diffusion: DiffusionConfig) -> Any:
 def _point_checkpoint(var_type: str, x_star: torch.Tensor, *, kind: str, class_cond: bool = False,
                       timesteps: int = 100) -> LoadedCheckpoint:
     dconf = DiffusionConfig(schedule="cosine", timesteps=timesteps, mean_type="eps", var_type=var_type,
-                            loss_type="rescaled_mse" if var_type.startswith("learned") else "mse")
+                            loss_type="rescaled_mse" if is_learned_variance(var_type) else "mse")
     model = ExactPointDenoiser(x_star, _full_chain(dconf).alphas_cumprod, learned_sigma=dconf.learned_sigma,
                                class_cond=class_cond, head="x" if kind == "student" else "eps")
     channels, size = x_star.shape[-3], x_star.shape[-1]

@@ -1,6 +1,10 @@
 """The training loop (improved-diffusion ``TrainLoop``): AdamW, EMA, importance-sampled timesteps, bf16 autocast,
 exact resume from the run folder, DistributedDataParallel under torchrun.
 
+Three pieces, one job each: ``_RunFolder`` (the folder: --resume / --force, config.json, the files of a save),
+``_TrainingStep`` (the step: network, optimizer, EMA, timestep sampler, data stream; batches, losses, updates) and
+``_Trainer`` (the loop that drives them, with the ranks' collectives: barriers, agreed stop flags, gathered RNGs).
+
 Determinism: one CPU ``torch.Generator`` seeded with ``--seed`` draws everything data-side for the GLOBAL batch
 (epoch permutations, flips, timesteps, noise); each rank takes its slice, so every rank's generator stays identical
 and the run does not depend on how the batch is split. Dropout uses the global torch RNG (seeded per rank). All of
@@ -24,12 +28,14 @@ from ddpmctl import distributed as dist_utils
 from ddpmctl import runfolder
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
-from ddpmctl.config import CheckpointConfig, TrainConfig
-from ddpmctl.data import load_dataset
+from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
+from ddpmctl.data import ImageDataset, load_dataset
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
+from ddpmctl.hardware import resolve_precision
+from ddpmctl.hardware import memory_format
 from ddpmctl.inference import AutocastModel
-from ddpmctl.loop import StopSignals, derive_seed, load_optimizer_state, optimizer_state_tensors
+from ddpmctl.loop import StopSignals, clip_gradients, derive_seed, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
 
 EventKind = Literal["start", "step", "log", "save", "warning", "end"]
@@ -69,6 +75,7 @@ class TrainResult:
     nan_skips: int
     num_parameters: int
     last_metrics: dict[str, Any] | None = None
+    precision: str = "fp32"  # what --precision resolved to on this device
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -76,7 +83,7 @@ class TrainResult:
             "ema_checkpoint": str(self.ema_checkpoint), "model_checkpoint": str(self.model_checkpoint),
             "state_file": str(self.state_file), "stop_reason": self.stop_reason, "elapsed": self.elapsed,
             "images_per_s": self.images_per_s, "nan_skips": self.nan_skips,
-            "num_parameters": self.num_parameters, "last_metrics": self.last_metrics,
+            "num_parameters": self.num_parameters, "precision": self.precision, "last_metrics": self.last_metrics,
         }
 
 
@@ -108,19 +115,6 @@ class _IndexStream:
         return torch.cat(parts)
 
 
-def grad_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """Global L2 norm of all gradients (as torch.nn.utils.get_total_norm), kept on the device."""
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-
-def _clip_(grads: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
-    """Scale gradients down to ``max_norm`` (torch.nn.utils.clip_grad_norm_'s formula), without a host sync."""
-    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
-    torch._foreach_mul_(grads, coef)
-
-
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW, fused where this torch/device supports it, else multi-tensor (foreach)."""
     try:
@@ -138,210 +132,182 @@ def _param_digest(module: nn.Module) -> torch.Tensor:
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).clone()
 
 
-class _Trainer:
-    """One training run: set up from the config (or the run folder), then loop until a stop condition."""
+class _RunFolder:
+    """The run folder of one training run (``--out``): whether it may be used (--resume / --force), its
+    config.json, the files of each save and reading them back, metrics.jsonl. Only rank 0 writes."""
 
-    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, resume: bool, force: bool,
-                 callback: Callable[[TrainEvent], None] | None, should_stop: Callable[[], bool] | None) -> None:
+    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo) -> None:
         if config.out is None:
             raise ConfigError("no run folder: give --out DIR")
-        if resume and force:
-            raise ConfigError("--resume continues the run in --out, --force deletes it: give one of them")
-        self.config, self.dist, self.device = config, dist, dist.device
-        self.callback = callback if dist.is_main else None
-        self.should_stop = should_stop
-        self.run_dir = Path(config.out)
-        self.t0 = time.monotonic()
-        self.step = 0
-        if config.batch_size % dist.world_size:
-            raise ConfigError(f"--batch-size {config.batch_size} is the global batch and must divide evenly "
-                              f"among {dist.world_size} ranks")
-        self.local_batch = config.batch_size // dist.world_size
+        self.path, self.config, self.dist = Path(config.out), config, dist
 
-        saved = self._check_run_dir(resume, force)
+    def claim(self, *, resume: bool, force: bool) -> dict[str, Any] | None:
+        """Refuse to mix runs; on --resume return the saved config.json after checking it matches."""
+        saved = runfolder.check_run_dir(self.path, runfolder.TRAINING, self.config, resume=resume, force=force)
+        if force and runfolder.holds_run(self.path):
+            dist_utils.barrier(self.dist)  # every rank has looked before rank 0 deletes
+            if self.dist.is_main:
+                runfolder.clear_run(self.path)
         # Every rank has looked at the folder before rank 0 writes into it.
-        dist_utils.barrier(dist)
-        self.dataset = load_dataset(config.data, image_size=config.image_size, color=config.color,
-                                    class_cond=config.class_cond, split="train",
-                                    skip_bad_images=config.skip_bad_images, on_warning=self._warn)
-        if self.dataset.image_size < MIN_IMAGE_SIZE:
-            size = self.dataset.image_size
-            raise DataError(f"{config.data}: images of {size}x{size} pixels are below the {MIN_IMAGE_SIZE}x"
-                            f"{MIN_IMAGE_SIZE} minimum: pass --image-size 8 (or larger) to upscale them")
-        if config.class_cond and not self.dataset.num_classes:
-            raise ConfigError(f"--class-cond: {config.data} has no class labels")
-        self.model_config = config.make_model_config(
-            image_size=self.dataset.image_size, channels=self.dataset.channels,
-            num_classes=self.dataset.num_classes if config.class_cond else None)
-        self.diffusion_config = config.make_diffusion_config()
-        self.ckpt_config = CheckpointConfig(model=self.model_config, diffusion=self.diffusion_config,
-                                            data=self.dataset.info())
-        if saved is not None:
-            self._check_saved_model(saved)
+        dist_utils.barrier(self.dist)
+        return saved
 
+    def check_network(self, saved: dict[str, Any], model_config: ModelConfig) -> None:
+        """A resumed run must build the network it saved (the data decides some of its shape)."""
+        old, new = saved.get("model"), model_config.model_dump(mode="json")
+        if isinstance(old, dict):
+            diffs = [f"model.{k} (saved {old.get(k)}, now {new[k]})" for k in new if old.get(k) != new[k]]
+            if diffs:
+                raise ConfigError(f"cannot resume {self.path}: the network would differ in " + "; ".join(diffs)
+                                  + " (has the data changed?)")
+
+    def open(self, payload: dict[str, Any]) -> None:
+        """Create the folder and write config.json (rank 0; temporary files of a killed writer go first)."""
+        if self.dist.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            runfolder.remove_temp_files(self.path)
+            runfolder.write_run_config(self.path, payload)
+        dist_utils.barrier(self.dist)
+
+    def latest_save(self) -> int | None:
+        saves = runfolder.complete_saves(self.path)
+        return saves[-1] if saves else None
+
+    def paths(self, step: int) -> tuple[Path, Path, Path, Path]:
+        d = self.path
+        return (d / runfolder.ema_name(self.config.ema, step), d / runfolder.model_name(step),
+                d / runfolder.state_name(step), d / runfolder.state_json_name(step))
+
+    def _lineage(self, step: int, ema: float | None, averaged: dict[str, Any]) -> list[dict[str, Any]]:
+        entry = {"op": "train", "run": self.path.name, "step": step, "ema": ema, "data": self.config.data}
+        if ema is not None:
+            # Which average the weights are (`ddpmctl info` shows it): the warm-up and how many updates it holds.
+            entry.update(averaged)
+        return [entry]
+
+    def write_save(self, step: int, ckpt_config: CheckpointConfig, ema: dict[str, torch.Tensor],
+                   weights: dict[str, torch.Tensor], state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+        """Rank 0: the EMA and raw checkpoints and the state tensors, then the state JSON that marks the save
+        complete, then pruning (--keep). Returns the EMA checkpoint. ``meta`` carries ema_warmup / ema_updates."""
+        ema_path, model_path, state_path, json_path = self.paths(step)
+        averaged = {"ema_warmup": meta["ema_warmup"], "ema_updates": meta["ema_updates"]}
+        save_checkpoint(ema_path, ema, ckpt_config, kind="model",
+                        lineage=self._lineage(step, self.config.ema, averaged))
+        save_checkpoint(model_path, weights, ckpt_config, kind="model", lineage=self._lineage(step, None, averaged))
+        save_tensors(state_path, state, {"format": STATE_FORMAT, "step": str(step)})
+        write_json_atomic(json_path, {"format": STATE_FORMAT, "step": step, **meta,
+                                      "files": {"ema": ema_path.name, "model": model_path.name,
+                                                "state": state_path.name}})
+        runfolder.prune(self.path, self.config.keep)
+        return ema_path
+
+    def read_save(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                            dict[str, torch.Tensor]]:
+        """What write_save wrote at ``step``: (the state JSON, raw weights, EMA weights, state tensors)."""
+        ema_path, model_path, state_path, json_path = self.paths(step)
+        meta = runfolder.read_json(json_path)
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise CheckpointError(f"{json_path} is not a ddpmctl training state")
+        return meta, load_tensors(model_path)[0], load_tensors(ema_path)[0], load_tensors(state_path)[0]
+
+
+class _TrainingStep:
+    """The step: the network (and its DDP wrapper), diffusion, optimizer, EMA, timestep sampler and the data
+    stream; draws this rank's slice of each global batch, computes the losses and updates the weights."""
+
+    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, local_batch: int,
+                 ckpt_config: CheckpointConfig, dataset: ImageDataset) -> None:
+        self.config, self.dist, self.device, self.local_batch = config, dist, dist.device, local_batch
         # The same initial weights on every rank (DDP also broadcasts rank 0's); then a per-rank dropout stream.
         torch.manual_seed(config.seed)
-        # channels_last: oneDNN's convolutions run without layout round trips (about 10% faster fp32 steps on CPU).
-        self.model = build_model(self.ckpt_config).to(self.device, memory_format=torch.channels_last)
-        self.num_parameters = sum(p.numel() for p in self.model.parameters())
+        # channels_last where it wins (hardware.fast_paths): oneDNN's convolutions run without layout round trips.
+        self.layout = memory_format(self.device)
+        self.model = build_model(ckpt_config).to(self.device, memory_format=self.layout)
         torch.manual_seed(derive_seed(config.seed, dist.rank))
-        self.diffusion = build_diffusion(self.diffusion_config)
+        self.diffusion = build_diffusion(ckpt_config.diffusion)
         self.params = list(self.model.parameters())
         self.optimizer = make_optimizer(self.params, config, self.device)
-        self.ema = EMA(self.model, config.ema)
+        self.ema = EMA(self.model, config.ema, config.ema_warmup)
         self.sampler = create_named_schedule_sampler(config.timestep_sampler, self.diffusion)
         # Only a loss-aware sampler needs the per-sample losses (feeding it costs a host sync per step).
         self.loss_aware = config.timestep_sampler != "uniform"
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.stream = _IndexStream(len(self.dataset.images), self.generator)
-        self.elapsed_before = 0.0
-        self.nan_skips = 0
-        self.last_saved: int | None = None
-        self.last_metrics: dict[str, Any] | None = None
-
-        if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # Temporary files of a killed writer are never complete: drop them quietly before writing anew.
-            runfolder.remove_temp_files(self.run_dir)
-            runfolder.write_run_config(self.run_dir, self._run_config_payload())
-        dist_utils.barrier(dist)
-        if saved is not None and runfolder.complete_saves(self.run_dir):
-            self._load_state(runfolder.complete_saves(self.run_dir)[-1])
-        if dist.is_main:
-            runfolder.rewrite_metrics(self.run_dir, self.step)
-
-        if dist.distributed:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.net: nn.Module = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
-                                      else None)
-        else:
-            self.net = self.model
-        autocast = torch.bfloat16 if config.precision == "bf16" else None
-        self.model_call = AutocastModel(self.net, autocast)
+        self.stream = _IndexStream(len(dataset.images), self.generator)
         # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
-        self.images = self.dataset.images
-        self.labels = self.dataset.labels if config.class_cond else None
+        self.images = dataset.images
+        self.labels = dataset.labels if config.class_cond else None
         if self.device.type == "cuda" and self.images.numel() <= 2**30:
             self.images = self.images.to(self.device)
             self.labels = self.labels.to(self.device) if self.labels is not None else None
 
-    # ----------------------------------------------------------------------------------------- set-up helpers
-    def _warn(self, message: str) -> None:
-        self._emit("warning", message=message)
+    def wrap(self, precision: str) -> None:
+        """The network the step calls: DDP under torchrun (its gradients are the all-reduce buckets themselves:
+        zeroed, never set to None), in ``precision`` (as resolved for the device)."""
+        self.net: nn.Module = (dist_utils.data_parallel(self.model, self.dist) if self.dist.distributed
+                               else self.model)
+        self.grads_set_to_none = not self.dist.distributed
+        self.model_call = AutocastModel(self.net, torch.bfloat16 if precision == "bf16" else None)
 
-    def _emit(self, kind: EventKind, **kwargs: Any) -> None:
-        if self.callback is not None:
-            self.callback(TrainEvent(kind=kind, step=self.step, max_steps=self.config.max_steps,
-                                     elapsed=time.monotonic() - self.t0, max_time=self.config.max_time, **kwargs))
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's slice of the next global batch: x_start, t, importance weights, noise, model kwargs."""
+        g, batch = self.generator, self.config.batch_size
+        # Draw for the whole global batch on every rank (same generator, same order), then slice.
+        index = self.stream.take(batch)
+        flips = torch.rand(batch, generator=g) < 0.5 if self.config.flip else None
+        t, weights = self.sampler.sample(batch, torch.device("cpu"), generator=g)
+        noise = torch.randn((batch, *self.images.shape[1:]), generator=g)
+        lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
+        dev, nb = self.device, self.device.type == "cuda"
+        local = index[lo:hi].to(self.images.device, non_blocking=nb)
+        images = self.images[local]
+        if flips is not None:
+            images = torch.where(flips[lo:hi].to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
+        # The 8-bit grid mapped onto [-1, 1] exactly as images.uint8_to_model does.
+        x_start = (images.to(dev, non_blocking=nb).float() / 127.5 - 1.0).contiguous(memory_format=self.layout)
+        kwargs = {}
+        if self.labels is not None:
+            kwargs["y"] = self.labels[local].to(dev, non_blocking=nb)
+        return (x_start, torch.as_tensor(t[lo:hi]).to(dev, torch.int64),
+                torch.as_tensor(weights[lo:hi]).to(dev, torch.float32), noise[lo:hi].to(dev, non_blocking=nb),
+                kwargs)
 
-    def _check_run_dir(self, resume: bool, force: bool) -> dict[str, Any] | None:
-        """Refuse to mix runs; on --resume return the saved config.json after checking it matches."""
-        saved = runfolder.check_run_dir(self.run_dir, runfolder.TRAINING, self.config, resume=resume, force=force)
-        if force and runfolder.holds_run(self.run_dir):
-            dist_utils.barrier(self.dist)  # every rank has looked before rank 0 deletes
-            if self.dist.is_main:
-                runfolder.clear_run(self.run_dir)
-        return saved
+    def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Forward and backward on the next batch: (loss, per-sample losses, t, gradient norm before clipping)."""
+        x_start, t, weights, noise, kwargs = self.batch()
+        losses = compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)
+        loss = (losses["loss"] * weights).mean()
+        self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
+        loss.backward()
+        return loss, losses, t, clip_gradients(self.params, self.config.grad_clip)
 
-    def _check_saved_model(self, saved: dict[str, Any]) -> None:
-        old = saved.get("model")
-        new = self.model_config.model_dump(mode="json")
-        if isinstance(old, dict):
-            diffs = [f"model.{k} (saved {old.get(k)}, now {new[k]})" for k in new if old.get(k) != new[k]]
-            if diffs:
-                raise ConfigError(f"cannot resume {self.run_dir}: the network would differ in " + "; ".join(diffs)
-                                  + " (has the data changed?)")
+    def discard(self) -> None:
+        """Drop this step's gradients (a skipped non-finite step)."""
+        self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
 
-    def _run_config_payload(self) -> dict[str, Any]:
-        return {
-            "train": self.config.model_dump(mode="json"),
-            "model": self.model_config.model_dump(mode="json"),
-            "diffusion": self.diffusion_config.model_dump(mode="json"),
-            "data": self.ckpt_config.data.model_dump(mode="json") if self.ckpt_config.data else None,
-            "num_parameters": self.num_parameters,
-            "world_size": self.dist.world_size,
-            "created_with": __version__,
-        }
+    def update(self, t: torch.Tensor, per_sample: torch.Tensor) -> None:
+        """Apply the gradients: the optimizer, the EMA, and a loss-aware sampler's history."""
+        self.optimizer.step()
+        self.ema.update(self.model)
+        if self.loss_aware:
+            self.sampler.update_with_local_losses(t, per_sample.detach())
 
-    # ------------------------------------------------------------------------------------------- save / load
-    def _paths(self, step: int) -> tuple[Path, Path, Path, Path]:
-        d = self.run_dir
-        return (d / runfolder.ema_name(self.config.ema, step), d / runfolder.model_name(step),
-                d / runfolder.state_name(step), d / runfolder.state_json_name(step))
-
-    def _lineage(self, step: int, ema: float | None) -> list[dict[str, Any]]:
-        return [{"op": "train", "run": self.run_dir.name, "step": step, "ema": ema, "data": self.config.data}]
-
-    def _save(self) -> None:
-        """Write the EMA checkpoint, the raw weights, the training state; the state JSON last; then prune."""
-        step = self.step
-        # Collectives first (every rank takes part); only rank 0 writes.
-        rng_global = dist_utils.all_gather_bytes(self.dist, torch.get_rng_state())
-        rng_cuda = (dist_utils.all_gather_bytes(self.dist, torch.cuda.get_rng_state(self.device))
-                    if self.device.type == "cuda" else [])
-        digests = (dist_utils.all_gather_bytes(self.dist, _param_digest(self.model))
-                   if self.dist.distributed else [])
-        if self.dist.is_main:
-            try:
-                self._write_save(step, rng_global, rng_cuda, digests)
-            except CheckpointError as err:
-                # One line that says what failed and what is safe: the save at `step` is incomplete (no state
-                # JSON), so resume ignores it and the previous complete save stays the one to continue from.
-                reason = str(err).split(": ", 1)[-1].split("; ")[0]
-                kept = (f"the last complete checkpoint {self._paths(self.last_saved)[0]} is intact; continue "
-                        f"with --resume" if self.last_saved is not None else "no earlier checkpoint exists")
-                raise CheckpointError(f"saving step {step} in {self.run_dir} failed ({reason}): {kept}") from None
-        if digests and len({bytes(d.tolist()) for d in digests}) > 1:
-            raise TrainingError(f"the ranks' parameters diverged by step {step} (distributed set-up is broken)")
-        self.last_saved = step
-
-    def _write_save(self, step: int, rng_global: list[torch.Tensor], rng_cuda: list[torch.Tensor],
-                    digests: list[torch.Tensor]) -> None:
-        """Rank 0: the three files, then the state JSON that marks the save complete, then pruning."""
-        ema_path, model_path, state_path, json_path = self._paths(step)
-        save_checkpoint(ema_path, self.ema.state_dict(self.model), self.ckpt_config, kind="model",
-                        lineage=self._lineage(step, self.config.ema))
-        raw = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_checkpoint(model_path, raw, self.ckpt_config, kind="model", lineage=self._lineage(step, None))
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Optimizer moments, sampler history, the data order and the run generator (not the per-rank RNGs)."""
         tensors = optimizer_state_tensors(self.optimizer)
         for key, value in self.sampler.state_dict().items():
             tensors[f"sampler.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
         tensors["data.perm"] = self.stream.perm.clone()
         tensors["rng.generator"] = self.generator.get_state()
-        for rank, state in enumerate(rng_global):
-            tensors[f"rng.global.rank{rank}"] = state
-        for rank, state in enumerate(rng_cuda):
-            tensors[f"rng.cuda.rank{rank}"] = state
-        save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
-        meta: dict[str, Any] = {
-            "format": STATE_FORMAT, "step": step, "epoch": self.stream.epoch, "data_position": self.stream.pos,
-            "nan_skips": self.nan_skips, "elapsed": self.elapsed_before + time.monotonic() - self.t0,
-            "images_seen": step * self.config.batch_size, "world_size": self.dist.world_size,
-            "timestep_sampler": self.config.timestep_sampler, "ema_rate": self.config.ema,
-            "files": {"ema": ema_path.name, "model": model_path.name, "state": state_path.name},
-        }
-        if digests:
-            # Each rank hashed its own parameters: equal digests prove the replicas never diverged.
-            meta["rank_param_sha256"] = [bytes(d.tolist()).hex() for d in digests]
-        write_json_atomic(json_path, meta)
-        runfolder.prune(self.run_dir, self.config.keep)
-        self._emit("save", path=ema_path)
+        return tensors
 
-    def _load_state(self, step: int) -> None:
-        """Restore everything _save wrote at ``step`` (exact resume)."""
-        ema_path, model_path, state_path, json_path = self._paths(step)
-        meta = runfolder.read_json(json_path)
-        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{json_path} is not a ddpmctl training state")
-        model_tensors, _ = load_tensors(model_path)
-        ema_tensors, _ = load_tensors(ema_path)
-        state, _ = load_tensors(state_path)
+    def load(self, weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor], state: dict[str, torch.Tensor],
+             meta: dict[str, Any], folder: Path, state_path: Path) -> None:
+        """Restore what a save holds (exact resume); CheckpointError, one line, when it does not fit."""
         try:
-            self.model.load_state_dict({k: v.to(self.device) for k, v in model_tensors.items()}, strict=True)
-            self.ema.load_state_dict({k: v.to(self.device) for k, v in ema_tensors.items()})
+            self.model.load_state_dict({k: v.to(self.device) for k, v in weights.items()}, strict=True)
+            self.ema.load_state_dict({k: v.to(self.device) for k, v in ema.items()})
         except (RuntimeError, KeyError) as err:
-            raise CheckpointError(f"{model_path.parent}: saved weights do not fit the network "
+            raise CheckpointError(f"{folder}: saved weights do not fit the network "
                                   f"({str(err).splitlines()[0]})") from None
         sampler_state = {key[len("sampler."):]: value for key, value in state.items() if key.startswith("sampler.")}
         try:
@@ -359,39 +325,152 @@ class _Trainer:
         if self.device.type == "cuda" and cuda_key in state:
             torch.cuda.set_rng_state(state[cuda_key], self.device)
         self.stream.pos, self.stream.epoch = int(meta["data_position"]), int(meta["epoch"])
+
+
+class _Trainer:
+    """One training run: its folder, its step and the loop that drives them until a stop condition, with the
+    ranks' collectives (barriers, agreed stop flags, gathered RNG states) in between."""
+
+    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, resume: bool, force: bool,
+                 callback: Callable[[TrainEvent], None] | None, should_stop: Callable[[], bool] | None) -> None:
+        self.folder = _RunFolder(config, dist)
+        if resume and force:
+            raise ConfigError("--resume continues the run in --out, --force deletes it: give one of them")
+        self.config, self.dist, self.device = config, dist, dist.device
+        self.callback = callback if dist.is_main else None
+        self.should_stop = should_stop
+        self.run_dir = self.folder.path
+        self.t0 = time.monotonic()
+        self.step = 0
+        self.elapsed_before, self.nan_skips = 0.0, 0
+        self.last_saved: int | None = None
+        self.last_metrics: dict[str, Any] | None = None
+
+        saved = self.folder.claim(resume=resume, force=force)
+        dataset = self._load_dataset()
+        config = self._fit_to_data(config, saved, dataset)
+        model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
+                                                num_classes=dataset.num_classes if config.class_cond else None)
+        self.ckpt_config = CheckpointConfig(model=model_config, diffusion=config.make_diffusion_config(),
+                                            data=dataset.info())
+        if saved is not None:
+            self.folder.check_network(saved, model_config)
+        self.training = _TrainingStep(config, dist, self.local_batch, self.ckpt_config, dataset)
+        self.num_parameters = sum(p.numel() for p in self.training.model.parameters())
+        self.folder.open(self._run_config_payload())
+        latest = self.folder.latest_save() if saved is not None else None
+        if latest is not None:
+            self._load_state(latest)
+        if dist.is_main:
+            runfolder.rewrite_metrics(self.run_dir, self.step)
+        self.training.wrap(self.precision)
+
+    # ----------------------------------------------------------------------------------------- set-up helpers
+    def _warn(self, message: str) -> None:
+        self._emit("warning", message=message)
+
+    def _emit(self, kind: EventKind, **kwargs: Any) -> None:
+        if self.callback is not None:
+            self.callback(TrainEvent(kind=kind, step=self.step, max_steps=self.config.max_steps,
+                                     elapsed=time.monotonic() - self.t0, max_time=self.config.max_time, **kwargs))
+
+    def _fit_to_data(self, config: TrainConfig, saved: dict[str, Any] | None, dataset: ImageDataset) -> TrainConfig:
+        """Options left to their default choice: a resumed run keeps its saved values, a new one fits the data.
+        Then each rank's share of the batch and the precision this device runs (one warning where bf16 is
+        emulated)."""
+        if saved is not None:
+            config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
+                                               if getattr(config, f) is None and saved["train"].get(f) is not None})
+        self.config = self.folder.config = config = config.with_data_defaults(image_size=dataset.image_size,
+                                                                              num_images=len(dataset.images))
+        self.local_batch = dist_utils.split_batch(config.batch_size, self.dist.world_size)
+        self.precision, warning = resolve_precision(config.precision, self.device)
+        if warning is not None:
+            self._warn(warning)
+        return config
+
+    def _load_dataset(self) -> ImageDataset:
+        config = self.config
+        dataset = load_dataset(config.data, image_size=config.image_size, color=config.color,
+                               class_cond=config.class_cond, split="train",
+                               skip_bad_images=config.skip_bad_images, on_warning=self._warn)
+        if dataset.image_size < MIN_IMAGE_SIZE:
+            size = dataset.image_size
+            raise DataError(f"{config.data}: images of {size}x{size} pixels are below the {MIN_IMAGE_SIZE}x"
+                            f"{MIN_IMAGE_SIZE} minimum: pass --image-size 8 (or larger) to upscale them")
+        if config.class_cond and not dataset.num_classes:
+            raise ConfigError(f"--class-cond: {config.data} has no class labels")
+        return dataset
+
+    def _run_config_payload(self) -> dict[str, Any]:
+        return {
+            "train": self.config.model_dump(mode="json"),
+            "model": self.ckpt_config.model.model_dump(mode="json"),
+            "diffusion": self.ckpt_config.diffusion.model_dump(mode="json"),
+            "data": self.ckpt_config.data.model_dump(mode="json") if self.ckpt_config.data else None,
+            "num_parameters": self.num_parameters,
+            "world_size": self.dist.world_size,
+            "created_with": __version__,
+        }
+
+    # ------------------------------------------------------------------------------------------- save / load
+    def _save(self) -> None:
+        """Write the EMA checkpoint, the raw weights, the training state; the state JSON last; then prune."""
+        step, model = self.step, self.training.model
+        # Collectives first (every rank takes part); only rank 0 writes.
+        rng_global = dist_utils.all_gather_bytes(self.dist, torch.get_rng_state())
+        rng_cuda = (dist_utils.all_gather_bytes(self.dist, torch.cuda.get_rng_state(self.device))
+                    if self.device.type == "cuda" else [])
+        digests = dist_utils.all_gather_bytes(self.dist, _param_digest(model)) if self.dist.distributed else []
+        if self.dist.is_main:
+            state = self.training.state_tensors()
+            for rank, rng in enumerate(rng_global):
+                state[f"rng.global.rank{rank}"] = rng
+            for rank, rng in enumerate(rng_cuda):
+                state[f"rng.cuda.rank{rank}"] = rng
+            stream = self.training.stream
+            meta: dict[str, Any] = {
+                "epoch": stream.epoch, "data_position": stream.pos, "nan_skips": self.nan_skips,
+                "elapsed": self.elapsed_before + time.monotonic() - self.t0,
+                "images_seen": step * self.config.batch_size, "world_size": self.dist.world_size,
+                "timestep_sampler": self.config.timestep_sampler, "ema_rate": self.config.ema,
+                "ema_warmup": self.training.ema.warmup, "ema_updates": self.training.ema.updates,
+            }
+            if digests:
+                # Each rank hashed its own parameters: equal digests prove the replicas never diverged.
+                meta["rank_param_sha256"] = [bytes(d.tolist()).hex() for d in digests]
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            try:
+                ema_path = self.folder.write_save(step, self.ckpt_config, self.training.ema.state_dict(model),
+                                                  weights, state, meta)
+            except CheckpointError as err:
+                # One line that says what failed and what is safe: the save at `step` is incomplete (no state
+                # JSON), so resume ignores it and the previous complete save stays the one to continue from.
+                reason = str(err).split(": ", 1)[-1].split("; ")[0]
+                kept = (f"the last complete checkpoint {self.folder.paths(self.last_saved)[0]} is intact; continue "
+                        f"with --resume" if self.last_saved is not None else "no earlier checkpoint exists")
+                raise CheckpointError(f"saving step {step} in {self.run_dir} failed ({reason}): {kept}") from None
+            self._emit("save", path=ema_path)
+        if digests and len({bytes(d.tolist()) for d in digests}) > 1:
+            raise TrainingError(f"the ranks' parameters diverged by step {step} (distributed set-up is broken)")
+        self.last_saved = step
+
+    def _load_state(self, step: int) -> None:
+        """Restore everything _save wrote at ``step`` (exact resume)."""
+        meta, weights, ema, state = self.folder.read_save(step)
+        self.training.load(weights, ema, state, meta, self.run_dir, self.folder.paths(step)[2])
         self.step = int(meta["step"])
         self.nan_skips = int(meta.get("nan_skips", 0))
+        # Every step that was not skipped updated the EMA (states written before "ema_updates" existed).
+        self.training.ema.updates = int(meta.get("ema_updates", self.step - self.nan_skips))
         self.elapsed_before = float(meta.get("elapsed", 0.0))
         self.last_saved = self.step
 
     # ------------------------------------------------------------------------------------------------- loop
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """This rank's slice of the next global batch: x_start, t, importance weights, noise, model kwargs."""
-        g, batch = self.generator, self.config.batch_size
-        # Draw for the whole global batch on every rank (same generator, same order), then slice.
-        index = self.stream.take(batch)
-        flips = torch.rand(batch, generator=g) < 0.5 if self.config.flip else None
-        t, weights = self.sampler.sample(batch, torch.device("cpu"), generator=g)
-        noise = torch.randn((batch, *self.images.shape[1:]), generator=g)
-        lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
-        dev, nb = self.device, self.device.type == "cuda"
-        local = index[lo:hi].to(self.images.device, non_blocking=nb)
-        images = self.images[local]
-        if flips is not None:
-            images = torch.where(flips[lo:hi].to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
-        # The 8-bit grid mapped onto [-1, 1] exactly as images.uint8_to_model does.
-        x_start = (images.to(dev, non_blocking=nb).float() / 127.5 - 1.0).contiguous(memory_format=torch.channels_last)
-        kwargs = {}
-        if self.labels is not None:
-            kwargs["y"] = self.labels[local].to(dev, non_blocking=nb)
-        return (x_start, torch.as_tensor(t[lo:hi]).to(dev, torch.int64),
-                torch.as_tensor(weights[lo:hi]).to(dev, torch.float32), noise[lo:hi].to(dev, non_blocking=nb),
-                kwargs)
-
     def _is_control_step(self, step: int) -> bool:
         """Steps where the host looks at device values (NaN, stop flags): every step unless it would cost a sync."""
         c = self.config
-        if self.device.type == "cpu" or c.nan_policy == "skip" or self.loss_aware:
+        if self.device.type == "cpu" or c.nan_policy == "skip" or self.training.loss_aware:
             return True
         return step % c.log_every == 0 or step % c.save_every == 0 or step == c.max_steps
 
@@ -413,31 +492,33 @@ class _Trainer:
         return None
 
     def _non_finite(self, step: int, loss: torch.Tensor) -> TrainingError:
-        good = f"the last good checkpoint is {self._paths(self.last_saved)[0]}" if self.last_saved is not None \
+        good = f"the last good checkpoint is {self.folder.paths(self.last_saved)[0]}" if self.last_saved is not None \
             else "no checkpoint was saved yet"
         return TrainingError(f"non-finite loss ({float(loss.detach()):.4g}) at step {step}: stopped, {good} "
                              "(try a lower --lr, --grad-clip 1, or --nan-policy skip)")
 
     def _log(self, acc: torch.Tensor, since: float, steps_since: int) -> None:
+        # acc[3] counts steps on every rank, so after the sum it is steps x world size: dividing by it alone gives
+        # the mean of the ranks' per-step means, which is the global batch's mean (every rank holds an equal share).
         acc = dist_utils.all_reduce_sum(self.dist, acc).cpu().double()
         n = max(float(acc[3]), 1.0)
-        world = self.dist.world_size
         now = time.monotonic()
         record: dict[str, Any] = {
             "step": self.step,
-            "loss": float(acc[0]) / n / world,
-            "mse": float(acc[1]) / n / world,
-            "vb": float(acc[2]) / n / world,
+            "loss": float(acc[0]) / n,
+            "mse": float(acc[1]) / n,
+            "vb": float(acc[2]) / n,
         }
         for q in range(4):
             count = float(acc[8 + q])
             record[f"q{q}"] = float(acc[4 + q]) / count if count else None
         record.update({
-            "grad_norm": float(acc[12]) / n / world,
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(acc[12]) / n,
+            "lr": self.training.optimizer.param_groups[0]["lr"],
             "img_per_s": steps_since * self.config.batch_size / max(now - since, 1e-9),
             "elapsed": self.elapsed_before + now - self.t0,
             "nan_skips": self.nan_skips,
+            "precision": self.precision,
         })
         self.last_metrics = record
         if self.dist.is_main:
@@ -461,7 +542,7 @@ class _Trainer:
         """Add one step to the on-device metric sums: [loss, mse, vb, steps, loss by t-quartile (4), counts (4),
         grad norm] (read back only at log steps, so logging costs no per-step sync)."""
         per_sample = losses["loss"].detach().float()
-        quartile = torch.clamp(t * 4 // self.diffusion.num_timesteps, max=3)
+        quartile = torch.clamp(t * 4 // self.training.diffusion.num_timesteps, max=3)
         acc[0] += loss.detach()
         acc[1] += losses["mse"].detach().mean() if "mse" in losses else 0.0
         acc[2] += losses["vb"].detach().mean() if "vb" in losses else 0.0
@@ -481,18 +562,11 @@ class _Trainer:
         step_dev = torch.full((), self.step, dtype=torch.int64, device=dev)
         log_t0, log_steps = time.monotonic(), 0
         reason: StopReason = "max_steps"
-        self._emit("start", message=f"{self.num_parameters:,} parameters")
-        self.model.train()
+        self._emit("start", message=f"{self.num_parameters:,} parameters, {self.precision}")
+        self.training.model.train()
         with StopSignals() as signals:
             while c.max_steps is None or self.step < c.max_steps:
-                x_start, t, weights, noise, kwargs = self._batch()
-                losses = compute_losses(self.diffusion, self.model_call, x_start, t, noise, kwargs)
-                per_sample = losses["loss"]
-                loss = (per_sample * weights).mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grads = [p.grad for p in self.params if p.grad is not None]
-                total_norm = grad_norm(grads)
+                loss, losses, t, total_norm = self.training.losses()
                 bad = ~(torch.isfinite(loss) & torch.isfinite(total_norm))
                 step_dev += 1
                 next_step = self.step + 1
@@ -505,16 +579,11 @@ class _Trainer:
                     first_bad = torch.where(bad & (first_bad < 0), step_dev, first_bad)
                 if skip:
                     self.nan_skips += 1
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.training.discard()
                     self._emit("warning", message=f"step {next_step}: non-finite loss, step skipped "
                                                   f"({self.nan_skips} so far)")
                 else:
-                    if c.grad_clip is not None:
-                        _clip_(grads, c.grad_clip, total_norm)
-                    self.optimizer.step()
-                    self.ema.update(self.model)
-                    if self.loss_aware:
-                        self.sampler.update_with_local_losses(t, per_sample.detach())
+                    self.training.update(t, losses["loss"])
                     self._accumulate(acc, loss, losses, t, ones, total_norm)
                 self.step = next_step
                 log_steps += 1
@@ -535,13 +604,13 @@ class _Trainer:
                 self._save()
         elapsed = time.monotonic() - self.t0
         trained = self.step - start_step
-        ema_path, model_path, state_path, _ = self._paths(self.step)
+        ema_path, model_path, state_path, _ = self.folder.paths(self.step)
         self._emit("end", path=ema_path, message=reason)
         return TrainResult(run_dir=self.run_dir, step=self.step, start_step=start_step, ema_checkpoint=ema_path,
                            model_checkpoint=model_path, state_file=state_path, stop_reason=reason,
                            elapsed=elapsed, images_per_s=trained * c.batch_size / max(elapsed, 1e-9),
                            nan_skips=self.nan_skips, num_parameters=self.num_parameters,
-                           last_metrics=self.last_metrics)
+                           last_metrics=self.last_metrics, precision=self.precision)
 
 
 def train(config: TrainConfig, *, device: torch.device, resume: bool = False, force: bool = False,

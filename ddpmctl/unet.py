@@ -5,11 +5,14 @@ through scale-shift norm (AdaGN), multi-head self-attention at chosen resolution
 nearest + conv upsampling, skip concatenations, and a zero-initialised output conv (2C channels with a learned
 variance). Module and parameter names follow the reference, so its users find their way around the state dict.
 
-Speed notes (issue 7): every op works on channels_last tensors without format round trips; attention runs on
+Speed notes (issues 7, 13): every op works on channels_last tensors without format round trips; attention runs on
 token-major ``[N, HW, C]`` views of channels_last maps with ``scaled_dot_product_attention`` (no transposing
-copies; bf16 CPU maps up to 2**24 attention weights use two GEMMs instead, measured faster, see ``_attention``);
-GroupNorm normalises in fp32 under bf16 autocast (cast back to bf16 afterwards, as the reference's GroupNorm32
-does; forward-only calls on maps of 32x32 pixels or more use the mixed-type kernel, bit-identical); the frequency table is a non-persistent buffer and nothing in ``forward`` syncs with the device.
+copies; on CPUs with native bf16, bf16 maps up to 2**24 attention weights use two GEMMs instead, measured faster,
+see ``_attention``); GroupNorm normalises in fp32 under bf16 autocast (cast back to bf16 afterwards, as the
+reference's GroupNorm32 does; forward-only calls on maps of 32x32 pixels or more use the mixed-type kernel,
+bit-identical); the frequency table is a non-persistent buffer and nothing in ``forward`` syncs with the device.
+Which of these optional paths run is chosen per machine (``ddpmctl.hardware.fast_paths``); every result is the
+same up to float rounding whichever runs.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmctl.config import ModelConfig
-from ddpmctl.errors import ConfigError
+from ddpmctl.errors import OptionError  # shapes the options ask for that no U-Net has: exit 2 in the CLI
+from ddpmctl.hardware import fast_paths
 
 __all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32", "ResBlock", "AttentionBlock"]
 
 
 def _frequencies(half: int, max_period: float) -> torch.Tensor:
-    """exp(-ln(max_period) k / half), k = 0..half-1 (PAPERS.md convention 17), float32."""
+    """exp(-ln(max_period) k / half), k = 0..half-1 (docs/conventions.md #17), float32."""
     # A real (CPU) tensor also in a network built on the meta device: checkpoint loading assigns the stored
     # weights to such a network, and this table is not stored, so it must already hold its values.
     device = "cpu" if torch.get_default_device().type == "meta" else None
@@ -45,7 +49,7 @@ def _embed(t_scaled: torch.Tensor, freqs: torch.Tensor, dim: int) -> torch.Tenso
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
-    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (PAPERS.md convention 17)."""
+    """Sinusoidal embedding [N, dim] of (possibly fractional) timesteps t [N] (docs/conventions.md #17)."""
     return _embed(t, _frequencies(dim // 2, max_period).to(t.device), dim)
 
 
@@ -72,7 +76,8 @@ class GroupNorm32(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == self.weight.dtype:
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
-        if x.device.type == "cpu" and (x.is_contiguous() or self._mixed_channels_last_is_faster(x)):
+        if x.device.type == "cpu" and fast_paths(x.device).mixed_groupnorm \
+                and (x.is_contiguous() or self._mixed_channels_last_is_faster(x)):
             # The CPU kernel takes bf16 input with fp32 affine parameters and computes in fp32 internally:
             # bit-identical to normalising x.float() and casting back, without the two copies.
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
@@ -141,9 +146,11 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-# bf16 attention on the CPU: two bf16 GEMMs around the softmax kernel beat the fused kernel at every size the
-# IDDPM configs use (its bf16 backward is 2-6x slower; issue 7). Beyond this many attention weights per call the
-# fused kernel takes over again, so a large map never materialises its [N, heads, L, L] weights.
+# bf16 attention on the CPU: where bf16 is native (AVX-512-BF16, AMX), two bf16 GEMMs around the softmax kernel
+# beat the fused kernel at every size the IDDPM configs use (its bf16 backward is 2-6x slower; issue 7). With
+# emulated bf16 (AVX2) the fused kernel is about 2x faster, so hardware.choose_fast_paths turns this off there.
+# Beyond this many attention weights per call the fused kernel takes over again, so a large map never
+# materialises its [N, heads, L, L] weights.
 _CPU_MATH_ATTENTION_MAX_WEIGHTS = 2**24
 
 
@@ -151,7 +158,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     """softmax(q k^T / sqrt(d)) v over [N, heads, L, d], the softmax in fp32 (IDDPM's QKVAttention)."""
     n, heads, length, _ = q.shape
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) \
-            and n * heads * length * length <= _CPU_MATH_ATTENTION_MAX_WEIGHTS:
+            and n * heads * length * length <= _CPU_MATH_ATTENTION_MAX_WEIGHTS \
+            and fast_paths(q.device).bf16_math_attention:
         # Scaling q first makes it contiguous (the bf16 GEMM is slow on the strided view). The CPU softmax kernel
         # computes max, exp and sum of a bf16 row in fp32 and rounds once on output: the reference's
         # softmax(w.float()).type(w.dtype) without materialising an fp32 copy of the weights (2-4x faster).
@@ -167,7 +175,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, channels: int, num_heads: int) -> None:
         super().__init__()
         if channels % num_heads:
-            raise ConfigError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
+            raise OptionError(f"attention at {channels} channels cannot be split into {num_heads} heads: "
                               "choose --heads dividing every level's channel count")
         self.channels = channels
         self.num_heads = num_heads
@@ -181,15 +189,24 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         heads, ch = self.num_heads, c // self.num_heads
-        qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
-        # [N, 3C, H, W] -> [N, HW, 3C]: a free view when channels_last. The reference's channel layout:
-        # head-major, then (q, k, v), then the head's channels.
-        qkv = qkv.permute(0, 2, 3, 1).reshape(b, height * width, heads, 3, ch)
+        conv = fast_paths(x.device).conv_projections
+        if conv:
+            qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
+            # [N, 3C, H, W] -> [N, HW, 3C]: a free view when channels_last.
+            qkv = qkv.permute(0, 2, 3, 1).reshape(b, height * width, 3 * c)
+        else:
+            tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, height * width, c)
+            qkv = F.linear(tokens, self.qkv.weight[..., 0], self.qkv.bias)
+        # The reference's channel layout: head-major, then (q, k, v), then the head's channels.
+        qkv = qkv.reshape(b, height * width, heads, 3, ch)
         q, k, v = (qkv[:, :, :, i].transpose(1, 2) for i in range(3))  # [N, heads, HW, ch] strided views
-        h = _attention(q, k, v)
-        # [N, heads, HW, ch] -> [N, HW, C] -> [N, C, H, W] as a channels_last view.
-        h = h.transpose(1, 2).reshape(b, height, width, c).permute(0, 3, 1, 2)
-        return x + F.conv2d(h, self.proj_out.weight[..., None], self.proj_out.bias)
+        h = _attention(q, k, v).transpose(1, 2).reshape(b, height * width, c)  # [N, HW, C]
+        if conv:
+            # [N, HW, C] -> [N, C, H, W] as a channels_last view.
+            h = h.reshape(b, height, width, c).permute(0, 3, 1, 2)
+            return x + F.conv2d(h, self.proj_out.weight[..., None], self.proj_out.bias)
+        h = F.linear(h, self.proj_out.weight[..., 0], self.proj_out.bias)
+        return x + h.reshape(b, height, width, c).permute(0, 3, 1, 2)
 
 
 class Downsample(nn.Module):
@@ -237,18 +254,18 @@ class UNetModel(nn.Module):
         self.out_channels = out_channels
         levels = len(config.channel_mult)
         if config.image_size % 2 ** (levels - 1):
-            raise ConfigError(f"image size {config.image_size} cannot be halved {levels - 1} times "
+            raise OptionError(f"image size {config.image_size} cannot be halved {levels - 1} times "
                               f"(channel_mult has {levels} levels): use fewer levels or another image size")
         resolutions = {config.image_size // 2**level for level in range(levels)}
         unreached = sorted(set(config.attention_resolutions) - resolutions)
         if unreached:
-            raise ConfigError(f"attention resolution(s) {unreached} never occur in this network "
+            raise OptionError(f"attention resolution(s) {unreached} never occur in this network "
                               f"(its feature maps are {sorted(resolutions, reverse=True)} pixels)")
 
         mc, heads = config.model_channels, config.num_heads
         emb_dim = 4 * mc
         self.num_classes = config.num_classes
-        # Original index -> the reference's 0..1000 time scale (PAPERS.md convention 17, DESIGN "Model call").
+        # Original index -> the reference's 0..1000 time scale (docs/conventions.md #17, "Index spaces").
         self.time_scale = 1000.0 / num_timesteps
         self.register_buffer("freqs", _frequencies(mc // 2, 10000), persistent=False)
 

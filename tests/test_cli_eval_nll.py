@@ -17,6 +17,7 @@ from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelCon
 from ddpmctl.data import load_dataset
 from ddpmctl.images import save_png
 from ddpmctl.nll import evaluate_nll
+from conftest import perturb_weights
 
 T = 10
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -27,11 +28,8 @@ DIGITS = DataInfo(source="builtin:digits", image_size=8, channels=1, num_images=
 
 def _save(path: Path, *, data: DataInfo | None = DIGITS, model: ModelConfig = MODEL) -> Path:
     torch.manual_seed(0)
-    network = build_model(CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T)))
-    with torch.no_grad():  # give the zero-initialised output layers weights, so the terms depend on the input
-        for p in network.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
+    network = perturb_weights(build_model(CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T))), 0.05,
+                              only_zero=True)  # the terms must depend on the input
     config = CheckpointConfig(model=model, diffusion=DiffusionConfig(timesteps=T), data=data)
     return save_checkpoint(path, network.state_dict(), config, kind="model", lineage=[])
 
@@ -63,12 +61,14 @@ def test_default_data_is_the_held_out_split_and_json_matches_the_library(digits_
 
 
 def test_table_and_json_agree(digits_ckpt: Path) -> None:
+    # The same batch size for both: the same float sums, so the table must show the JSON's numbers rounded.
     table = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7")
-    as_json = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "16", "--json", "--quiet")
+    as_json = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7", "--json", "--quiet")
     assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
     payload = json.loads(as_json.stdout)
-    line = re.search(r"bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+) images, (\d+) terms\)", table.stdout)
+    line = re.search(r"bits/dim: (\d+\.\d{4}) ± (\d+\.\d{4}) \((\d+) images, (\d+) terms; fp32\)", table.stdout)
     assert line, table.stdout
+    assert payload["precision"] == "fp32"  # --precision auto on a CPU without native bf16 (conftest)
     assert float(line.group(1)) == round(payload["bits_per_dim"], 4)
     assert float(line.group(2)) == round(payload["stderr"], 4)
     assert (int(line.group(3)), int(line.group(4))) == (4, T)
@@ -90,7 +90,7 @@ def test_mc_estimator(digits_ckpt: Path) -> None:
     assert payload["estimator"] == "mc" and payload["mc_terms"] == 3 and payload["terms_per_image"] == 4
     assert payload["pilot_images"] == 2 and payload["num_terms"] == T
     line = _run(str(digits_ckpt), "-n", "3", "--device", "cpu", "--estimator", "mc", "--terms", "3", "--quiet")
-    assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image)" in line.stdout
+    assert "bits/dim: " in line.stdout and "(3 images, 10 terms; mc, 3 sampled per image; fp32)" in line.stdout
 
 
 def test_mc_per_image_error_in_json_and_one_image_is_not_nan(digits_ckpt: Path) -> None:

@@ -17,6 +17,7 @@ from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
+from conftest import perturb_weights
 
 T = 40
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -26,11 +27,8 @@ DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_ra
 
 def _state(model_config: ModelConfig) -> dict[str, torch.Tensor]:
     # The U-Net zero-initialises its output layer; perturb every weight so the network really shapes the samples.
-    net = build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    net = perturb_weights(build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION)), 0.05,
+                          generator=torch.Generator().manual_seed(0))
     return dict(net.state_dict())
 
 
@@ -137,7 +135,7 @@ def test_respace_composes_and_ddim_spacing(ckpt: Path, tmp_path: Path) -> None:
     chain20 = load_checkpoint(first).config.diffusion.use_timesteps
     chain5 = load_checkpoint(second).config.diffusion.use_timesteps
     assert chain20 is not None and chain5 is not None
-    # Even spacing of 5 over the 20-step chain, as original indices (convention 12 on 20 steps: 0,5,10,14,19).
+    # Even spacing of 5 over the 20-step chain, as original indices (docs/conventions.md #12 on 20 steps: 0,5,10,14,19).
     assert chain5 == tuple(chain20[k] for k in (0, 5, 10, 14, 19))
     ddim = tmp_path / "d.safetensors"
     assert _invoke("respace", str(ckpt), "--steps", "8", "--spacing", "ddim", "--out", str(ddim), "-q").exit_code == 0
@@ -178,6 +176,7 @@ def _one_line_error(result: object, code: int | None = None) -> str:
     (["-O", "spacing=odd"], "option spacing=odd"),
     (["--num", "0"], "--num"),
     (["--batch-size", "0"], "--batch-size"),
+    (["--seed", "-1"], "--seed must be >= 0"),  # checked by the library (samplers.check_sample_counts)
     (["--class", "dog"], "not class-conditional"),
     (["-O", "eta=1.5"], "option eta=1.5: Input should be less than or equal to 1"),
 ])

@@ -129,7 +129,7 @@ def test_real_tiny_run_then_refuse_then_resume(tmp_path: Path) -> None:
     assert "--resume" in line and "--force" in line
 
     line = one_error_line(invoke("-o", str(run), "--resume", "--max-steps", "5", "--lr", "0.01"), 1)
-    assert "--lr (saved 0.0001, given 0.01)" in line
+    assert "--lr (saved 0.0002, given 0.01)" in line
 
     result = invoke("-o", str(run), "--resume", "--max-steps", "5", "--json")
     assert result.exit_code == 0, result.output

@@ -1,4 +1,4 @@
-"""GaussianDiffusion against closed forms computed here from the betas (PAPERS.md conventions 3-11, 15)."""
+"""GaussianDiffusion against closed forms computed here from the betas (docs/conventions.md #3-11 and #15)."""
 
 from __future__ import annotations
 
@@ -176,7 +176,7 @@ def test_fixed_variances() -> None:
     t = torch.tensor([0, 1, 5])
     model = lambda x, t: torch.zeros_like(x)  # noqa: E731
     large = _diffusion(T, "linear", var_type="fixed_large").p_mean_variance(model, x, t)
-    # fixed_large: beta, except beta_tilde_1 at k = 0 (convention 4).
+    # fixed_large: beta, except beta_tilde_1 at k = 0 (docs/conventions.md #4).
     want = [beta_tilde[1], b[1], b[5]]
     torch.testing.assert_close(large["variance"], _col(want).expand_as(x), rtol=1e-12, atol=0)
     torch.testing.assert_close(large["log_variance"], torch.log(_col(want)).expand_as(x), rtol=1e-12, atol=0)
@@ -278,7 +278,7 @@ def test_p_sample_adds_scaled_noise_except_at_step_zero() -> None:
     mean = d.p_mean_variance(model, x, t)["mean"]
     b = d.betas.tolist()
     out = d.p_sample(model, x, t, noise=noise)
-    std = _col([0.0, math.sqrt(b[1]), math.sqrt(b[14])])  # k = 0 is masked (convention 15)
+    std = _col([0.0, math.sqrt(b[1]), math.sqrt(b[14])])  # k = 0 is masked (docs/conventions.md #15)
     torch.testing.assert_close(out["sample"], mean + std * noise, rtol=1e-12, atol=1e-12)
 
 

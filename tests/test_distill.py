@@ -30,6 +30,7 @@ from ddpmctl.samplers import SampleRNG, build_denoiser, sampling_timesteps
 from ddpmctl.schedules import beta_schedule
 from ddpmctl_samplers.ddim import DDIMSampler
 from ddpmctl_samplers.student import StudentSampler
+from conftest import assert_same_files, perturb_weights
 
 
 def _abar(T: int, schedule: str = "cosine") -> torch.Tensor:
@@ -226,10 +227,8 @@ def test_student_sampler_exact_student_returns_the_point(param: str) -> None:
 def test_student_sampler_matches_distill_sampling_and_validates() -> None:
     T = 40
     torch.manual_seed(0)
-    model = build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=T))),
+                            0.05)
     model.eval()
     checkpoint = _fake_student(model, T, "both", 4)
     x_T = torch.randn(3, 1, 8, 8)
@@ -260,10 +259,7 @@ def tiny_teacher(tmp_path: Path) -> Path:
     T = 16
     torch.manual_seed(0)
     model_config = _tiny_model_config()
-    model = build_model(CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(build_model(CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T))), 0.05)
     config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=T))
     return save_checkpoint(tmp_path / "ema.safetensors", model.state_dict(), config, kind="model",
                            lineage=[{"op": "train", "step": 1}])
@@ -295,10 +291,7 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
     assert not resumed.interrupted and not (tmp_path / "b" / "state_2.safetensors").exists()
 
-    for steps in (4, 2):
-        a, _ = load_tensors(tmp_path / "a" / f"student_{steps}.safetensors")
-        b, _ = load_tensors(tmp_path / "b" / f"student_{steps}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["student_4.safetensors", "student_2.safetensors"])
     assert [s.student_distance for s in resumed.stages] == [s.student_distance for s in straight.stages]
 
     student = load_checkpoint(tmp_path / "a" / "student_2.safetensors")
@@ -328,10 +321,7 @@ def test_sigint_saves_the_stage_and_a_0_1_state_with_slash_keys_still_resumes(ti
            for k, v in tensors.items()}
     save_tensors(state, old, {**meta, "param_groups": "[]"})
     resumed = distill(_config(tiny_teacher, tmp_path / "b"), resume=True)
-    for steps in (4, 2):
-        a, _ = load_tensors(tmp_path / "a" / f"student_{steps}.safetensors")
-        b, _ = load_tensors(tmp_path / "b" / f"student_{steps}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_files(tmp_path / "a", tmp_path / "b", ["student_4.safetensors", "student_2.safetensors"])
     assert [s.student_distance for s in resumed.stages] == [s.student_distance for s in straight.stages]
 
 
@@ -350,10 +340,8 @@ def test_default_head_and_both_initialisation() -> None:
     assert default_param("v", 2, 1) == "v" and default_param("x0", 1, 1) == "x"  # exact copies of the teacher
     assert default_param("eps", 2, 1) == "both" and default_param("eps", 1, 1) == "v"
     torch.manual_seed(0)
-    model = build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=16)))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
+    model = perturb_weights(build_model(CheckpointConfig(model=_tiny_model_config(), diffusion=DiffusionConfig(timesteps=16))),
+                            0.05)
     torch.manual_seed(1)
     z, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 9])
     reference = model(z, t)

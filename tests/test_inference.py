@@ -17,6 +17,7 @@ from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
 from ddpmctl.inference import InferenceNetwork, default_micro_batch, inference_network
 from ddpmctl.nll import evaluate_nll
 from ddpmctl.samplers import generate, get_sampler
+from conftest import perturb_weights
 
 T = 30
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
@@ -27,11 +28,7 @@ DIFFUSION = DiffusionConfig(schedule="cosine", timesteps=T, var_type="learned_ra
 def _perturbed(model_config: ModelConfig) -> torch.nn.Module:
     # The zero-initialised output layers would make every output 0: perturb every weight.
     net = build_model(CheckpointConfig(model=model_config, diffusion=DIFFUSION))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    return net.eval()
+    return perturb_weights(net, 0.05, generator=torch.Generator().manual_seed(0)).eval()
 
 
 @pytest.fixture(scope="module")

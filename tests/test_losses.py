@@ -1,4 +1,4 @@
-"""normal_kl and the discretized Gaussian decoder against closed forms (PAPERS.md convention 9)."""
+"""normal_kl and the discretized Gaussian decoder against closed forms (docs/conventions.md #9)."""
 
 from __future__ import annotations
 

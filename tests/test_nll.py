@@ -16,6 +16,7 @@ from ddpmctl.errors import ConfigError, DataError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.nll import NllProgress, evaluate_bound, evaluate_nll, term_noise
 from ddpmctl.schedules import beta_schedule
+from conftest import perturb_weights
 
 
 
@@ -32,12 +33,7 @@ def random_model(config: CheckpointConfig, seed: int = 1) -> torch.nn.Module:
     """A freshly built U-Net whose zero-initialised output layers get small random weights (so the output, and
     every term of the bound, depends on the input, t and y: an untrained but not degenerate network)."""
     torch.manual_seed(seed)
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.05)
-    return model.eval()
+    return perturb_weights(build_model(config), 0.05, only_zero=True).eval()
 
 
 def tiny_checkpoint(path: Path, T: int, *, in_channels: int = 1, num_classes: int | None = None,

@@ -1,4 +1,4 @@
-"""space_timesteps (PAPERS.md conventions 12-13) and respacing (convention 14) against independent computations."""
+"""space_timesteps (docs/conventions.md #12-13) and respacing (#14) against independent computations."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_section_counts_sizes_and_placement() -> None:
 
 
 def test_rounding_uses_accumulated_floats_and_half_to_even() -> None:
-    # Independent re-implementation of convention 12 for one section.
+    # Independent re-implementation of docs/conventions.md #12 for one section.
     T, K = 4000, 100
     stride = (T - 1) / (K - 1)
     cur, want = 0.0, set()

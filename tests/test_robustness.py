@@ -1,4 +1,4 @@
-"""Hardening of training (issue 8): kill -9 at random moments, a disk that fills up, non-finite losses.
+"""Hardening of training (issue 8): kill -9 at seeded moments, a disk that fills up, non-finite losses.
 
 The kill trials fork this (already imported) test process instead of starting Python afresh: a fork costs
 milliseconds where a new interpreter costs seconds on this machine, so ten and more trials fit the time budget.
@@ -30,6 +30,7 @@ from ddpmctl.checkpoint import load_checkpoint, load_tensors
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, TrainingError
 from ddpmctl.train import train
+from conftest import assert_same_files, tensors
 
 CPU = torch.device("cpu")
 STEPS = 8
@@ -46,18 +47,6 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/
 
 def tiny(out: Path, **overrides: object) -> TrainConfig:
     return TrainConfig(**{**TINY, "out": str(out), **overrides})
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_tensors(path)[0]
-
-
-def assert_same_files(a: Path, b: Path, names: list[str]) -> None:
-    for name in names:
-        ta, tb = tensors(a / name), tensors(b / name)
-        assert ta.keys() == tb.keys(), name
-        for key in ta:
-            assert torch.equal(ta[key], tb[key]), f"{b.name}/{name}: {key} differs from the uninterrupted run"
 
 
 def logged_steps(run_dir: Path) -> list[int]:
@@ -86,8 +75,13 @@ def _truncate_at_fsync(call: int, marker: Path) -> None:
     os.fsync = fsync  # only in the forked child
 
 
-def _start(out: Path, *, truncate_call: int | None = None, marker: Path | None = None) -> int:
-    """Fork a child that trains (resuming when the folder holds a run) and exits 0 when done."""
+def _start(out: Path, *, truncate_call: int | None = None, marker: Path | None = None,
+           kill_at: tuple[str, int] | None = None) -> int:
+    """Fork a child that trains (resuming when the folder holds a run) and exits 0 when done.
+
+    ``kill_at=(kind, step)``: the child SIGKILLs itself when the loop reports that event (``step``: the update is
+    done, nothing written yet; ``log``: its metrics line is appended; ``save``: all four files are complete).
+    """
     resume = (out / runfolder.CONFIG_FILE).exists()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -97,7 +91,12 @@ def _start(out: Path, *, truncate_call: int | None = None, marker: Path | None =
         try:
             if truncate_call is not None and marker is not None:
                 _truncate_at_fsync(truncate_call, marker)
-            train(tiny(out), device=CPU, resume=resume)
+
+            def callback(event: train_module.TrainEvent) -> None:
+                if kill_at is not None and (event.kind, event.step) == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            train(tiny(out), device=CPU, resume=resume, callback=callback)
         except BaseException:
             traceback.print_exc()
             code = 3
@@ -105,20 +104,22 @@ def _start(out: Path, *, truncate_call: int | None = None, marker: Path | None =
     return pid
 
 
-def _kill(pid: int, *, after: float | None = None, marker: Path | None = None, deadline: float = 60.0) -> str:
-    """SIGKILL the child after ``after`` seconds or once ``marker`` exists; 'killed' or 'finished' (exit 0)."""
+def _wait(pid: int, *, marker: Path | None = None, deadline: float = 120.0) -> str:
+    """Wait for the child: 'finished' (exit 0), or 'killed' when it killed itself or, once ``marker`` exists, by
+    this process. Fails after ``deadline`` seconds."""
     start = time.monotonic()
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
+            if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+                return "killed"
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the training child failed ({status})"
             return "finished"
-        elapsed = time.monotonic() - start
-        if (after is not None and elapsed >= after) or (marker is not None and marker.exists()):
+        if marker is not None and marker.exists():
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             return "killed"
-        if elapsed > deadline:
+        if time.monotonic() - start > deadline:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise AssertionError("the training child neither finished nor reached the kill point")
@@ -137,13 +138,10 @@ def _check_folder_after_kill(out: Path) -> None:
         assert json.loads((out / f"state_{step:06d}.json").read_text())["step"] == step
 
 
-def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_kill_9_at_seeded_moments_then_resume_is_exact(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
-    started = time.monotonic()
-    assert _kill(_start(reference), deadline=120) == "finished"
-    duration = time.monotonic() - started
-    # Regular-file fsyncs of a whole run, each ending one atomic write: config.json, then 4 files per save.
-    writes = 1 + 4 * STEPS
+    assert _wait(_start(reference)) == "finished"
 
     rng = random.Random(8)
     outcomes: list[str] = []
@@ -153,17 +151,22 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path) -> None:
         out.mkdir()
         kills = 1 + (trial % 3 == 2)  # every third trial is killed twice (the resumed run is killed too)
         for _ in range(kills):
+            saves = runfolder.complete_saves(out) if (out / runfolder.CONFIG_FILE).exists() else []
+            start = saves[-1] if saves else 0  # where this run starts: every kill point below lies ahead of it
             if trial % 2:
-                # Deterministically inside a write: the child cuts the file being written and hangs there.
+                # Inside a write: at the call-th regular-file fsync (config.json, then 4 files per step's save) the
+                # child cuts the file being written to half its size and hangs there; then it is killed.
                 marker = out / "CUT"
-                call = rng.randint(1, writes)
-                outcome = _kill(_start(out, truncate_call=call, marker=marker), marker=marker)
+                call = rng.randint(1, 1 + 4 * (STEPS - start))
+                outcome = _wait(_start(out, truncate_call=call, marker=marker), marker=marker)
                 where = marker.read_text() if marker.exists() else ""
                 marker.unlink(missing_ok=True)
                 outcomes.append(f"{outcome} in write {call} ({Path(where).name})")
             else:
-                after = rng.uniform(0.02, 1.0) * duration
-                outcomes.append(f"{_kill(_start(out), after=after)} at {after:.2f}s")
+                # Between writes: after a seeded step's update, its metrics line, or its complete save.
+                step = rng.randint(start + 1, STEPS)
+                kind = rng.choice(["step", "log", "save"] if step < STEPS else ["step", "log"])
+                outcomes.append(f"{_wait(_start(out, kill_at=(kind, step)))} at {kind} {step}")
             _check_folder_after_kill(out)
         # --resume (or a fresh start when the kill came before config.json) runs to the end, in this process.
         result = train(tiny(out), device=CPU, resume=(out / runfolder.CONFIG_FILE).exists())
@@ -173,7 +176,8 @@ def test_kill_9_at_random_moments_then_resume_is_exact(tmp_path: Path) -> None:
         # Temporary files of the killed writers are gone, and --keep 2 pruned everything else.
         left = sorted(p.name for p in out.iterdir())
         assert left == sorted(p.name for p in reference.iterdir()), (trial, left)
-    assert sum(o.startswith("killed") for o in outcomes) >= 10, outcomes
+    # Every kill point lies ahead of where its run started, so every one of the 16 runs was killed.
+    assert len(outcomes) == trials + trials // 3 and all(o.startswith("killed") for o in outcomes), outcomes
     assert any("killed in write" in o and ".tmp" in o for o in outcomes), outcomes
 
 

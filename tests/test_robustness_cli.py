@@ -6,6 +6,7 @@ through ``ddpmctl train``, non-finite losses, out-of-memory, and a torchrun rank
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -144,12 +145,12 @@ CASES: list[tuple[str, Any, int, str]] = [
     ("train-device", lambda f, t: ["train", "builtin:digits", "--device", "tpu"], 2, "--device"),
     ("train-resume-force", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), "--resume", "--force"],
      2, "--force"),
-    ("train-heads", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY, "--heads", "3"], 1,
+    ("train-heads", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY, "--heads", "3"], 2,
      "heads"),
     ("train-levels", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY, "--channel-mult",
-                                   "1,2,2,2,2"], 1, "cannot be halved"),
+                                   "1,2,2,2,2"], 2, "cannot be halved"),
     ("train-attention", lambda f, t: ["train", "builtin:digits", "--out", str(t / "r"), *TRAIN_TINY,
-                                      "--attention-resolutions", "3"], 1, "never occur"),
+                                      "--attention-resolutions", "3"], 2, "never occur"),
     ("train-out-is-file", lambda f, t: ["train", "builtin:digits", "--out", str(f["good"]), *TRAIN_TINY], 1,
      "is a file"),
     ("train-resume-nothing", lambda f, t: ["train", "--out", str(t), "--resume"], 1, "no training run"),
@@ -290,9 +291,10 @@ def _folder(root: Path, kind: str) -> Path:
     ("truncated", ["--skip-bad-images", "--image-size", "8"], 0, "skipped 1 bad image"),
     ("tiny", [], 1, "--image-size"),
     ("tiny", ["--image-size", "8"], 0, "upscal"),
-    ("jpeg-named-png", ["--image-size", "8"], 0, ""),
+    ("jpeg-named-png", ["--image-size", "8"], 0, None),
 ])
-def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str], code: int, words: str) -> None:
+def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str], code: int,
+                                    words: str | None) -> None:
     folder = _folder(tmp_path, kind)
     result = invoke("train", str(folder), "--out", str(tmp_path / "run"), *TRAIN_TINY, *extra)
     if code:
@@ -300,7 +302,12 @@ def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str],
         assert not (tmp_path / "run" / "config.json").exists()  # nothing half-made
         return
     assert result.exit_code == 0, result.output
-    assert "Traceback" not in result.output and words in result.stderr.lower(), result.stderr
+    assert "Traceback" not in result.output, result.output
+    if words is None:  # read by content, not by name: all three images train and there is nothing to warn about
+        assert json.loads((tmp_path / "run" / "config.json").read_text())["data"]["num_images"] == 3
+        assert "warning:" not in result.stderr, result.stderr
+    else:
+        assert words in result.stderr.lower(), result.stderr
     assert (tmp_path / "run" / "model_000002.safetensors").exists()
 
 
@@ -388,6 +395,7 @@ def _rank_of(pid: int) -> str | None:
     return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank processes through /proc")
 def test_a_dying_rank_ends_the_run_without_a_hang(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -419,4 +427,4 @@ def test_a_dying_rank_ends_the_run_without_a_hang(tmp_path: Path) -> None:
     # Rank 0 says what happened in one line (torchrun then prints its own summary); no ddpmctl traceback.
     assert "ddpmctl/train.py" not in stderr and "ddpmctl/distributed.py" not in stderr, stderr[-3000:]
     ours = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert all("another rank probably died" in line for line in ours), ours
+    assert len(ours) == 1 and "another rank probably died" in ours[0], stderr[-3000:]

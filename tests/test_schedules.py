@@ -1,4 +1,4 @@
-"""Beta schedules against the formulas of PAPERS.md conventions 1-2, recomputed here independently."""
+"""Beta schedules against docs/conventions.md #1-2, recomputed here independently."""
 
 from __future__ import annotations
 

@@ -13,10 +13,11 @@ import torch
 
 import ddpmctl.train as train_module
 from ddpmctl.build import build_model
-from ddpmctl.checkpoint import load_checkpoint, load_tensors
+from ddpmctl.checkpoint import load_checkpoint
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import ConfigError, TrainingError
 from ddpmctl.train import TrainEvent, train
+from conftest import assert_same, tensors
 
 CPU = torch.device("cpu")
 # A tiny network (about 60k parameters) on the 8x8 digits: a training step takes a few milliseconds.
@@ -31,16 +32,6 @@ def tiny(out: Path, **overrides: object) -> TrainConfig:
 
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    return load_tensors(path)[0]
-
-
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
 
 
 def test_loss_decreases(tmp_path: Path) -> None:
@@ -70,18 +61,21 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     assert state["step"] == 4 and state["files"]["model"] == "model_000004.safetensors"
     ckpt = load_checkpoint(result.ema_checkpoint)
     assert ckpt.kind == "model"
-    assert ckpt.lineage == [{"op": "train", "run": "run", "step": 4, "ema": 0.99, "data": "builtin:digits"}]
+    assert ckpt.lineage == [{"op": "train", "run": "run", "step": 4, "ema": 0.99, "data": "builtin:digits",
+                             "ema_warmup": "power", "ema_updates": 4}]
     assert ckpt.config.out_channels == 2  # 1 channel, learned sigma
     record = metrics(run)[-1]
     for key in ("step", "loss", "mse", "vb", "q0", "q1", "q2", "q3", "grad_norm", "lr", "img_per_s", "elapsed"):
         assert key in record
-    assert record["lr"] == pytest.approx(1e-4)
+    assert record["lr"] == pytest.approx(2e-4)  # chosen for 8x8 data (config.default_training)
+    assert record["precision"] == result.precision == "fp32"  # auto, on a CPU without native bf16 (conftest)
+    assert saved["train"]["lr"] == 2e-4 and saved["train"]["timesteps"] == 20  # the values used, for --resume
 
 
 def test_ema_is_the_reference_average(tmp_path: Path) -> None:
-    """With rate 0.75, after one step: ema = 0.75 * initial weights + 0.25 * weights after the step."""
+    """--ema-warmup none, rate 0.75, after one step: ema = 0.75 * initial weights + 0.25 * weights after the step."""
     run = tmp_path / "run"
-    config = tiny(run, max_steps=1, ema=0.75, seed=3)
+    config = tiny(run, max_steps=1, ema=0.75, seed=3, ema_warmup="none")
     train(config, device=CPU)
     ckpt = load_checkpoint(run / "model_000001.safetensors")
     torch.manual_seed(3)  # train() builds the network right after seeding the global RNG with --seed
@@ -216,6 +210,7 @@ def test_batch_must_divide_among_ranks(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(train_module.dist_utils, "setup",
                         lambda device: distributed.DistInfo(rank=0, world_size=3, device=device))
+    monkeypatch.setattr(train_module.dist_utils, "barrier", lambda dist: None)
     with pytest.raises(ConfigError, match="divide"):
         train(tiny(tmp_path / "run", batch_size=16), device=CPU)
 

@@ -13,9 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+import pytest
 
-from ddpmctl.checkpoint import load_tensors
+from conftest import assert_same_files
+
+pytestmark = pytest.mark.slow  # kill trials: each starts and kills Python processes
 
 # Trains the tiny config; with HANG_AT=k it stops making progress after step k (the parent then kills it).
 SCRIPT = r"""
@@ -69,14 +71,6 @@ def run_and_kill(out: Path, max_steps: int, hang_at: int) -> None:
         if proc.stderr:
             proc.stderr.close()
     (out / "HUNG").unlink()
-
-
-def assert_same_files(a: Path, b: Path, names: list[str]) -> None:
-    for name in names:
-        ta, tb = load_tensors(a / name)[0], load_tensors(b / name)[0]
-        assert ta.keys() == tb.keys(), name
-        for key in ta:
-            assert torch.equal(ta[key], tb[key]), f"{name}: {key} differs"
 
 
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from ddpmctl.config import ModelConfig
 from ddpmctl.errors import ConfigError
 import ddpmctl.unet as unet
 from ddpmctl.unet import AttentionBlock, GroupNorm32, UNetModel, count_parameters, timestep_embedding
+from conftest import assert_same, perturb_weights
 
 CIFAR10 = ModelConfig(image_size=32, in_channels=3, model_channels=128, num_res_blocks=3,
                       attention_resolutions=(16, 8), dropout=0.3, channel_mult=(1, 2, 2, 2), num_heads=4,
@@ -33,12 +34,7 @@ def net(config: ModelConfig, *, out_channels: int | None = None, num_timesteps: 
 def randomized(config: ModelConfig, seed: int = 0, **kwargs: int) -> UNetModel:
     """A model whose zero-initialised layers are filled too, so the output depends on every path."""
     torch.manual_seed(seed)
-    model = net(config, **kwargs)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.1)
-    return model
+    return perturb_weights(net(config, **kwargs), 0.1, only_zero=True)
 
 
 def inputs(config: ModelConfig, n: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +235,7 @@ def test_deterministic_given_seed() -> None:
     c = net(config).state_dict()
     torch.manual_seed(3)
     d = net(config).state_dict()
-    assert all(torch.equal(c[k], d[k]) for k in c)
+    assert_same(c, d)
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -329,7 +325,9 @@ def test_channels_last_bf16_groupnorm_gradients_match_fp32() -> None:
 
 def test_channels_last_bf16_groupnorm_inference_takes_mixed_kernel_on_large_maps(monkeypatch) -> None:
     # Forward-only calls on maps of >= 32x32 pixels hand bf16 straight to the mixed-type kernel (faster there);
-    # its output must be bit-identical to the float round trip. Calls that need a gradient keep the round trip.
+    # calls that need a gradient keep the float round trip. Either way the result is the exact normalisation
+    # rounded once to bf16: within half a bf16 ulp (2^-8 relative) plus fp32 arithmetic error (1e-5 absolute on
+    # these O(1) outputs) of float64, whichever kernel this PyTorch build happens to pick.
     torch.manual_seed(0)
     norm = GroupNorm32(64)
     with torch.no_grad():
@@ -348,9 +346,10 @@ def test_channels_last_bf16_groupnorm_inference_takes_mixed_kernel_on_large_maps
     with torch.inference_mode():
         out_large, out_small = norm(large), norm(small)
     assert seen == [torch.bfloat16, torch.float32]
-    expected = group_norm(large.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16()
-    assert torch.equal(out_large, expected)
-    assert torch.equal(out_small, group_norm(small.float(), 32, norm.weight, norm.bias, norm.eps).bfloat16())
+    for x, out in ((large, out_large), (small, out_small)):
+        exact = group_norm(x.double(), 32, norm.weight.double(), norm.bias.double(), norm.eps)
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), exact, rtol=2**-8, atol=1e-5)
     seen.clear()
     norm(large.clone().requires_grad_()).sum().backward()
     assert seen == [torch.float32]

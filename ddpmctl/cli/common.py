@@ -16,7 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,9 +28,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 console = Console(stderr=True)  # progress, tables meant for people
 out_console = Console()  # stdout: tables and results
 
-# The command line's spelling of ddpmctl.config's choices (typer lists them in --help and refuses others with
-# exit 2). tests/test_cli_options.py checks that they stay equal to the config's Literals.
-Precision = Literal["fp32", "bf16"]
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -119,6 +116,24 @@ def print_json(payload: Any) -> None:
     """Machine-readable output on stdout (one JSON document)."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
+
+
+PRECISION_HELP = ("auto | fp32 | bf16. auto: bf16 where the device computes it natively (a CUDA GPU with bf16, a CPU "
+                  "with AVX-512-BF16 or AMX), else fp32; bf16 elsewhere is emulated and slower than fp32.")
+
+
+def resolve_precision_option(precision: str, device: "torch.device") -> str:  # noqa: F821
+    """``--precision auto|fp32|bf16`` -> the precision used on ``device`` (fp32 | bf16); exit 2 for another value.
+
+    Where bf16 was asked for on a device that only emulates it, one warning line goes to stderr."""
+    from ddpmctl.hardware import PRECISION_REQUESTS, resolve_precision
+
+    if precision not in PRECISION_REQUESTS:
+        raise usage_error(f"--precision must be one of {', '.join(PRECISION_REQUESTS)}, not {precision!r}")
+    chosen, warning = resolve_precision(precision, device)
+    if warning is not None:
+        typer.echo(f"warning: {warning}", err=True)
+    return chosen
 
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N (auto = CUDA when available)."

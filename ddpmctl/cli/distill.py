@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.cli.common import (Precision, console, device_option, guarded, out_console, print_json, resolve_device,
-                                usage_error)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from pydantic import ValidationError
-
-StudentParam = Literal["v", "x", "both"]
-Weighting = Literal["truncated-snr", "snr+1"]
-
-
-def _first_problem(err: ValidationError) -> str:
-    first = err.errors()[0]
-    where = "--" + "-".join(str(p) for p in first.get("loc", ())).replace("_", "-")
-    return f"{where}: {first.get('msg', 'invalid value')}"
+from ddpmctl.choices import PrecisionRequest, StudentParam, Weighting
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
+                                resolve_device, resolve_precision_option, usage_error)
+from ddpmctl.errors import validation_problem
 
 
 def _fmt(value: float | None, spec: str = ".4g") -> str:
@@ -69,8 +59,8 @@ def distill_command(
                      "else v")] = None,
     weighting: Annotated[Weighting, typer.Option("--weighting", help="Loss weight over t: truncated-snr = "
                                                  "max(SNR, 1), snr+1 = SNR + 1.")] = "truncated-snr",
-    precision: Annotated[Precision, typer.Option("--precision", help="The student's forward pass (the teacher's "
-                                                 "targets stay fp32).")] = "fp32",
+    precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
+        " It sets the student's forward pass (the teacher's targets stay fp32)."))] = "auto",
     seed: Annotated[int, typer.Option("--seed", min=0, help="Same seed, same machine: the same students.")] = 0,
     report_samples: Annotated[int, typer.Option("--report-samples", min=0, help="Noises for the quality report "
                                                 "(0: no report).")] = 64,
@@ -94,6 +84,8 @@ def distill_command(
 
     if resume and force:
         raise usage_error("--resume and --force contradict each other: pick one")
+    torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
     try:
         config = DistillConfig(
             checkpoint=str(checkpoint), data=data, out=str(out), from_steps=from_steps, to_steps=to_steps,
@@ -101,8 +93,8 @@ def distill_command(
             precision=precision, seed=seed, report_samples=report_samples, save_every=save_every,
             flip=flip)
     except ValidationError as err:
-        raise usage_error(_first_problem(err)) from None
-    torch_device = resolve_device(device)
+        raise usage_error(validation_problem(err, lambda loc: "--" + "-".join(map(str, loc)).replace("_", "-"))) \
+            from None
 
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} it/s"),
@@ -119,7 +111,7 @@ def distill_command(
             if not tasks:  # the bars appear once set-up has succeeded, so a set-up error prints alone
                 progress.start()
             tasks[event.stage] = progress.add_task(
-                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps}",
+                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps} {precision}",
                 total=event.total, completed=event.iteration, loss="-", speed="-")
         elif event.kind == "step":
             task = tasks[event.stage]
@@ -133,7 +125,7 @@ def distill_command(
         if tasks:
             progress.stop()
     if json_output:
-        print_json(result.to_json())
+        print_json({**result.to_json(), "precision": precision})
     elif result.stages:
         out_console.print(report_table(result))
     if result.interrupted:

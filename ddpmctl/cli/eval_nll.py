@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ddpmctl.cli.common import device_option, console, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.choices import Estimator, PrecisionRequest, Split
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
+                                resolve_device, resolve_precision_option, usage_error)
 
 DEFAULT_MC_TERMS = 64
-Split = Literal["test", "train"]
-Estimator = Literal["exact", "mc"]
 
 
 def _finite(value: float) -> float | None:
@@ -64,11 +64,13 @@ def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, s
     }
 
 
-def result_line(result: Any) -> str:
-    """'bits/dim: 1.2345 ± 0.0123 (N images, T terms)'."""
+def result_line(result: Any, precision: str | None = None) -> str:
+    """'bits/dim: 1.2345 ± 0.0123 (N images, T terms[; precision])'."""
     how = f"{result.num_terms} terms"
     if result.estimator == "mc":
         how += f"; mc, {result.mc_terms} sampled per image"
+    if precision is not None:
+        how += f"; {precision}"
     return f"bits/dim: {_fmt(result.mean)} ± {_fmt(result.stderr)} ({result.num_images} images, {how})"
 
 
@@ -129,6 +131,8 @@ def eval_nll_command(
         show_default=f"{DEFAULT_MC_TERMS} with mc")] = None,
     pilot_images: Annotated[int, typer.Option(
         "--pilot-images", min=1, help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
+    precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
+        " bf16 runs the network under autocast; the bound's arithmetic stays fp64."))] = "auto",
     device: Annotated[str, device_option()] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
@@ -142,6 +146,7 @@ def eval_nll_command(
     if estimator == "mc" and terms is None:
         terms = DEFAULT_MC_TERMS
     torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
 
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.data import load_dataset_for
@@ -175,10 +180,12 @@ def eval_nll_command(
 
     with progress:
         result = evaluate_nll(loaded, images, labels, batch_size=batch_size, estimator=estimator, terms=terms,
-                              seed=seed, pilot_images=pilot_images, callback=on_progress)
+                              seed=seed, pilot_images=pilot_images, callback=on_progress,
+                              precision=precision)  # type: ignore[arg-type]
 
     if json_output:
-        print_json(nll_payload(result, checkpoint=str(checkpoint), data=source, split=data_split, seed=seed))
+        print_json({**nll_payload(result, checkpoint=str(checkpoint), data=source, split=data_split, seed=seed),
+                    "precision": precision})
         return
-    out_console.print(result_line(result), markup=False, highlight=False, soft_wrap=True)
+    out_console.print(result_line(result, precision), markup=False, highlight=False, soft_wrap=True)
     out_console.print(breakdown_table(result))

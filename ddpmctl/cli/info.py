@@ -26,6 +26,22 @@ def _lineage_entry(entry: dict[str, Any]) -> str:
                      for key, value in entry.items()) or "(empty)"
 
 
+def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
+    """Which weights the training run saved: raw, or which EMA (None when no train entry says).
+
+    Checkpoints written before the EMA warm-up existed record no ``ema_warmup``: their EMA had none."""
+    entry = next((e for e in lineage if isinstance(e, dict) and e.get("op") == "train"), None)
+    if entry is None:
+        return None
+    if entry.get("ema") is None:
+        return f"raw training weights (step {entry.get('step')})"
+    warmup = entry.get("ema_warmup", "none")
+    how = ("no warm-up (improved-diffusion: starts at the random init)" if warmup == "none"
+           else "warm-up 1-(1+t)^-2/3 (starts at the first trained weights)" if warmup == "power" else f"warm-up {warmup}")
+    updates = f", {entry['ema_updates']} updates" if "ema_updates" in entry else ""
+    return f"EMA rate {entry['ema']}, {how}{updates}"
+
+
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
     """Everything ``info`` shows, as one JSON-ready object (``--json``)."""
     config = info.config
@@ -40,6 +56,7 @@ def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
         "num_tensors": info.num_tensors,
         "config": config.model_dump(mode="json"),
         "lineage": info.lineage,
+        "weights": weights_kind(info.lineage),
         "tensors": {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in info.tensors},
     }
 
@@ -83,6 +100,9 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     if data is not None:
         rows.append(("data", f"{data.source} ({data.num_images} images, {data.image_size}px, "
                              f"{data.channels} channel(s))"))
+    weights = weights_kind(info.lineage)
+    if weights is not None:
+        rows.append(("weights", weights))
     for index, entry in enumerate(info.lineage, start=1):
         rows.append((f"lineage {index}", _lineage_entry(entry)))
     if not info.lineage:

@@ -10,7 +10,7 @@ import typer
 from ddpmctl.cli.common import device_option, guarded, option_errors, out_console, print_json, resolve_device
 from ddpmctl.errors import CheckpointError, SamplerError
 
-Spacing = Literal["even", "ddim"]
+Spacing = Literal["even", "ddim"]  # the sampler spacings a respaced checkpoint can be made with
 
 
 def respaced_config(config: Any, steps: int, spacing: Spacing) -> Any:

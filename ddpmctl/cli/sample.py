@@ -9,9 +9,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from ddpmctl.cli.common import (Precision, console, device_option, guarded, option_errors, out_console, print_json,
+from ddpmctl.choices import PrecisionRequest
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, option_errors, out_console, print_json,
+                                resolve_precision_option,
                                 resolve_device)
-from ddpmctl.errors import SamplerError
+from ddpmctl.errors import SamplerError, UnknownSamplerError
 
 _SAMPLE_FILE = re.compile(r"^\d{6}\.png$")
 MAX_IMAGES = 999_999  # the file names have six digits
@@ -76,10 +78,11 @@ def sample_command(
         "--steps", min=1, help="Network steps, at most the checkpoint's chain.",
         show_default="the sampler's own: ddim and strided 50, dpmpp-2m 20, or the whole chain if shorter; "
                      "ancestral the whole chain")] = None,
-    num: Annotated[int, typer.Option("--num", "-n", min=1, max=MAX_IMAGES, help="Number of images.")] = 64,
+    # (--num, --batch-size and --seed are checked by the library: samplers.check_sample_counts.)
+    num: Annotated[int, typer.Option("--num", "-n", max=MAX_IMAGES, help="Number of images.")] = 64,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", "-b", min=1, help="Images per batch (never changes an image).")] = 64,
-    seed: Annotated[int, typer.Option("--seed", min=0, help="Image i depends only on (seed, i).")] = 0,
+        "--batch-size", "-b", help="Images per batch (never changes an image).")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Image i depends only on (seed, i).")] = 0,
     option: Annotated[Optional[list[str]], typer.Option(  # noqa: UP007
         "--opt", "-O", metavar="KEY=VALUE", help="Sampler option (repeatable), e.g. -O eta=0.5; `ddpmctl samplers` "
                                                  "lists each sampler's options.", show_default=False)] = None,
@@ -87,9 +90,9 @@ def sample_command(
         "--class", help="Class name or index for a class-conditional model.",
         show_default="drawn per image")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace samples already in --out.")] = False,
-    precision: Annotated[Precision, typer.Option(
-        "--precision", help="bf16: the network under bf16 autocast (about 1.7x faster on CPUs with AVX-512 BF16; the "
-                            "sampler's arithmetic stays fp32).")] = "fp32",
+    precision: Annotated[PrecisionRequest, typer.Option(
+        "--precision", help=PRECISION_HELP + " bf16 runs the network under autocast (about 1.7x faster on CPUs with "
+                            "AVX-512 BF16); the sampler's arithmetic stays fp32.")] = "auto",
     device: Annotated[str, device_option()] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print a JSON summary on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -98,12 +101,17 @@ def sample_command(
     class-conditional model)."""
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.images import save_grid, save_npz, save_png
-    from ddpmctl.samplers import SampleProgress, generate, get_sampler, parse_options, sampling_timesteps
+    from ddpmctl.samplers import (SampleProgress, check_sample_counts, generate, get_sampler, parse_options,
+                                  sampling_timesteps)
 
-    with option_errors(SamplerError):  # an unknown sampler or a bad -O option: the command line is wrong
+    with option_errors(SamplerError):  # a bad count: the command line is wrong
+        check_sample_counts(num, batch_size, seed)
+    with option_errors(UnknownSamplerError):  # an unknown name is a bad command line; a broken plugin is not
         sampler_cls = get_sampler(sampler)
+    with option_errors(SamplerError):  # a bad -O option
         options = parse_options(sampler_cls, option or [])
     torch_device = resolve_device(device)
+    precision = resolve_precision_option(precision, torch_device)
     ckpt = load_checkpoint(checkpoint, device=torch_device)
     label = None
     with option_errors(SamplerError):  # --class or --steps out of what the checkpoint allows
@@ -154,5 +162,5 @@ def sample_command(
     if json_output:
         print_json(summary)
     elif not quiet:
-        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps) to {out}/ "
+        out_console.print(f"wrote {num} images ({sampler}, {total_steps} steps, {precision}) to {out}/ "
                           f"with grid.png and samples.npz in {seconds:.1f}s", highlight=False, soft_wrap=True)

@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import Precision, console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, NanPolicy, PrecisionRequest, Schedule,
+                             TimestepSamplerName)
+from ddpmctl.cli.common import console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.errors import validation_problem
 
 try:  # Python >= 3.11
     import tomllib
@@ -29,14 +32,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ddpmctl.config import TrainConfig
 
-# The command line's spelling of TrainConfig's choices (tests/test_cli_options.py keeps them equal).
-ColorMode = Literal["auto", "rgb", "gray"]
-Schedule = Literal["cosine", "linear"]
-MeanType = Literal["eps", "x0", "v"]
+# The command line spells the variance types with hyphens (tests/test_cli_options.py keeps them equal to the
+# config's, whose other choices the CLI takes from ddpmctl.choices as they are).
 VarType = Literal["learned-range", "fixed-small", "fixed-large", "learned"]
-LossName = Literal["hybrid", "simple", "vlb"]
-TimestepSampler = Literal["uniform", "loss-second-moment"]
-NanPolicy = Literal["stop", "skip"]
 
 # Options whose value is a comma-separated list of integers.
 _INT_LISTS = ("channel_mult", "attention_resolutions")
@@ -127,16 +125,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 def _validation_line(err: ValidationError) -> str:
     """The first pydantic problem as one line naming the option."""
-    first = err.errors()[0]
-    message = str(first.get("msg", "invalid value"))
-    message = re.sub(r"^(Value|Assertion) error, ", "", message)
-    loc = first.get("loc") or ()
-    if not loc:
-        return message
-    field = str(loc[0])
-    shown = first.get("input")
-    given = f" (got {shown!r})" if shown is not None and not isinstance(shown, dict) else ""
-    return f"{_flag(field)}: {message[:1].lower() + message[1:]}{given}"
+    return validation_problem(err, lambda loc: _flag(str(loc[0])) if loc else "", show_input=True)
 
 
 def _default_out(data: str) -> str:
@@ -179,7 +168,7 @@ class _ProgressView:
 
     def __call__(self, event: Any) -> None:
         if event.kind == "warning":
-            self.progress.console.print(f"warning: {event.message}", markup=False, highlight=False)
+            self.progress.console.print(f"warning: {event.message}", markup=False, highlight=False, soft_wrap=True)
             return
         if event.kind == "start":
             # The bar appears once set-up (data, folder checks) has succeeded, so errors print alone.
@@ -198,7 +187,8 @@ class _ProgressView:
             return
         if event.kind == "log" and event.metrics:
             m = event.metrics
-            self.progress.update(self.task, loss=f"{m['loss']:.4f}", speed=f"{m['img_per_s']:.0f} img/s")
+            self.progress.update(self.task, loss=f"{m['loss']:.4f}",
+                                 speed=f"{m['img_per_s']:.0f} img/s {m.get('precision', '')}".rstrip())
         if event.kind in ("step", "log", "end"):
             if self.by_time:
                 self.progress.update(self.task, completed=min(event.elapsed, self.config.max_time or 0),
@@ -222,6 +212,7 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 
 _DATA, _DIFFUSION, _NETWORK, _OPTIMISATION, _RUN = "Data", "Diffusion", "Network", "Optimisation", "Run"
 _SCALED = "scaled with the image size, like the reference's"
+_CHOSEN = "chosen from the data (README: Defaults that fit the data)"
 
 
 @guarded
@@ -244,18 +235,22 @@ def train_command(
                                      rich_help_panel=_DATA)] = "auto",
     class_cond: Annotated[bool, _opt("--class-cond/--no-class-cond", help="Condition on class labels (sub-folder "
                                      "names).", rich_help_panel=_DATA)] = False,
-    flip: Annotated[bool, _opt("--flip/--no-flip", help="Random horizontal flips.", rich_help_panel=_DATA)] = True,
+    flip: Annotated[Optional[bool], _opt(  # noqa: UP007
+        "--flip/--no-flip", help="Random horizontal flips.", show_default="on, except for builtin:digits",
+        rich_help_panel=_DATA)] = None,
     skip_bad_images: Annotated[bool, _opt("--skip-bad-images/--no-skip-bad-images", help="Skip unreadable images "
                                           "(counted) instead of stopping.", rich_help_panel=_DATA)] = False,
     schedule: Annotated[Schedule, _opt("--schedule", help="Beta schedule.", rich_help_panel=_DIFFUSION)] = "cosine",
-    timesteps: Annotated[int, _opt("--timesteps", help="Diffusion steps T.", rich_help_panel=_DIFFUSION)] = 4000,
-    mean_type: Annotated[MeanType, _opt("--mean-type", help="What the network predicts.",
-                                        rich_help_panel=_DIFFUSION)] = "eps",
+    timesteps: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--timesteps", help="Diffusion steps T.", show_default=f"{_CHOSEN}: 1000 below 32x32, else 4000",
+        rich_help_panel=_DIFFUSION)] = None,
+    mean_type: Annotated[Optional[MeanType], _opt(  # noqa: UP007
+        "--mean-type", help="What the network predicts.", show_default="eps", rich_help_panel=_DIFFUSION)] = None,
     var_type: Annotated[VarType, _opt("--var-type", help="Reverse-process variance.", rich_help_panel=_DIFFUSION)
                         ] = "learned-range",
     loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000, simple = L_simple, vlb = "
                                    "rescaled KL.", rich_help_panel=_DIFFUSION)] = "hybrid",
-    timestep_sampler: Annotated[TimestepSampler, _opt("--timestep-sampler", help="How t is drawn.",
+    timestep_sampler: Annotated[TimestepSamplerName, _opt("--timestep-sampler", help="How t is drawn.",
                                                       rich_help_panel=_DIFFUSION)] = "uniform",
     model_channels: Annotated[Optional[int], _opt(  # noqa: UP007
         "--model-channels", help="Base width.", show_default=_SCALED, rich_help_panel=_NETWORK)] = None,
@@ -269,18 +264,30 @@ def train_command(
         "--attention-resolutions", metavar="16,8", help="Feature-map sizes with self-attention, or none.",
         show_default=_SCALED, rich_help_panel=_NETWORK)] = None,
     heads: Annotated[int, _opt("--heads", help="Attention heads.", rich_help_panel=_NETWORK)] = 4,
-    dropout: Annotated[float, _opt("--dropout", help="Dropout.", rich_help_panel=_NETWORK)] = 0.0,
-    batch_size: Annotated[int, _opt("--batch-size", "-b", help="Global batch, split among torchrun ranks.",
-                                    rich_help_panel=_OPTIMISATION)] = 64,
-    lr: Annotated[float, _opt("--lr", help="AdamW learning rate.", rich_help_panel=_OPTIMISATION)] = 1e-4,
+    dropout: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--dropout", help="Dropout.", show_default=f"{_CHOSEN}: 0.1 under 20,000 images, else 0",
+        rich_help_panel=_NETWORK)] = None,
+    batch_size: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--batch-size", "-b", help="Global batch, split among torchrun ranks.",
+        show_default=f"{_CHOSEN}: 128 below 16x16, else 64", rich_help_panel=_OPTIMISATION)] = None,
+    lr: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--lr", help="AdamW learning rate.", show_default=f"{_CHOSEN}: 2e-4 below 16x16, else 1e-4",
+        rich_help_panel=_OPTIMISATION)] = None,
     weight_decay: Annotated[float, _opt("--weight-decay", help="AdamW weight decay.",
                                         rich_help_panel=_OPTIMISATION)] = 0.0,
-    ema: Annotated[float, _opt("--ema", metavar="RATE", help="EMA rate.", rich_help_panel=_OPTIMISATION)] = 0.9999,
+    ema: Annotated[float, _opt("--ema", metavar="RATE", help="EMA rate (with the warm-up: the cap of its growing "
+                               "decay).", rich_help_panel=_OPTIMISATION)] = 0.9999,
+    ema_warmup: Annotated[EmaWarmup, _opt(
+        "--ema-warmup", help="power: decay min(rate, 1-(1+t)^-2/3), so the average starts at the first trained "
+        "weights; none: improved-diffusion's EMA, which starts at the random init.",
+        rich_help_panel=_OPTIMISATION)] = "power",
     grad_clip: Annotated[Optional[float], _opt(  # noqa: UP007
         "--grad-clip", metavar="NORM", help="Clip the global gradient norm (the norm is logged always).",
         show_default="no clipping", rich_help_panel=_OPTIMISATION)] = None,
-    precision: Annotated[Precision, _opt("--precision", help="bf16: autocast for the network; weights, optimizer "
-                                         "and losses stay fp32.", rich_help_panel=_OPTIMISATION)] = "fp32",
+    precision: Annotated[PrecisionRequest, _opt("--precision", help="bf16: autocast for the network; weights, optimizer "
+                                         "and losses stay fp32. auto: bf16 where the device has it natively (CUDA "
+                                         "with bf16, a CPU with AVX-512-BF16 or AMX), else fp32.",
+                                         rich_help_panel=_OPTIMISATION)] = "auto",
     nan_policy: Annotated[NanPolicy, _opt("--nan-policy", help="On a non-finite loss: stop (keeping the last "
                                           "checkpoint) or skip the step.", rich_help_panel=_OPTIMISATION)] = "stop",
     max_steps: Annotated[Optional[int], _opt(  # noqa: UP007
@@ -308,6 +315,8 @@ def train_command(
     from pydantic import ValidationError
 
     from ddpmctl.config import TrainConfig
+    from ddpmctl.distributed import env_world_size, split_batch
+    from ddpmctl.errors import ConfigError
     from ddpmctl.runfolder import saved_train_config
     from ddpmctl.train import train
 
@@ -331,6 +340,11 @@ def train_command(
     except ValidationError as err:
         raise usage_error(_validation_line(err)) from None
 
+    try:  # before any rank joins the process group: every rank stops at once with the same line
+        if config.batch_size is not None:  # (a batch chosen from the data is checked once the data is loaded)
+            split_batch(config.batch_size, env_world_size())
+    except ConfigError as err:
+        raise usage_error(str(err)) from None
     main_rank = int(os.environ.get("RANK", "0") or 0) == 0
     show = main_rank and not quiet
     torch_device = resolve_device(device)

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 
 from ddpmctl import Denoiser, Sampler, SampleRNG, StepCallback, StepInfo
+
+from . import ClipOptions
 
 
 class AncestralSampler(Sampler):
@@ -23,8 +24,7 @@ class AncestralSampler(Sampler):
     default_steps = None
     whole_chain = True
 
-    class Options(Sampler.Options):
-        clip_denoised: bool = Field(True, description="clamp the predicted x_0 to [-1, 1] at every step")
+    Options = ClipOptions
 
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], *, noise: SampleRNG,
                callback: StepCallback | None = None) -> torch.Tensor:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import Field
 
 from ddpmctl import CLEAN, Denoiser, Sampler, SampleRNG, StepCallback, StepInfo
+
+from . import ClipOptions
 
 
 class StudentSampler(Sampler):
@@ -23,8 +24,7 @@ class StudentSampler(Sampler):
     checkpoint_kinds = ("student",)
     default_steps = None
 
-    class Options(Sampler.Options):
-        clip_denoised: bool = Field(True, description="clamp the predicted x_0 to [-1, 1] at every step")
+    Options = ClipOptions
 
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], *, noise: SampleRNG,
                callback: StepCallback | None = None) -> torch.Tensor:

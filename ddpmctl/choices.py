@@ -1,0 +1,39 @@
+"""The closed sets of values ddpmctl's options take, as Literal types: one definition each, shared by the configs
+(pydantic), the library and the command line (typer lists them in --help and refuses others with exit 2).
+
+Standard library only: the CLI declares its options without importing pydantic or torch, and the math core may
+use it too.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = ["ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "NanPolicy", "Precision",
+           "PrecisionRequest", "EmaWarmup", "Schedule", "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
+           "is_learned_variance"]
+
+Schedule = Literal["cosine", "linear"]  # (the default first: --help lists them in this order)
+MeanType = Literal["eps", "x0", "v"]
+VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
+LossType = Literal["mse", "rescaled_mse", "kl", "rescaled_kl"]
+LossName = Literal["hybrid", "simple", "vlb"]
+TimestepSamplerName = Literal["uniform", "loss-second-moment"]
+NanPolicy = Literal["stop", "skip"]
+Precision = Literal["fp32", "bf16"]
+# What --precision accepts: auto = bf16 where the device computes it natively, else fp32 (ddpmctl.hardware).
+PrecisionRequest = Literal["auto", "fp32", "bf16"]
+EmaWarmup = Literal["power", "none"]  # ddpmctl.ema
+ColorMode = Literal["auto", "rgb", "gray"]
+Split = Literal["test", "train"]
+StudentParam = Literal["v", "x", "both"]
+Weighting = Literal["truncated-snr", "snr+1"]
+Estimator = Literal["exact", "mc"]
+Spacing = Literal["even", "ddim", "logsnr"]  # how a sampler places its steps on the chain
+
+LEARNED_VARIANCES: tuple[str, ...] = ("learned", "learned_range")
+
+
+def is_learned_variance(var_type: str) -> bool:
+    """Whether the network predicts its own variance (its output has 2C channels: the mean's C, then the v's C)."""
+    return var_type in LEARNED_VARIANCES
