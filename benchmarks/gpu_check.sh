@@ -21,3 +21,13 @@ $RUN 1024 -- sample "$CKPT" --out "$OUT/samples" --num 1024 --batch-size 256 --s
 $RUN 300 -- eval-nll "$CKPT" --device cuda -q
 $RUN distill:128 -- distill "$CKPT" --data builtin:digits --out "$OUT/distill" --iters-per-stage 200 \
     --from-steps 16 --to-steps 4 --batch-size 128 --report-samples 0 --device cuda --json -q
+# Several GPUs (issue 17): one torchrun process per GPU (nccl; LOCAL_RANK picks the device), --batch-size is the
+# global batch. `--quiet` must leave stderr empty on every rank.
+NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
+if [ "$NGPU" -ge 2 ]; then
+    echo "== torchrun on $NGPU GPUs (nccl)"
+    "$(dirname "$PY")/torchrun" --standalone --nproc_per_node "$NGPU" -m ddpmctl train builtin:digits --device cuda \
+        --batch-size 128 --max-steps 50 --out "$OUT/ddp" --quiet 2> "$OUT/ddp.err"
+    if [ -s "$OUT/ddp.err" ]; then echo "gpu_check: torchrun --quiet wrote to stderr:" >&2; cat "$OUT/ddp.err" >&2; exit 1; fi
+    echo "torchrun: $NGPU ranks, 50 steps, stderr empty"
+fi
