@@ -7,6 +7,7 @@
    mean squared distance of each sampler's images (in [-1, 1]) to DDIM over the full chain, from the same noise.
 
     OMP_NUM_THREADS=1 nice python benchmarks/bench_samplers.py [--quick] [--out DIR] [--max-steps N] [--images N]
+                                                               [--checkpoint CKPT]   # measure CKPT instead
 
 The example plugin (examples/ddpmctl-heun) is measured from its source folder; it need not be installed.
 """
@@ -83,6 +84,11 @@ def trained_table(checkpoint: Path, steps: tuple[int, ...], images: int) -> dict
             "mse_to_full_ddim": rows}
 
 
+def describe(checkpoint: Path) -> str:
+    config = load_checkpoint(checkpoint).config
+    return f"{config.diffusion.mean_type}-prediction, {config.diffusion.var_type}, T = {config.diffusion.timesteps}"
+
+
 def markdown(steps: tuple[int, ...], gaussian: dict, trained: dict | None) -> str:
     head = "| sampler | " + " | ".join(f"{n} steps" for n in steps) + " |"
     rule = "|---|" + "---:|" * len(steps)
@@ -92,8 +98,8 @@ def markdown(steps: tuple[int, ...], gaussian: dict, trained: dict | None) -> st
         cells = [f"{row['error'][0]:.2e}"] + [f"{e:.2e} ({o:.2f})" for e, o in zip(row["error"][1:], row["order"])]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if trained is not None:
-        lines += ["", f"Trained digits model: mean squared distance to DDIM over all {trained['chain']} steps "
-                      f"({trained['images']} images, same noise)", "", head, rule]
+        lines += ["", f"Trained model ({describe(Path(trained['checkpoint']))}): mean squared distance to DDIM over "
+                      f"all {trained['chain']} steps ({trained['images']} images, same noise)", "", head, rule]
         for label, values in trained["mse_to_full_ddim"].items():
             lines.append(f"| {label} | " + " | ".join(f"{v:.2e}" for v in values) + " |")
     return "\n".join(lines)
@@ -106,10 +112,12 @@ def main() -> None:
                         help="run folder of the digits model (reused when it holds a checkpoint)")
     parser.add_argument("--max-steps", type=int, default=1200, help="training steps of the digits model")
     parser.add_argument("--images", type=int, default=256, help="images per sampler on the digits model")
+    parser.add_argument("--checkpoint", type=Path, help="measure this checkpoint instead of training the digits model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     gaussian = gaussian_table(STEPS)
-    trained = None if args.quick else trained_table(train_digits(args.out, args.max_steps), STEPS, args.images)
+    checkpoint = args.checkpoint or (None if args.quick else train_digits(args.out, args.max_steps))
+    trained = None if checkpoint is None else trained_table(checkpoint, STEPS, args.images)
     print(markdown(STEPS, gaussian, trained))
     print(json.dumps({"gaussian": gaussian, "trained": trained}))
 

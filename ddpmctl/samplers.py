@@ -135,6 +135,12 @@ class Sampler:
         """The spacing this run asks for: its ``spacing`` option when it has one, else ``default_spacing``."""
         return getattr(self.options, "spacing", self.default_spacing)
 
+    def log_snr_span(self, mean_type: str, steps: int, bottom: float) -> tuple[float, float] | None:
+        """Where ``spacing = logsnr`` spreads a run of ``steps`` steps after the top one: (lambda_low, lambda_high)
+        for a network predicting ``mean_type`` (eps / x0 / v) on a chain whose bottom step has lambda ``bottom``;
+        None (the default): from the step below the top to the bottom step."""
+        return None
+
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[OriginalStep], *, noise: SampleRNG,
                callback: StepCallback | None = None) -> torch.Tensor:
         """Turn the noise ``x_T`` [N, C, H, W] into images in [-1, 1] of the same shape, calling ``callback``
@@ -265,7 +271,9 @@ def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
         return cls.Options.model_validate(values)
     except ValidationError as err:
         def option(loc: tuple[str | int, ...]) -> str:
-            key = str(loc[0]) if loc else "?"
+            if not loc:  # a check across options (e.g. a range's two ends): name them all
+                return "options " + " ".join(f"{k}={v}" for k, v in values.items())
+            key = str(loc[0])
             return f"option {key}={values.get(key, '')}"
 
         raise SamplerError(validation_problem(err, option)) from None
@@ -323,10 +331,11 @@ def step_counts_with_ddim_stride(total: int) -> list[int]:
     return sorted({len(range(0, total, stride)) for stride in range(1, total + 1)})
 
 
-def _logsnr_uniform(log_snr: Sequence[float], steps: int) -> set[int]:
+def _logsnr_uniform(log_snr: Sequence[float], steps: int, span: tuple[float, float] | None = None) -> set[int]:
     """``steps`` distinct positions of a chain (``log_snr``: lambda per position, ascending positions, descending
-    lambda): the top step, then ``steps - 1`` positions nearest to values evenly spaced in lambda from the step below
-    the top to the bottom step (DPM-Solver's time steps on a discrete chain).
+    lambda): the top step, then ``steps - 1`` positions nearest to values evenly spaced in lambda over ``span`` =
+    (lambda_low, lambda_high), clamped to the chain's range from the step below the top to the bottom step (None:
+    that whole range; DPM-Solver's time steps on a discrete chain).
 
     The top step of a cosine chain sits at the clipped beta of 0.999, 3.5 units of lambda below its neighbour: a
     grid starting there would put its next targets in a gap the chain cannot fill (they would collapse onto the
@@ -336,6 +345,11 @@ def _logsnr_uniform(log_snr: Sequence[float], steps: int) -> set[int]:
     if steps == 1:
         return {total - 1}
     top, bottom = log_snr[-2] if steps > 2 else log_snr[-1], log_snr[0]
+    if span is not None:
+        low, high = span
+        if not low < high:
+            raise SamplerError(f"the log-SNR range needs its low end below its high end, not {low:g} .. {high:g}")
+        top, bottom = max(top, min(low, bottom)), min(bottom, max(high, top))
     targets = [top + (bottom - top) * j / (steps - 2) for j in range(steps - 1)] if steps > 2 else [bottom]
     # The chain's lambda decreases with the position: the nearest position by bisection, then kept distinct.
     chosen = [total - 1]
@@ -353,13 +367,14 @@ def _logsnr_uniform(log_snr: Sequence[float], steps: int) -> set[int]:
     return set(chosen)
 
 
-def choose_timesteps(total: int, steps: int, spacing: Spacing, *,
-                     log_snr: Sequence[float] | None = None) -> set[int]:
+def choose_timesteps(total: int, steps: int, spacing: Spacing, *, log_snr: Sequence[float] | None = None,
+                     log_snr_span: tuple[float, float] | None = None) -> set[int]:
     """K positions of a ``total``-step chain (the one --steps check and the one spacing helper of ddpmctl).
 
     even: the IDDPM rule (docs/conventions.md #12); ddim: the reference's stride range(0, total, i)
     (docs/conventions.md #13; a SamplerError names nearby K that work); logsnr: uniform in lambda = log alpha -
-    log sigma between the top and the bottom step (``log_snr``: lambda of each position, ascending positions).
+    log sigma between the top and the bottom step (``log_snr``: lambda of each position, ascending positions), or
+    over ``log_snr_span`` = (lambda_low, lambda_high) within them.
     One step is always the TOP step: a single network call on pure noise must be made where the network expects
     pure noise.
     """
@@ -372,7 +387,7 @@ def choose_timesteps(total: int, steps: int, spacing: Spacing, *,
     if spacing == "logsnr":
         if log_snr is None or len(log_snr) != total:
             raise ValueError("spacing logsnr needs the log-SNR of every step of the chain")
-        return _logsnr_uniform(log_snr, steps)
+        return _logsnr_uniform(log_snr, steps, log_snr_span)
     try:
         return space_timesteps(total, f"ddim{steps}")
     except ValueError:
@@ -433,7 +448,8 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
     k = (total if default is None else min(default, total)) if steps is None else steps
     abar = checkpoint.diffusion.alphas_cumprod
     log_snr = [0.5 * (math.log(float(a)) - math.log1p(-float(a))) for a in abar] if sampler.spacing == "logsnr" else None
-    positions = choose_timesteps(total, k, sampler.spacing, log_snr=log_snr)
+    span = None if log_snr is None else sampler.log_snr_span(checkpoint.config.diffusion.mean_type, k, log_snr[0])
+    positions = choose_timesteps(total, k, sampler.spacing, log_snr=log_snr, log_snr_span=span)
     return tuple(chain[p] for p in sorted(positions, reverse=True))
 
 
