@@ -80,7 +80,7 @@ def build_trainer(config: TrainConfig, *, seed: int = 0, paths: FastPaths | None
     """train.py's pieces for ``config``, the network taking ``paths`` (None: this machine's choice)."""
     device = torch.device("cpu")
     paths = paths or fast_paths(device)
-    layout = torch.channels_last if paths.channels_last else torch.contiguous_format
+    layout = torch.channels_last if paths.training_channels_last else torch.contiguous_format
     model_config = config.make_model_config(image_size=32, channels=3, num_classes=None)
     diffusion_config = config.make_diffusion_config()
     diffusion = build_diffusion(diffusion_config)
@@ -197,10 +197,11 @@ def count_flops(fn: Callable[[], object]) -> int:
 
 
 def path_variants(chosen: FastPaths) -> dict[str, FastPaths]:
-    """The plain network, each layout/projection path alone, and this machine's choice (the fp32 paths' 2x2)."""
-    variants = {"plain": PLAIN_PATHS,
-                "channels_last": replace(PLAIN_PATHS, channels_last=True),
-                "conv_projections": replace(PLAIN_PATHS, conv_projections=True)}
+    """The plain network, channels_last (training and sampling), with the 1x1-conv projections on top (a
+    channels_last path), and this machine's choice (which may train in NCHW and sample in channels_last)."""
+    channels_last = replace(PLAIN_PATHS, channels_last=True, training_channels_last=True)
+    variants = {"plain": PLAIN_PATHS, "channels_last": channels_last,
+                "cl+conv_projections": replace(channels_last, conv_projections=True)}
     if chosen not in variants.values():
         variants["chosen"] = chosen
     return variants

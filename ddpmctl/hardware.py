@@ -112,19 +112,25 @@ class FastPaths:
     float rounding."""
 
     channels_last: bool
-    """Network weights and batches in channels_last: oneDNN's convolutions run without layout round trips."""
+    """Network weights and batches in channels_last when sampling and evaluating: oneDNN's convolutions run without
+    layout round trips."""
     conv_projections: bool
-    """Attention's qkv/output projections as 1x1 conv2d on the map (oneDNN) instead of matmuls over tokens."""
+    """Attention's qkv/output projections as 1x1 conv2d on channels_last maps (oneDNN) instead of matmuls over
+    tokens (on an NCHW map the matmuls run: the conv's output would need a transposing copy)."""
     bf16_math_attention: bool
     """bf16 CPU attention as two GEMMs around the softmax instead of the fused SDPA kernel."""
     mixed_groupnorm: bool
     """Forward-only bf16 GroupNorm on large channels_last CPU maps through the mixed-type kernel."""
+    training_channels_last: bool = False
+    """Training steps in channels_last too. oneDNN's backward convolutions are slower in it on AVX2-only CPUs
+    (fp32 training step of the 32 px config 0.97x of NCHW) and faster with AVX-512 (1.08-1.11x)."""
 
     def describe(self) -> str:
         return ", ".join(f"{name} {'on' if getattr(self, name) else 'off'}" for name in FAST_PATH_NAMES)
 
 
-FAST_PATH_NAMES: tuple[str, ...] = ("channels_last", "conv_projections", "bf16_math_attention", "mixed_groupnorm")
+FAST_PATH_NAMES: tuple[str, ...] = ("channels_last", "conv_projections", "bf16_math_attention", "mixed_groupnorm",
+                                     "training_channels_last")
 # Every path off: NCHW, projections as matmuls, the fused attention kernel, GroupNorm on an fp32 copy.
 PLAIN_PATHS = FastPaths(channels_last=False, conv_projections=False, bf16_math_attention=False,
                         mixed_groupnorm=False)
@@ -134,11 +140,14 @@ PLAIN_PATHS = FastPaths(channels_last=False, conv_projections=False, bf16_math_a
 def choose_fast_paths(device_type: str) -> FastPaths:
     """The paths that win on this machine (issue 13, measured on AVX2-only and AVX-512-BF16 CPUs).
 
-    channels_last, the 1x1-conv projections and the mixed-type GroupNorm won on both CPUs. The bf16 attention
-    GEMMs won only where bf16 is native: with emulated bf16 (AVX2) the fused kernel is about 2x faster.
+    channels_last for sampling, the 1x1-conv projections and the mixed-type GroupNorm won on both CPUs;
+    channels_last for training only with AVX-512 (and on GPUs). The bf16 attention GEMMs won only where bf16 is
+    native: with emulated bf16 (AVX2) the fused kernel is about 2x faster.
     """
     native = device_type == "cpu" and cpu_native_bf16()
-    return FastPaths(channels_last=True, conv_projections=True, bf16_math_attention=native, mixed_groupnorm=True)
+    training_channels_last = device_type != "cpu" or cpu_capability().startswith("AVX512")
+    return FastPaths(channels_last=True, conv_projections=True, bf16_math_attention=native, mixed_groupnorm=True,
+                     training_channels_last=training_channels_last)
 
 
 _forced: FastPaths | None = None
@@ -162,6 +171,9 @@ def forced_fast_paths(paths: FastPaths) -> Iterator[None]:
         _forced = previous
 
 
-def memory_format(device: torch.device | str) -> torch.memory_format:
-    """The layout networks and batches use on ``device`` (see :attr:`FastPaths.channels_last`)."""
-    return torch.channels_last if fast_paths(device).channels_last else torch.contiguous_format
+def memory_format(device: torch.device | str, *, training: bool = False) -> torch.memory_format:
+    """The layout networks and batches use on ``device`` when sampling (see :attr:`FastPaths.channels_last`) or
+    ``training`` (:attr:`FastPaths.training_channels_last`)."""
+    paths = fast_paths(device)
+    channels_last = paths.training_channels_last if training else paths.channels_last
+    return torch.channels_last if channels_last else torch.contiguous_format

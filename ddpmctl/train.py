@@ -221,7 +221,7 @@ class _TrainingStep:
         # The same initial weights on every rank (DDP also broadcasts rank 0's); then a per-rank dropout stream.
         torch.manual_seed(config.seed)
         # channels_last where it wins (hardware.fast_paths): oneDNN's convolutions run without layout round trips.
-        self.layout = memory_format(self.device)
+        self.layout = memory_format(self.device, training=True)
         self.model = build_model(ckpt_config).to(self.device, memory_format=self.layout)
         torch.manual_seed(derive_seed(config.seed, dist.rank))
         self.diffusion = build_diffusion(ckpt_config.diffusion)

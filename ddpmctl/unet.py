@@ -189,7 +189,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, height, width = x.shape
         heads, ch = self.num_heads, c // self.num_heads
-        conv = fast_paths(x.device).conv_projections
+        conv = fast_paths(x.device).conv_projections and x.is_contiguous(memory_format=torch.channels_last)
         if conv:
             qkv = F.conv2d(self.norm(x), self.qkv.weight[..., None], self.qkv.bias)
             # [N, 3C, H, W] -> [N, HW, 3C]: a free view when channels_last.

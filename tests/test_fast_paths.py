@@ -45,6 +45,8 @@ def _forward_backward(model: torch.nn.Module, paths: FastPaths, dtype: torch.dty
 def test_each_fast_path_matches_the_plain_network_in_fp32(name: str) -> None:
     model = _model()
     paths = ALL_ON if name == "all" else replace(PLAIN_PATHS, **{name: True})
+    if name == "conv_projections":  # a channels_last path: NCHW maps take the matmuls
+        paths = replace(paths, channels_last=True)
     out_plain, grads_plain = _forward_backward(model, PLAIN_PATHS)
     out_fast, grads_fast = _forward_backward(model, paths)
     torch.testing.assert_close(out_fast, out_plain, rtol=1e-4, atol=1e-5)
@@ -75,11 +77,15 @@ def test_the_linear_projections_really_run_when_conv_projections_are_off(monkeyp
     monkeypatch.setattr(torch.nn.functional, "linear", linear)
     monkeypatch.setattr(torch.nn.functional, "conv2d", conv2d)
     model = _model()
-    _forward_backward(model, PLAIN_PATHS)
+    channels_last = replace(PLAIN_PATHS, channels_last=True)
+    _forward_backward(model, channels_last)
     plain = (calls.count("linear"), calls.count("conv1x1"))
     calls.clear()
-    _forward_backward(model, replace(PLAIN_PATHS, conv_projections=True))
+    _forward_backward(model, replace(channels_last, conv_projections=True))
     conv = (calls.count("linear"), calls.count("conv1x1"))
+    calls.clear()
+    _forward_backward(model, replace(PLAIN_PATHS, conv_projections=True))  # on NCHW maps: the matmuls
+    assert (calls.count("linear"), calls.count("conv1x1")) == plain
     # every attention block's qkv and proj_out move from F.linear to 1x1 conv2d (embeddings and skips stay)
     projections = 2 * sum(isinstance(m, AttentionBlock) for m in model.modules())
     assert projections > 0 and plain[0] - conv[0] == projections and conv[1] - plain[1] == projections
@@ -93,6 +99,13 @@ def test_the_machine_choice_follows_native_bf16(monkeypatch: pytest.MonkeyPatch)
         assert chosen.bf16_math_attention is native
         assert chosen.channels_last and chosen.conv_projections and chosen.mixed_groupnorm
     choose_fast_paths.cache_clear()
+    # Training in channels_last only where its backward convolutions win: AVX-512 CPUs and GPUs.
+    for capability, expected in (("AVX2", False), ("AVX512", True), ("DEFAULT", False)):
+        monkeypatch.setattr(hardware, "cpu_capability", lambda capability=capability: capability)
+        assert choose_fast_paths("cpu").training_channels_last is expected
+        choose_fast_paths.cache_clear()
+    assert choose_fast_paths("cuda").training_channels_last
+    choose_fast_paths.cache_clear()
 
 
 def test_forced_paths_apply_inside_the_block_only() -> None:
@@ -100,5 +113,9 @@ def test_forced_paths_apply_inside_the_block_only() -> None:
     with forced_fast_paths(PLAIN_PATHS):
         assert fast_paths("cpu") == PLAIN_PATHS
         assert hardware.memory_format("cpu") == torch.contiguous_format
+        assert hardware.memory_format("cpu", training=True) == torch.contiguous_format
+    with forced_fast_paths(replace(PLAIN_PATHS, channels_last=True)):
+        assert hardware.memory_format("cpu") == torch.channels_last
+        assert hardware.memory_format("cpu", training=True) == torch.contiguous_format
     assert fast_paths("cpu") == before
     assert "channels_last on" in ALL_ON.describe()
