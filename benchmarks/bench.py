@@ -228,7 +228,7 @@ def bench_config(name: str, *, quick: bool, clock: Clock, mm_size: int, precisio
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     probes = {**{f"mm_{p}": matmul(dtypes[p], mm_size) for p in precisions},
               **{f"conv_{p}": conv_probe(dtypes[p]) for p in precisions}}
-    warmup, repeats = (0, 2) if quick else (1, 3)
+    warmup, repeats = (0, 2) if quick else (1, 5)
     # The counted step doubles as the first warm-up step (allocator and oneDNN primitive caches).
     chosen_rows = [f"{p} {chosen_name}" for p in precisions]
     train_flops = {key: count_flops(trainers[key].step) for key in chosen_rows}
