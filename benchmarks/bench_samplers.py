@@ -80,13 +80,11 @@ def trained_table(checkpoint: Path, steps: tuple[int, ...], images: int) -> dict
         for n in steps:
             x, _ = generate(ckpt, cls(cls.Options(**options)), num=images, batch_size=images, seed=0, steps=n)
             rows[label].append(float((x.double() - reference.double()).pow(2).mean()))
-    return {"checkpoint": str(checkpoint), "chain": total, "images": images, "reference_seconds": round(seconds, 1),
+    diffusion = ckpt.config.diffusion
+    model = f"{diffusion.mean_type}-prediction, {diffusion.var_type}, T = {diffusion.timesteps}"
+    return {"checkpoint": str(checkpoint), "model": model, "chain": total, "images": images,
+            "reference_seconds": round(seconds, 1),
             "mse_to_full_ddim": rows}
-
-
-def describe(checkpoint: Path) -> str:
-    config = load_checkpoint(checkpoint).config
-    return f"{config.diffusion.mean_type}-prediction, {config.diffusion.var_type}, T = {config.diffusion.timesteps}"
 
 
 def markdown(steps: tuple[int, ...], gaussian: dict, trained: dict | None) -> str:
@@ -98,7 +96,7 @@ def markdown(steps: tuple[int, ...], gaussian: dict, trained: dict | None) -> st
         cells = [f"{row['error'][0]:.2e}"] + [f"{e:.2e} ({o:.2f})" for e, o in zip(row["error"][1:], row["order"])]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if trained is not None:
-        lines += ["", f"Trained model ({describe(Path(trained['checkpoint']))}): mean squared distance to DDIM over "
+        lines += ["", f"Trained model ({trained['model']}): mean squared distance to DDIM over "
                       f"all {trained['chain']} steps ({trained['images']} images, same noise)", "", head, rule]
         for label, values in trained["mse_to_full_ddim"].items():
             lines.append(f"| {label} | " + " | ".join(f"{v:.2e}" for v in values) + " |")

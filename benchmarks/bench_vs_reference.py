@@ -38,14 +38,7 @@ def one(kind: str, threads: int, steps: int) -> float:
     config = bench.train_config("a", "fp32", quick=False)
     step = bench.build_trainer(config).step if kind == "ours" else bench.build_reference(config)
     clock = time.process_time if threads == 1 else time.perf_counter
-    step()
-    step()
-    times = []
-    for _ in range(steps):
-        start = clock()
-        step()
-        times.append(clock() - start)
-    return statistics.median(times)
+    return bench.interleaved_medians({kind: step}, warmup=2, repeats=steps, clock=clock)[kind]
 
 
 def main() -> None:
