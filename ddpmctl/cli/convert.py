@@ -12,8 +12,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from ddpmctl.choices import Schedule
-from ddpmctl.cli.common import guarded, out_console, print_json, usage_error
-from ddpmctl.errors import CheckpointError
+from ddpmctl.cli.common import guarded, out_console, output_file, print_json, usage_error
 
 _TRUE, _FALSE = ("yes", "true", "t", "y", "1"), ("no", "false", "f", "n", "0")
 _MODEL, _DIFFUSION = "Model flags (improved-diffusion's)", "Diffusion flags (improved-diffusion's)"
@@ -37,16 +36,6 @@ def _bool(name: str, help: str, panel: str) -> Any:
 
 def _opt(name: str, help: str, panel: str, **kwargs: Any) -> Any:
     return typer.Option(name, help=help, rich_help_panel=panel, **kwargs)
-
-
-def output_path(source: Path, out: str | None) -> Path:
-    """``--out``: a file; an existing folder or a path ending in / means that folder; none means beside SOURCE."""
-    name = source.with_suffix(".safetensors").name
-    if out is None:
-        return source.with_name(name)
-    if out.endswith(("/", "\\")) or Path(out).is_dir():
-        return Path(out) / name
-    return Path(out)
 
 
 @guarded
@@ -107,15 +96,7 @@ def convert_command(
     except ValidationError as err:
         raise usage_error(validation_problem(err, lambda loc: f"--{loc[0]}" if loc else "", show_input=True)) \
             from None
-    target = output_path(source, out)
-    if target.exists() and target.is_dir():
-        raise CheckpointError(f"--out {target} is a folder: give a file name")
-    if target.exists() and target.resolve() == source.resolve():
-        raise CheckpointError(f"--out {target} is the input file: write the checkpoint elsewhere")
-    if target.exists() and not force:
-        raise CheckpointError(f"--out {target} exists: use --force to overwrite it")
-    if not target.parent.is_dir():
-        raise CheckpointError(f"cannot write --out {target}: folder {target.parent} does not exist")
+    target = output_file(out, source, source.with_suffix(".safetensors").name, force=force)
     result = convert_checkpoint(source, target, flags)
     if json_output:
         print_json(result.to_json())
