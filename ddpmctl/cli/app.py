@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from ddpmctl import __version__
-from ddpmctl.cli import convert, distill, eval_nll, info, respace, sample, samplers, train
+from ddpmctl.cli import convert, distill, eval_nll, info, plot, respace, sample, samplers, train
 
 try:  # typer >= 0.26 ships its own copy of click
     from typer._click.exceptions import ClickException
@@ -109,6 +109,7 @@ app.command("distill")(distill.distill_command)
 app.command("samplers")(samplers.samplers_command)
 app.command("info")(info.info_command)
 app.command("convert")(convert.convert_command)
+app.command("plot")(plot.plot_command)
 
 
 def main() -> None:
