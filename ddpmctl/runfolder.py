@@ -56,7 +56,7 @@ class RunLayout:
 
 TRAINING = RunLayout(
     what="training run", format="ddpmctl-run/1", config_file=CONFIG_FILE, section="train",
-    files=r"config\.json|metrics\.jsonl|metrics\.png|(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)",
+    files=r"config\.json|metrics\.jsonl|metrics\.png|preview_\d+\.png|(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)",
     resumable=frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy"}))
 DISTILLATION = RunLayout(
     what="distillation run", format="ddpmctl-distill/1", config_file="distill.json", section="config",
