@@ -40,14 +40,11 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, TrainingError
 from ddpmctl.inference import AutocastModel
 from ddpmctl.method import Method, Runtime, StepOutput
-from ddpmctl.optim import clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
-from ddpmctl.seeds import derive_seed
 
 __all__ = ["LoopEvent", "LoopResult", "LoopSettings", "Periodic", "PeriodicContext", "Save", "Saves",
-           "StopSignals", "TrainingLoop", "clip_gradients", "derive_seed", "dotted_keys", "load_optimizer_state",
-           "optimizer_state_tensors"]
+           "StopSignals", "TrainingLoop"]
 
-EventKind = Literal["start", "step", "log", "save", "warning", "end"]
+EventKind = Literal["start", "step", "log", "save", "warning", "info", "end"]
 StopReason = Literal["max_steps", "max_time", "interrupted", "stopped"]
 
 
@@ -87,7 +84,9 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class LoopEvent:
-    """Progress report for the caller (the CLI draws its progress bar from these)."""
+    """Progress report for the caller (the CLI draws its progress bar from these). A job of several loop runs
+    (distillation's stages) says which run an event belongs to in ``stage`` / ``stages`` / ``label``, and reports
+    its own milestones as "info" events."""
 
     kind: EventKind
     step: int
@@ -97,6 +96,14 @@ class LoopEvent:
     metrics: dict[str, Any] | None = None
     path: Path | None = None
     message: str | None = None
+    stage: int | None = None
+    stages: int | None = None
+    label: str | None = None
+
+    @classmethod
+    def note(cls, kind: EventKind, message: str) -> LoopEvent:
+        """An event outside any loop run (set-up, a plan, a report)."""
+        return cls(kind=kind, step=0, max_steps=None, elapsed=0.0, max_time=None, message=message)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ config = DistillConfig(checkpoint=ckpt, data="builtin:digits", out=out, from_ste
                        precision="fp32")
 seen = []
 def stop():
-    return any(e.kind == "step" and e.stage == 2 and e.iteration == stop_at for e in seen)
+    return any(e.kind == "step" and e.stage == 2 and e.step == stop_at for e in seen)
 distill(config, device="cpu", resume=resume, callback=seen.append, should_stop=stop)
 """
 
