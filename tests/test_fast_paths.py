@@ -91,21 +91,16 @@ def test_the_linear_projections_really_run_when_conv_projections_are_off(monkeyp
     assert projections > 0 and plain[0] - conv[0] == projections and conv[1] - plain[1] == projections
 
 
-def test_the_machine_choice_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    for native in (False, True):
-        choose_fast_paths.cache_clear()
-        monkeypatch.setattr(hardware, "cpu_native_bf16", lambda native=native: native)
-        chosen = choose_fast_paths("cpu")
-        assert chosen.bf16_math_attention is native
-        assert chosen.channels_last and chosen.conv_projections and chosen.mixed_groupnorm
-    choose_fast_paths.cache_clear()
-    # Training in channels_last only where its backward convolutions win: AVX-512 CPUs and GPUs.
-    for capability, expected in (("AVX2", False), ("AVX512", True), ("DEFAULT", False)):
-        monkeypatch.setattr(hardware, "cpu_capability", lambda capability=capability: capability)
-        assert choose_fast_paths("cpu").training_channels_last is expected
-        choose_fast_paths.cache_clear()
+@pytest.mark.every_cpu
+def test_the_choice_follows_the_cpu_class(cpu_class: str) -> None:
+    chosen = choose_fast_paths("cpu")
+    # The bf16 attention GEMMs only where bf16 is native; training in channels_last only where its backward
+    # convolutions win (AVX-512 CPUs, and GPUs); the rest won everywhere.
+    assert chosen.bf16_math_attention is (cpu_class == "avx512-bf16")
+    assert chosen.training_channels_last is cpu_class.startswith("avx512")
+    assert chosen.channels_last and chosen.conv_projections and chosen.mixed_groupnorm
+    assert fast_paths("cpu") == chosen
     assert choose_fast_paths("cuda").training_channels_last
-    choose_fast_paths.cache_clear()
 
 
 def test_forced_paths_apply_inside_the_block_only() -> None:
