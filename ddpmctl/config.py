@@ -271,6 +271,12 @@ class TrainConfig(_Frozen):
     precision: PrecisionRequest = "auto"
     seed: int = Field(0, ge=0)
     nan_policy: NanPolicy = "stop"
+    # A checkpoint whose weights the run starts from (fine-tuning: new optimizer, step 0); ddpmctl.finetune.
+    init_from: str | None = None
+    # Periodic rank-0 work (ddpmctl.watch): a sample grid every N steps, the held-out loss every N steps.
+    preview_every: int | None = Field(None, ge=1)
+    val_every: int | None = Field(None, ge=1)
+    val_data: str | None = None
 
     @field_validator("channel_mult", "attention_resolutions")
     @classmethod
@@ -294,6 +300,9 @@ class TrainConfig(_Frozen):
                              "(or learned), or --loss simple for a fixed variance")
         if self.loss == "vlb" and not learned:
             raise ValueError("--loss vlb needs a learned variance (--var-type learned-range or learned)")
+        if self.val_every is not None and self.val_data is None and not self.data.startswith("builtin:"):
+            raise ValueError("--val-every needs held-out images: name a folder the run does not train on with "
+                             "--val-data DIR")
         return self
 
     @property

@@ -30,12 +30,14 @@ from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, writ
 from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
 from ddpmctl.data import ImageDataset, load_dataset
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
+from ddpmctl.finetune import InitWeights, check_same_network, read_init_weights
 from ddpmctl.hardware import memory_format, resolve_precision
 from ddpmctl.loop import LoopEvent, LoopSettings, Periodic, Save, StopReason, TrainingLoop
 from ddpmctl.method import Method, Runtime, StepOutput
 from ddpmctl.optim import clip_gradients, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
 from ddpmctl.seeds import TRAIN_DROPOUT, derive_seed
+from ddpmctl.watch import training_watchers
 
 __all__ = ["IDDPMMethod", "RunFolderSaves", "TrainEvent", "TrainResult", "compute_losses", "make_optimizer",
            "train"]
@@ -108,6 +110,7 @@ class RunFolderSaves:
         self.path, self.config, self.dist, self.kind = Path(config.out), config, dist, kind
         self.ckpt_config: CheckpointConfig | None = None  # set once the network is known
         self.sampled = "model"  # the name of the sampled network (Method.networks()'s first)
+        self.init_lineage: list[dict[str, Any]] = []  # --init-from: the parent's lineage and the init step
 
     def claim(self, *, resume: bool, force: bool) -> dict[str, Any] | None:
         """Refuse to mix runs; on --resume return the saved config.json after checking it matches."""
@@ -160,7 +163,7 @@ class RunFolderSaves:
         if ema is not None:
             # Which average the weights are (`ddpmctl info` shows it): the warm-up and how many updates it holds.
             entry.update(averaged)
-        return [entry]
+        return [*self.init_lineage, entry]
 
     def write(self, save: Save) -> Path:
         """Rank 0: the EMA and raw checkpoints and the state tensors, then the state JSON that marks the save
@@ -212,13 +215,16 @@ class IDDPMMethod(Method):
     ema_networks = ("model",)
 
     def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, local_batch: int,
-                 ckpt_config: CheckpointConfig, dataset: ImageDataset) -> None:
+                 ckpt_config: CheckpointConfig, dataset: ImageDataset, init: InitWeights | None = None) -> None:
         self.config, self.dist, self.device, self.local_batch = config, dist, dist.device, local_batch
         # The same initial weights on every rank (DDP also broadcasts rank 0's); then a per-rank dropout stream.
         torch.manual_seed(config.seed)
         # channels_last where it wins (hardware.fast_paths): oneDNN's convolutions run without layout round trips.
         self.layout = memory_format(self.device, training=True)
-        self.model = build_model(ckpt_config).to(self.device, memory_format=self.layout)
+        self.model = build_model(ckpt_config)
+        if init is not None:  # --init-from: the checkpoint's weights (the loop's EMA starts from them too)
+            self.model.load_state_dict(init.state, strict=True)
+        self.model = self.model.to(self.device, memory_format=self.layout)
         torch.manual_seed(derive_seed(config.seed, TRAIN_DROPOUT, dist.rank))
         self.diffusion = build_diffusion(ckpt_config.diffusion)
         self.params = list(self.model.parameters())
@@ -336,6 +342,8 @@ class _Setup:
         self.config, self.dist, self.device = config, dist, dist.device
         self.callback = callback if dist.is_main else None
         saved = self.folder.claim(resume=resume, force=force)
+        # --init-from: read before the data (a bad checkpoint fails fast); a resumed run has its weights already.
+        init = read_init_weights(config.init_from) if config.init_from is not None and saved is None else None
         dataset = self._load_dataset()
         config = self._fit_to_data(config, saved, dataset)
         model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
@@ -344,7 +352,11 @@ class _Setup:
             model=model_config, diffusion=config.make_diffusion_config(), data=dataset.info())
         if saved is not None:
             self.folder.check_network(saved, model_config)
-        self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
+        if init is not None:
+            check_same_network(init, model_config, self.ckpt_config.out_channels)
+        self.folder.init_lineage = (init.lineage_entries() if init is not None
+                                    else list((saved or {}).get("init_lineage") or []))
+        self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset, init)
         self.num_parameters = sum(p.numel() for p in self.method.model.parameters())
         self.folder.open(self._run_config_payload())
 
@@ -390,6 +402,7 @@ class _Setup:
             "num_parameters": self.num_parameters,
             "world_size": self.dist.world_size,
             "created_with": __version__,
+            "init_lineage": self.folder.init_lineage,
         }
 
     def loop(self, should_stop: Callable[[], bool] | None, periodic: tuple[Periodic, ...]) -> TrainingLoop:
@@ -423,7 +436,7 @@ def train(config: TrainConfig, *, device: torch.device, resume: bool = False, fo
     dist = dist_utils.setup(device)
     try:
         setup = _Setup(config, dist, resume, force, callback)
-        loop = setup.loop(should_stop, periodic)
+        loop = setup.loop(should_stop, (*periodic, *training_watchers(setup.config)))
         done = loop.run(start_message=f"{setup.num_parameters:,} parameters, {setup.precision}")
         # Every rank finishes before any tears the group down: a rank that exits while another still talks to the
         # store (hosted by rank 0) could abort in gloo's teardown ("terminate called without an active

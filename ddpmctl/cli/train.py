@@ -303,6 +303,19 @@ def train_command(
                                    rich_help_panel=_RUN)] = 10,
     seed: Annotated[int, _opt("--seed", help="Same seed, same machine: a bit-identical run.", rich_help_panel=_RUN)
                     ] = 0,
+    preview_every: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--preview-every", metavar="STEPS", help="Write a grid of 16 samples of the EMA network (DDIM, fixed noise) "
+        "as RUN/preview_{step}.png every STEPS steps.", show_default="never", rich_help_panel=_RUN)] = None,
+    val_every: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--val-every", metavar="STEPS", help="Log the loss on held-out images (val_loss, val_mse, val_vb in "
+        "metrics.jsonl) every STEPS steps.", show_default="never", rich_help_panel=_RUN)] = None,
+    val_data: Annotated[Optional[str], _opt(  # noqa: UP007
+        "--val-data", metavar="DIR", help="The held-out images of --val-every: a folder the run does not train on.",
+        show_default="a built-in dataset's test split", rich_help_panel=_RUN)] = None,
+    init_from: Annotated[Optional[str], _opt(  # noqa: UP007
+        "--init-from", metavar="CKPT", help="Fine-tune: start from this checkpoint's weights (new optimizer, step "
+        "0). The network and diffusion options default to the checkpoint's.", show_default="random init",
+        rich_help_panel=_RUN)] = None,
     resume: Annotated[bool, _opt("--resume", help="Continue the run in --out from its newest save.",
                                  rich_help_panel=_RUN)] = False,
     force: Annotated[bool, _opt("--force", help="Delete the run already in --out and start over.",
@@ -326,6 +339,11 @@ def train_command(
     if resume and force:
         raise usage_error("--resume continues the run in --out, --force deletes it: give one of them")
     values = {**file_values, **given}
+    if values.get("init_from") is not None and not resume:
+        from ddpmctl.finetune import options_from_checkpoint
+
+        # Layers: the checkpoint's network and diffusion, then --config, then the command line.
+        values = {**options_from_checkpoint(values["init_from"]), **values}
     if resume:
         if values.get("out") is None:
             raise usage_error("--resume needs --out DIR (the run folder to continue)")
