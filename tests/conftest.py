@@ -185,3 +185,21 @@ def one_rank_group() -> Iterator[object]:
         yield DistInfo(rank=0, world_size=1)
     finally:
         dist.destroy_process_group()
+
+
+def invoke_cli(*args: str) -> object:
+    """Run ``ddpmctl ARGS`` in process (typer's CliRunner); returns its Result."""
+    from typer.testing import CliRunner
+
+    from ddpmctl.cli.app import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def one_error_line(result: object, code: int) -> str:
+    """Exit ``code`` and exactly one 'error: ...' line on stderr, no traceback; returns that line."""
+    assert result.exit_code == code, result.output  # type: ignore[attr-defined]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]  # type: ignore[attr-defined]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output  # type: ignore[attr-defined]
+    assert "Traceback" not in result.output  # type: ignore[attr-defined]
+    return lines[0]

@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import reference_iddpm_unet
 from reference_iddpm_unet import ReferenceLayoutUNet
+from conftest import invoke_cli, one_error_line
 from ddpmctl.checkpoint import load_checkpoint, read_checkpoint_info
-from ddpmctl.cli.app import app
 from ddpmctl.convert import ReferenceFlags, convert_checkpoint, map_state_dict, reference_config
 from ddpmctl.errors import CheckpointError, OptionError
 
@@ -67,14 +66,11 @@ def float64_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
 
 def convert(tmp_path: Path, net: torch.nn.Module, flags: list[str], name: str = "ema_0.9999_500000.pt") -> Path:
     source = tmp_path / name
     torch.save(net.state_dict(), source)
-    result = invoke("convert", str(source), *flags, "--out", str(tmp_path / "converted.safetensors"), "--quiet")
+    result = invoke_cli("convert", str(source), *flags, "--out", str(tmp_path / "converted.safetensors"), "--quiet")
     assert result.exit_code == 0, result.output
     return tmp_path / "converted.safetensors"
 
@@ -161,19 +157,13 @@ def test_ddp_prefix_is_dropped() -> None:
 
 def test_converted_checkpoint_samples(tmp_path: Path) -> None:
     path = convert(tmp_path, cifar_like(), CIFAR_LIKE)
-    result = invoke("sample", str(path), "--num", "2", "--steps", "2", "--sampler", "ddim", "--out",
+    result = invoke_cli("sample", str(path), "--num", "2", "--steps", "2", "--sampler", "ddim", "--out",
                     str(tmp_path / "s"), "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s" / "grid.png").is_file()
 
 
 # ------------------------------------------------------------------------------------------- wrong flags
-def one_line(result: Any, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    return lines[0]
-
 
 @pytest.mark.parametrize(("change", "code", "words"), [
     (["--num_channels", "64"], 2, "--num_channels 64"),
@@ -189,11 +179,11 @@ def one_line(result: Any, code: int) -> str:
     (["--rescale_timesteps", "False"], 2, "--rescale_timesteps"),
     (["--timestep_respacing", "5000"], 2, "--timestep_respacing"),
 ])
-def test_flags_that_do_not_fit_are_one_line(tmp_path: Path, change: list[str], code: int, words: str) -> None:
+def test_flags_that_do_not_fit_are_one_error_line(tmp_path: Path, change: list[str], code: int, words: str) -> None:
     source = tmp_path / "model.pt"
     torch.save(cifar_like().state_dict(), source)
     out = tmp_path / "out.safetensors"
-    line = one_line(invoke("convert", str(source), *CIFAR_LIKE, *change, "--out", str(out)), code)
+    line = one_error_line(invoke_cli("convert", str(source), *CIFAR_LIKE, *change, "--out", str(out)), code)
     assert words in line, line
     assert not out.exists()
 
@@ -201,18 +191,18 @@ def test_flags_that_do_not_fit_are_one_line(tmp_path: Path, change: list[str], c
 def test_out_rules(tmp_path: Path) -> None:
     source = tmp_path / "model.pt"
     torch.save(cifar_like().state_dict(), source)
-    assert invoke("convert", str(source), *CIFAR_LIKE, "-q").exit_code == 0
+    assert invoke_cli("convert", str(source), *CIFAR_LIKE, "-q").exit_code == 0
     beside = tmp_path / "model.safetensors"  # no --out: beside the source
     assert beside.is_file()
-    assert "--force" in one_line(invoke("convert", str(source), *CIFAR_LIKE), 1)
+    assert "--force" in one_error_line(invoke_cli("convert", str(source), *CIFAR_LIKE), 1)
     folder = tmp_path / "into"
     folder.mkdir()
-    result = invoke("convert", str(source), *CIFAR_LIKE, "-o", str(folder), "--json")
+    result = invoke_cli("convert", str(source), *CIFAR_LIKE, "-o", str(folder), "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["out"] == str(folder / "model.safetensors") and summary["kind"] == "model"
     assert summary["num_parameters"] == sum(p.numel() for p in cifar_like().parameters())
-    assert "input file" in one_line(invoke("convert", str(source), *CIFAR_LIKE, "-o", str(source), "--force"), 1)
+    assert "input file" in one_error_line(invoke_cli("convert", str(source), *CIFAR_LIKE, "-o", str(source), "--force"), 1)
 
 
 def test_library_errors_are_typed(tmp_path: Path) -> None:

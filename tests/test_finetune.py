@@ -9,31 +9,20 @@ from typing import Any
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from conftest import tensors
+from conftest import invoke_cli, one_error_line, tensors
 from ddpmctl.checkpoint import read_checkpoint_info
-from ddpmctl.cli.app import app
 
 TINY = ["--model-channels", "16", "--channel-mult", "1,2", "--res-blocks", "1", "--attention-resolutions", "4",
         "--timesteps", "50", "--batch-size", "8", "--device", "cpu", "--quiet"]
 
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def one_line(result: Any, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("parent") / "run"
-    result = invoke("train", "builtin:digits", "--out", str(run), *TINY, "--max-steps", "3", "--lr", "1e-2")
+    result = invoke_cli("train", "builtin:digits", "--out", str(run), *TINY, "--max-steps", "3", "--lr", "1e-2")
     assert result.exit_code == 0, result.output
     return run / "model_000003.safetensors"
 
@@ -41,7 +30,7 @@ def parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_fine_tuning_starts_from_the_weights(parent: Path, tmp_path: Path) -> None:
     run = tmp_path / "child"
     # No network flags: they come from the checkpoint. A near-1 EMA without warm-up keeps the starting weights.
-    result = invoke("train", "builtin:digits", "--init-from", str(parent), "--out", str(run), "--batch-size", "8",
+    result = invoke_cli("train", "builtin:digits", "--init-from", str(parent), "--out", str(run), "--batch-size", "8",
                     "--max-steps", "1", "--ema-warmup", "none", "--ema", "0.999999", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     start, ema = tensors(parent), tensors(run / "ema_0.999999_000001.safetensors")
@@ -69,9 +58,9 @@ def test_a_fine_tuned_run_resumes_without_its_parent(parent: Path, tmp_path: Pat
     run = tmp_path / "child"
     base = ["train", "builtin:digits", "--init-from", str(copy), "--out", str(run), "--batch-size", "8",
             "--device", "cpu", "--quiet"]
-    assert invoke(*base, "--max-steps", "1").exit_code == 0
+    assert invoke_cli(*base, "--max-steps", "1").exit_code == 0
     copy.unlink()  # resuming needs the run folder only
-    result = invoke("train", "--out", str(run), "--resume", "--max-steps", "2", "--device", "cpu", "--quiet")
+    result = invoke_cli("train", "--out", str(run), "--resume", "--max-steps", "2", "--device", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     lineage = read_checkpoint_info(run / "model_000002.safetensors").lineage
     assert [entry["op"] for entry in lineage] == ["train", "init", "train"]
@@ -82,18 +71,18 @@ def test_a_fine_tuned_run_resumes_without_its_parent(parent: Path, tmp_path: Pat
     (["--var-type", "fixed-small", "--loss", "simple"], "output channels"),
     (["--image-size", "16"], "image_size (checkpoint 8, this run 16)"),
 ])
-def test_a_different_network_is_refused_in_one_line(parent: Path, tmp_path: Path, change: list[str],
+def test_a_different_network_is_refused_in_one_error_line(parent: Path, tmp_path: Path, change: list[str],
                                                    words: str) -> None:
     run = tmp_path / "child"
-    line = one_line(invoke("train", "builtin:digits", "--init-from", str(parent), "--out", str(run), *change,
+    line = one_error_line(invoke_cli("train", "builtin:digits", "--init-from", str(parent), "--out", str(run), *change,
                            "--max-steps", "1", "--device", "cpu", "--quiet"), 2)
     assert words in line and "--init-from" in line, line
     assert not any(run.glob("*.safetensors"))
 
 
-def test_a_bad_checkpoint_is_one_line(tmp_path: Path) -> None:
+def test_a_bad_checkpoint_is_one_error_line(tmp_path: Path) -> None:
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a checkpoint at all")
-    line = one_line(invoke("train", "builtin:digits", "--init-from", str(bad), "--out", str(tmp_path / "r"),
+    line = one_error_line(invoke_cli("train", "builtin:digits", "--init-from", str(bad), "--out", str(tmp_path / "r"),
                            "--max-steps", "1", "--device", "cpu"), 1)
     assert str(bad) in line

@@ -9,21 +9,11 @@ from typing import Any
 
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from ddpmctl.cli.app import app
+from conftest import invoke_cli, one_error_line
 from ddpmctl.plot import curves, read_metrics
 
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
-def one_line(result: Any, code: int) -> str:
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
-    return lines[0]
 
 
 def write_metrics(run: Path, records: list[dict[str, Any]], tail: str = "") -> None:
@@ -61,7 +51,7 @@ def test_plot_writes_a_png_of_every_panel(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     run = tmp_path / "run"
     write_metrics(run, RECORDS)
-    result = invoke("plot", str(run), "--json")
+    result = invoke_cli("plot", str(run), "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["out"] == str(run / "metrics.png") and len(summary["panels"]) == 7
@@ -69,11 +59,11 @@ def test_plot_writes_a_png_of_every_panel(tmp_path: Path) -> None:
         assert image.format == "PNG" and image.width == 1200 and image.height == 4 * 320
         assert len(image.convert("RGB").getcolors(1 << 20) or []) > 50  # curves, text: not a blank canvas
     # redrawn in place by default; an explicit --out is never overwritten without --force
-    assert invoke("plot", str(run), "-q").exit_code == 0
+    assert invoke_cli("plot", str(run), "-q").exit_code == 0
     other = tmp_path / "curves.png"
-    assert invoke("plot", str(run), "-o", str(other), "-q").exit_code == 0 and other.is_file()
-    assert "--force" in one_line(invoke("plot", str(run), "-o", str(other)), 1)
-    assert invoke("plot", str(run), "-o", str(other), "--force", "-q").exit_code == 0
+    assert invoke_cli("plot", str(run), "-o", str(other), "-q").exit_code == 0 and other.is_file()
+    assert "--force" in one_error_line(invoke_cli("plot", str(run), "-o", str(other)), 1)
+    assert invoke_cli("plot", str(run), "-o", str(other), "--force", "-q").exit_code == 0
 
 
 def test_plot_after_training(tmp_path: Path) -> None:
@@ -82,17 +72,17 @@ def test_plot_after_training(tmp_path: Path) -> None:
     args = ["train", "builtin:digits", "--out", str(run), "--model-channels", "16", "--channel-mult", "1,2",
             "--res-blocks", "1", "--attention-resolutions", "4", "--timesteps", "50", "--batch-size", "8",
             "--max-steps", "4", "--log-every", "2", "--device", "cpu", "--quiet"]
-    assert invoke(*args).exit_code == 0
-    assert invoke("plot", str(run), "-q").exit_code == 0
+    assert invoke_cli(*args).exit_code == 0
+    assert invoke_cli("plot", str(run), "-q").exit_code == 0
     assert (run / "metrics.png").stat().st_size > 10_000
 
 
-def test_missing_matplotlib_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_matplotlib_is_one_error_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_metrics(tmp_path / "run", RECORDS)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib... raises ImportError
-    line = one_line(invoke("plot", str(tmp_path / "run")), 1)
+    line = one_error_line(invoke_cli("plot", str(tmp_path / "run")), 1)
     assert "pip install 'ddpmctl[plot]'" in line
     assert not (tmp_path / "run" / "metrics.png").exists()
 
@@ -103,7 +93,7 @@ def test_missing_matplotlib_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
     (lambda p: p.mkdir(), "metrics.jsonl does not exist"),
     (lambda p: write_metrics(p, [], tail="garbage\n"), "holds no metrics"),
 ])
-def test_not_a_run_is_one_line(tmp_path: Path, make: Any, words: str) -> None:
+def test_not_a_run_is_one_error_line(tmp_path: Path, make: Any, words: str) -> None:
     run = tmp_path / "run"
     make(run)
-    assert words in one_line(invoke("plot", str(run)), 1)
+    assert words in one_error_line(invoke_cli("plot", str(run)), 1)

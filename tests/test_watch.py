@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
-from typer.testing import CliRunner
-
-from conftest import assert_same_files
-from ddpmctl.cli.app import app
+from conftest import assert_same_files, invoke_cli
 
 TINY = ["--model-channels", "16", "--channel-mult", "1,2", "--res-blocks", "1", "--attention-resolutions", "4",
         "--timesteps", "50", "--batch-size", "8", "--max-steps", "4", "--device", "cpu", "--quiet"]
 
 
-def invoke(*args: str) -> Any:
-    return CliRunner().invoke(app, list(args))
-
-
 def test_previews_and_heldout_loss_leave_training_unchanged(tmp_path: Path) -> None:
     watched, plain = tmp_path / "watched", tmp_path / "plain"
-    result = invoke("train", "builtin:digits", "--out", str(watched), *TINY, "--preview-every", "2",
+    result = invoke_cli("train", "builtin:digits", "--out", str(watched), *TINY, "--preview-every", "2",
                     "--val-every", "2", "--save-every", "2")
     assert result.exit_code == 0, result.output
-    assert invoke("train", "builtin:digits", "--out", str(plain), *TINY, "--save-every", "2").exit_code == 0
+    assert invoke_cli("train", "builtin:digits", "--out", str(plain), *TINY, "--save-every", "2").exit_code == 0
     assert sorted(p.name for p in watched.glob("preview_*.png")) == ["preview_000002.png", "preview_000004.png"]
     records = [json.loads(line) for line in (watched / "metrics.jsonl").read_text().splitlines()]
     held = [r for r in records if "val_loss" in r]
@@ -35,7 +27,7 @@ def test_previews_and_heldout_loss_leave_training_unchanged(tmp_path: Path) -> N
     names = ["model_000004.safetensors", "ema_0.9999_000004.safetensors", "state_000004.safetensors"]
     assert_same_files(plain, watched, names)
     # a resume keeps watching (the settings are in config.json) and stays exact
-    assert invoke("train", "--out", str(watched), "--resume", "--max-steps", "6", "--device", "cpu",
+    assert invoke_cli("train", "--out", str(watched), "--resume", "--max-steps", "6", "--device", "cpu",
                   "--quiet").exit_code == 0
     assert (watched / "preview_000006.png").is_file()
 
@@ -47,10 +39,10 @@ def test_heldout_loss_of_a_folder_needs_val_data(tmp_path: Path) -> None:
     folder.mkdir()
     for i in range(4):
         Image.new("L", (8, 8), 30 * i).save(folder / f"{i}.png")
-    result = invoke("train", str(folder), "--out", str(tmp_path / "r"), *TINY, "--val-every", "2")
+    result = invoke_cli("train", str(folder), "--out", str(tmp_path / "r"), *TINY, "--val-every", "2")
     assert result.exit_code == 2 and not (tmp_path / "r").exists()
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--val-data" in lines[0], result.output
-    ok = invoke("train", str(folder), "--out", str(tmp_path / "r2"), *TINY, "--val-every", "2", "--val-data",
+    ok = invoke_cli("train", str(folder), "--out", str(tmp_path / "r2"), *TINY, "--val-every", "2", "--val-data",
                 str(folder))
     assert ok.exit_code == 0, ok.output
