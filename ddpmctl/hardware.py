@@ -138,7 +138,8 @@ PLAIN_PATHS = FastPaths(channels_last=False, conv_projections=False, bf16_math_a
 
 @lru_cache(maxsize=8)
 def choose_fast_paths(device_type: str) -> FastPaths:
-    """The paths that win on this machine (issue 13, measured on AVX2-only and AVX-512-BF16 CPUs).
+    """The paths that win on this machine (measured on AVX2-only and AVX-512-BF16 CPUs: benchmarks/README.md,
+    "Fast paths per machine").
 
     channels_last for sampling, the 1x1-conv projections and the mixed-type GroupNorm won on both CPUs;
     channels_last for training only with AVX-512 (and on GPUs). The bf16 attention GEMMs won only where bf16 is

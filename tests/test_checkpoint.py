@@ -1,4 +1,4 @@
-"""Checkpoint format (docs/design.md "The checkpoint format"; issue 8 "untrusted checkpoints"): round trips, atomic
+"""Checkpoint format (docs/design.md "The checkpoint format": loading treats the file as untrusted): round trips, atomic
 writes, and every kind of bad file giving one CheckpointError line that names the file, never running code."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Hardening of training (issue 8): kill -9 at seeded moments, a disk that fills up, non-finite losses.
+"""Hardening of training: kill -9 at seeded moments, a disk that fills up, non-finite losses.
 
 The kill trials fork this (already imported) test process instead of starting Python afresh: a fork costs
 milliseconds where a new interpreter costs seconds on this machine, so ten and more trials fit the time budget.
