@@ -26,10 +26,11 @@ from ddpmctl import distributed as dist_utils
 from ddpmctl import runfolder
 from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
-from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
+from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
 from ddpmctl.data import ImageDataset, load_dataset
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
+from ddpmctl.fileio import load_tensors, save_tensors, write_json_atomic
 from ddpmctl.hardware import memory_format, resolve_precision
 from ddpmctl.loop import LoopEvent, LoopSettings, Periodic, Save, StopReason, TrainingLoop
 from ddpmctl.method import Method, Runtime, StepOutput

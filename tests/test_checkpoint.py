@@ -21,16 +21,8 @@ from hypothesis import strategies as st
 import ddpmctl
 import ddpmctl.checkpoint as checkpoint_module
 from ddpmctl.build import build_model
-from ddpmctl.checkpoint import (
-    FORMAT,
-    file_sha256,
-    load_checkpoint,
-    load_tensors,
-    read_checkpoint_info,
-    save_checkpoint,
-    save_tensors,
-    write_json_atomic,
-)
+from ddpmctl.checkpoint import FORMAT, load_checkpoint, read_checkpoint_info, save_checkpoint
+from ddpmctl.fileio import file_sha256, load_tensors, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.errors import CheckpointError
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddpmctl.checkpoint as checkpoint_module
+import ddpmctl.fileio as fileio_module
 import ddpmctl.train as train_module
 from ddpmctl import runfolder
-from ddpmctl.checkpoint import load_checkpoint, load_tensors
+from ddpmctl.checkpoint import load_checkpoint
+from ddpmctl.fileio import load_tensors
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, TrainingError
 from ddpmctl.train import train
@@ -199,7 +200,7 @@ def test_leftover_temp_files_do_not_break_resume_or_keep(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------------------------ a full disk
 def _disk_full_on_save(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
     """The ``failing_call``-th safetensors write raises ENOSPC after writing part of its file."""
-    real = checkpoint_module.safetensors.torch.save_file
+    real = fileio_module.safetensors.torch.save_file
     calls = {"n": 0}
 
     def save_file(tensors: dict, filename: str, metadata: dict | None = None) -> None:
@@ -209,7 +210,7 @@ def _disk_full_on_save(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> No
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint_module.safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(fileio_module.safetensors.torch, "save_file", save_file)
 
 
 @pytest.mark.parametrize("which", [1, 2, 3])  # the EMA checkpoint, the raw model, the training state

@@ -410,7 +410,7 @@ def test_giant_image_size_in_a_checkpoint_is_refused(files: dict[str, Path], tmp
 
     import safetensors.torch
 
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     tensors, metadata = load_tensors(files["good"])
     config = json.loads(metadata["config"])

@@ -122,7 +122,8 @@ def info_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts."""
-    from ddpmctl.checkpoint import file_sha256, load_checkpoint, read_checkpoint_info
+    from ddpmctl.checkpoint import load_checkpoint, read_checkpoint_info
+    from ddpmctl.fileio import file_sha256
 
     torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)
