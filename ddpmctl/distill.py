@@ -156,7 +156,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
     emit = callback or (lambda event: None)
 
     def stopping(signum: int) -> None:
-        emit(LoopEvent.note("warning", "stopping after this iteration (Ctrl-C again to abort without saving)"))
+        emit(LoopEvent.note("stopping", "stopping after this iteration (Ctrl-C again to abort without saving)"))
 
     with StopSignals(on_first=stopping) as signals:
         run = _open_run(config, torch.device(device), resume=resume, force=force, emit=emit,
@@ -204,9 +204,16 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     except OSError as err:
         raise ConfigError(f"cannot create --out {out}: {err.strerror or err}") from None
     runfolder.remove_temp_files(out, layout)
+    precision = resolve_precision(config.precision, device)[0]
+    if saved is not None and saved.get("precision", precision) != precision:
+        # --precision auto resolves on each machine (docs/design.md, "CPU classes"): resuming elsewhere works, but
+        # only a resume in the same precision repeats the uninterrupted run bit for bit.
+        emit(LoopEvent.note("warning", f"resuming in {precision}: the run so far trained in {saved['precision']} "
+                                       f"(--precision {config.precision} on this device), so it continues, but not "
+                                       "bit-identically to an uninterrupted run"))
     runfolder.write_run_config(out, {"config": config.model_dump(mode="json"), "parent_sha256": parent.sha256,
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
-                                     "stages": stage_steps}, layout)
+                                     "stages": stage_steps, "precision": precision}, layout)
     report_path = out / "report.json"
     previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
     parent.model.eval().requires_grad_(False)
@@ -214,7 +221,7 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
                 previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop,
-                on_signal=lambda signum: None, precision=resolve_precision(config.precision, device)[0])
+                on_signal=lambda signum: None, precision=precision)
 
 
 def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[StageReport | None, GridDenoiser]:

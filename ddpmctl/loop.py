@@ -44,7 +44,9 @@ from ddpmctl.method import Method, Runtime, StepOutput
 __all__ = ["LoopEvent", "LoopResult", "LoopSettings", "Periodic", "PeriodicContext", "Save", "Saves",
            "StopSignals", "TrainingLoop"]
 
-EventKind = Literal["start", "step", "log", "save", "warning", "info", "end"]
+# "stopping": the first Ctrl-C / SIGTERM arrived, the run saves and returns after this step; "info": a job's own
+# milestone (a plan, a report); the others are the loop's.
+EventKind = Literal["start", "step", "log", "save", "warning", "info", "stopping", "end"]
 StopReason = Literal["max_steps", "max_time", "interrupted", "stopped"]
 
 
@@ -228,6 +230,7 @@ class TrainingLoop:
         self.elapsed_before, self.nan_skips = 0.0, 0
         self.last_saved: int | None = None
         self.last_metrics: dict[str, Any] | None = None
+        self.resumed_precision: str | None = None  # the precision the resumed save trained in (when it says)
 
     # ------------------------------------------------------------------------------------------ set-up
     def emit(self, kind: EventKind, **kwargs: Any) -> None:
@@ -270,6 +273,7 @@ class TrainingLoop:
             ema.updates = int(save.meta.get("ema_updates", self.step - self.nan_skips))
         self.elapsed_before = float(save.meta.get("elapsed", 0.0))
         self.last_saved = self.step
+        self.resumed_precision = save.meta.get("precision")
 
     def _wrap(self, module: nn.Module) -> Callable[..., torch.Tensor]:
         net = dist_utils.data_parallel(module, self.dist) if self.dist.distributed else module
@@ -305,6 +309,7 @@ class TrainingLoop:
             "images_seen": step * s.batch_size, "world_size": self.dist.world_size,
             "ema_rate": s.ema_rate, "ema_warmup": s.ema_warmup,
             "ema_updates": next(iter(self.emas.values())).updates if self.emas else step - self.nan_skips,
+            "precision": self.precision,
         }
         if digests:
             # Each rank hashed its own parameters: equal digests prove the replicas never diverged.

@@ -401,6 +401,12 @@ class _Setup:
         loop = TrainingLoop(self.method, self.folder, settings, dist=self.dist, precision=self.precision,
                             callback=self.callback, should_stop=should_stop, periodic=periodic)
         loop.resume()
+        if loop.resumed_precision is not None and loop.resumed_precision != self.precision:
+            # --precision auto resolves on each machine (docs/design.md, "CPU classes"): resuming elsewhere works,
+            # but only a resume in the same precision repeats the uninterrupted run bit for bit.
+            self._warn(f"resuming at step {loop.step} in {self.precision}: the run so far trained in "
+                       f"{loop.resumed_precision} (--precision {c.precision} on this device), so it continues, "
+                       "but not bit-identically to an uninterrupted run")
         if self.dist.is_main:
             runfolder.rewrite_metrics(self.folder.path, loop.step)
         return loop
