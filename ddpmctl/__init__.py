@@ -29,6 +29,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "build_diffusion": ("ddpmctl.build", "build_diffusion"),
     "build_model": ("ddpmctl.build", "build_model"),
     "GaussianDiffusion": ("ddpmctl.diffusion", "GaussianDiffusion"),
+    "ddim_step": ("ddpmctl.diffusion", "ddim_step"),
     "respace_diffusion": ("ddpmctl.respace", "respace"),
     "space_timesteps": ("ddpmctl.respace", "space_timesteps"),
     "CheckpointConfig": ("ddpmctl.config", "CheckpointConfig"),

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ddpmctl.build import build_diffusion
+from ddpmctl.diffusion import alpha_sigma
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.config import DiffusionConfig
@@ -126,10 +127,7 @@ class Denoiser:
 
     def alpha_sigma(self, t: OriginalStep, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), computed in float64, shaped [1, 1, ...] like ``like``."""
-        abar = torch.tensor(self.alpha_bar(t), dtype=torch.float64)
-        shape = (1,) * like.dim()
-        return (abar.sqrt().to(like.device, like.dtype).view(shape),
-                (1.0 - abar).sqrt().to(like.device, like.dtype).view(shape))
+        return alpha_sigma(torch.tensor(self.alpha_bar(t), dtype=torch.float64), like)
 
     def log_snr(self, t: OriginalStep) -> float:
         """lambda_t = log alpha_t - log sigma_t (half the log signal-to-noise ratio; DPM-Solver's lambda)."""
