@@ -54,7 +54,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "CLEAN": ("ddpmctl.denoiser", "CLEAN"),
     "available_samplers": ("ddpmctl.samplers", "available_samplers"),
     "get_sampler": ("ddpmctl.samplers", "get_sampler"),
-    "choose_timesteps": ("ddpmctl.samplers", "choose_timesteps"),
+    "choose_timesteps": ("ddpmctl.timesteps", "choose_timesteps"),
     "student_predict_xstart": ("ddpmctl.denoiser", "student_predict_xstart"),
 }
 

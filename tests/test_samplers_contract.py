@@ -194,7 +194,7 @@ def fake_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[li
         importlib.metadata.EntryPoint("old", "fake_ddpmctl_plugins:OldStyle", group),
         importlib.metadata.EntryPoint("twice", "fake_ddpmctl_plugins:Fine", group),
         importlib.metadata.EntryPoint("twice", "fake_ddpmctl_plugins:Misnamed", group),
-        *samplers._entry_points(),  # the real ones keep working beside the broken
+        *samplers.registry._entry_points(),  # the real ones keep working beside the broken
     ]
     calls: list[int] = []
 
@@ -202,7 +202,7 @@ def fake_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[li
         calls.append(1)
         return eps
 
-    monkeypatch.setattr(samplers, "_entry_points", fake)
+    monkeypatch.setattr(samplers.registry, "_entry_points", fake)
     samplers.reset_registry()
     yield calls
     samplers.reset_registry()
