@@ -120,16 +120,16 @@ class GridDenoiser:
                        model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         output = self.model(z, t.to(z.device), **(model_kwargs or {}))
         alpha, sigma = self.alpha_sigma(t, z)
-        x_hat = predict_xstart(output.to(z.dtype), z, alpha, sigma, self.head)
-        return x_hat.clamp(-1.0, 1.0) if clip else x_hat
+        pred_xstart = predict_xstart(output.to(z.dtype), z, alpha, sigma, self.head)
+        return pred_xstart.clamp(-1.0, 1.0) if clip else pred_xstart
 
     def step(self, z: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, *, clip: bool = True,
              model_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step z_t -> z_{t_next} (per-sample t); returns (z_next, x_hat)."""
-        x_hat = self.predict_xstart(z, t, clip=clip, model_kwargs=model_kwargs)
+        """One DDIM step z_t -> z_{t_next} (per-sample t); returns (z_next, pred_xstart)."""
+        pred_xstart = self.predict_xstart(z, t, clip=clip, model_kwargs=model_kwargs)
         alpha, sigma = self.alpha_sigma(t, z)
-        eps = (z - alpha * x_hat) / sigma  # re-derived from the (clipped) x_hat, as the student sampler does
-        return ddim_step(x_hat, eps, self.alpha_bar(t, z), self.alpha_bar(t_next, z)), x_hat
+        eps = (z - alpha * pred_xstart) / sigma  # re-derived from the (clipped) prediction, as for the students
+        return ddim_step(pred_xstart, eps, self.alpha_bar(t, z), self.alpha_bar(t_next, z)), pred_xstart
 
 
 def ddim_on_grid(denoiser: GridDenoiser, x_T: torch.Tensor, grid: list[int], *, clip: bool = True,

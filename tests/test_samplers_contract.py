@@ -356,3 +356,12 @@ def test_the_readme_plugin_passes_the_contract() -> None:
     namespace: dict[str, Any] = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     check_sampler(namespace["EulerSampler"])
+
+
+def test_a_plugin_reading_pred_x0_keeps_working() -> None:
+    """``Prediction.x0``, the name plugins written before 0.2 use, is the predicted clean image ``pred_xstart``."""
+    from ddpmctl import Prediction
+
+    pred_xstart, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    prediction = Prediction(pred_xstart=pred_xstart, eps=eps)
+    assert prediction.x0 is pred_xstart and prediction.pred_xstart is pred_xstart

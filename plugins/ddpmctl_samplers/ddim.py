@@ -40,7 +40,8 @@ class DDIMSampler(Sampler):
             z = noise.randn_like(x)  # drawn at every step (even at eta = 0) so each image's stream stays aligned
             pred = denoiser.predict(x, t, clip=self.options.clip_denoised)
             abar_t, abar_s = (torch.tensor(denoiser.alpha_bar(k), dtype=torch.float64) for k in (t, s))
-            x = ddim_step(pred.x0, pred.eps, abar_t, abar_s, eta=eta, noise=z if s != CLEAN and eta > 0 else None)
+            x = ddim_step(pred.pred_xstart, pred.eps, abar_t, abar_s, eta=eta,
+                          noise=z if s != CLEAN and eta > 0 else None)
             if callback is not None:
-                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.x0))
+                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.pred_xstart))
         return x
