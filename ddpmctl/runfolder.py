@@ -57,7 +57,7 @@ TRAINING = RunLayout(
     what="training run", format="ddpmctl-run/1", config_file=CONFIG_FILE, section="train",
     files=r"config\.json|metrics\.jsonl|metrics\.png|preview_\d+\.png|(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)",
     resumable=frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy",
-                          "preview_every", "val_every", "val_data"}))
+                         "eval_every", "eval_num", "eval_steps", "preview_every", "val_every", "val_data"}))
 DISTILLATION = RunLayout(
     what="distillation run", format="ddpmctl-distill/1", config_file="distill.json", section="config",
     files=r"distill\.json|report\.json|(?:state|student)_\d+\.safetensors",
