@@ -50,8 +50,9 @@ PANELS: tuple[Panel, ...] = (
     Panel("images / s", ("img_per_s",)),
     # What --eval-every logs: Frechet distance (FID with Inception features), and KID, precision and recall
     # (a scale of their own).
-    Panel("Frechet distance", ("fd", "fid"), pattern=r"(fd|fid)_\w+"),
-    Panel("KID, precision, recall", ("kid", "precision", "recall"), pattern=r"kid_\w+"),
+    Panel("Frechet distance", ("eval_fd", "fd", "fid"), pattern=r"(fd|fid)_\w+"),
+    Panel("KID, precision, recall", ("eval_kid", "eval_precision", "eval_recall", "kid", "precision", "recall"),
+          pattern=r"kid_\w+"),
 )
 
 

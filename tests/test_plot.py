@@ -26,6 +26,7 @@ RECORDS = [
      "lr": 1e-4, "img_per_s": 300.0, "elapsed": 1.0, "nan_skips": 0, "precision": "fp32"},
     {"step": 20, "loss": 1.0, "mse": 0.7, "vb": 0.3, "q0": 2.0, "q1": 1.0, "q2": 0.4, "q3": 0.1, "grad_norm": 1.5,
      "lr": 1e-4, "img_per_s": 320.0, "elapsed": 2.0, "nan_skips": 0, "precision": "fp32", "fd": 12.5, "kid": 0.01},
+    {"step": 20, "eval_fd": 30.0, "eval_precision": 0.5, "eval_recall": 0.4, "eval_num": 256, "eval_seconds": 9.5},
 ]
 
 
@@ -40,11 +41,13 @@ def test_records_sorted_into_panels(tmp_path: Path) -> None:
     assert panels["loss"] == {"loss": [(10, 1.5), (20, 1.0)], "mse": [(10, 0.9), (20, 0.7)],
                               "vb": [(10, 0.6), (20, 0.3)]}
     assert panels["loss by quartile of t"]["q1"] == [(20, 1.0)]  # None (no sample in that quarter) is no point
-    assert panels["Frechet distance"] == {"fd": [(20, 12.5)]} and panels["KID, precision, recall"] == {
-        "kid": [(20, 0.01)]}
+    # what train --eval-every logs (eval_*), and the bare names
+    assert panels["Frechet distance"] == {"eval_fd": [(20, 30.0)], "fd": [(20, 12.5)]}
+    assert panels["KID, precision, recall"] == {"eval_precision": [(20, 0.5)], "eval_recall": [(20, 0.4)],
+                                                "kid": [(20, 0.01)]}
     # what is not a curve (elapsed, nan_skips, precision) is not drawn
     drawn = {key for series in panels.values() for key in series}
-    assert not drawn & {"elapsed", "nan_skips", "precision", "step"}
+    assert not drawn & {"elapsed", "nan_skips", "precision", "step", "eval_num", "eval_seconds"}
 
 
 def test_plot_writes_a_png_of_every_panel(tmp_path: Path) -> None:
