@@ -215,6 +215,8 @@ def default_training(image_size: int, num_images: int, data: str = "") -> dict[s
 
 # TrainConfig fields that default to None = "chosen from the data" (default_training / default_model_shape).
 DATA_DEFAULT_FIELDS = ("timesteps", "mean_type", "batch_size", "lr", "dropout", "flip")
+# TrainConfig fields that default to None = "scaled with the image size" (default_model_shape).
+NETWORK_SHAPE_FIELDS = ("model_channels", "channel_mult", "res_blocks", "attention_resolutions")
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")

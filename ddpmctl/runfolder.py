@@ -270,3 +270,81 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """The checkpoint a run folder stands for when given where a checkpoint is expected (``sample RUN``)."""
+
+    path: Path
+    what: str  # for the "using ..." line: "newest EMA save, step 2000" / "final student, 4 steps"
+
+
+_STUDENT_FILE = re.compile(r"^student_(\d+)\.safetensors$")
+
+
+def resolve_run_checkpoint(run_dir: Path) -> RunCheckpoint:
+    """A training run folder -> its newest complete EMA checkpoint; a distillation run -> its fewest-step student.
+
+    A save counts once its state JSON exists (the JSON is written last), so a save cut short by a kill is never
+    picked. Raises CheckpointError, one line, for a folder that holds neither kind of run."""
+    if (run_dir / TRAINING.config_file).is_file() or complete_saves(run_dir):
+        for step in reversed(complete_saves(run_dir)):
+            state = read_json(run_dir / state_json_name(step))
+            name = state.get("files", {}).get("ema") if isinstance(state, dict) else None
+            candidates = [run_dir / name] if isinstance(name, str) and "/" not in name else sorted(
+                run_dir.glob(f"ema_*_{step:06d}.safetensors"))
+            for path in candidates:
+                if path.is_file():
+                    return RunCheckpoint(path, f"newest EMA save, step {step}")
+        raise CheckpointError(f"{run_dir} is a training run without a complete save yet: train it further "
+                              "(`ddpmctl train --out RUN --resume`) or give a checkpoint file")
+    students = sorted((int(m.group(1)), p) for p in run_dir.glob("student_*.safetensors")
+                      if (m := _STUDENT_FILE.match(p.name)))
+    if students:
+        steps, path = students[0]
+        return RunCheckpoint(path, f"final student, {steps} steps")
+    if (run_dir / DISTILLATION.config_file).is_file():
+        raise CheckpointError(f"{run_dir} is a distillation run without a finished stage yet: give a checkpoint "
+                              "file, or continue it with `ddpmctl distill --out RUN --resume`")
+    raise CheckpointError(f"{run_dir} is a folder but not a ddpmctl run (no config.json or distill.json): give a "
+                          "checkpoint file (.safetensors)")
+
+
+def _modified(path: Path) -> str:
+    """A file's modification time, local, to the second (when a save was written)."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(sep=" ", timespec="seconds")
+
+
+def _training_saves(run_dir: Path) -> list[dict[str, Any]]:
+    saves = []
+    for step in complete_saves(run_dir):
+        json_path = run_dir / state_json_name(step)
+        state = read_json(json_path)
+        files = state.get("files", {}) if isinstance(state, dict) else {}
+        saves.append({"step": step, "ema": files.get("ema"), "model": files.get("model"),
+                      "ema_warmup": state.get("ema_warmup") if isinstance(state, dict) else None,
+                      "ema_updates": state.get("ema_updates") if isinstance(state, dict) else None,
+                      "time": _modified(json_path)})
+    return saves
+
+
+def describe_run(run_dir: Path) -> dict[str, Any]:
+    """What ``ddpmctl info RUN`` shows of a run folder: its kind, resolved settings and saves (JSON-ready).
+
+    Training: ``config.json`` as written (the options resolved from the data included, named in
+    ``chosen_from_data``) and one entry per complete save. Distillation: ``distill.json`` and the students."""
+    if (run_dir / TRAINING.config_file).is_file():
+        payload = read_run_config(run_dir, TRAINING)
+        return {"run": str(run_dir), "kind": TRAINING.what, **{k: v for k, v in payload.items() if k != "format"},
+                "saves": _training_saves(run_dir)}
+    if (run_dir / DISTILLATION.config_file).is_file():
+        payload = read_run_config(run_dir, DISTILLATION)
+        students = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STUDENT_FILE.match(p.name)))
+        return {"run": str(run_dir), "kind": DISTILLATION.what,
+                **{k: v for k, v in payload.items() if k != "format"},
+                "students": [{"steps": n, "file": p.name, "time": _modified(p)} for n, p in reversed(students)]}
+    raise CheckpointError(f"{run_dir} is a folder but not a ddpmctl run (no config.json or distill.json): give a "
+                          "checkpoint file (.safetensors) or a run folder")

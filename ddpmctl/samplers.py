@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import math
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -252,6 +253,24 @@ def get_sampler(name: str) -> type[Sampler]:
     return entry.cls
 
 
+# The sampler `ddpmctl sample` uses when --sampler is left out, by checkpoint kind (checkpoint.KINDS). A new kind
+# whose checkpoints only its own sampler can run adds itself here; every other kind samples with DEFAULT_SAMPLER.
+DEFAULT_SAMPLER = "ddim"
+SAMPLER_FOR_KIND: dict[str, str] = {"student": "student"}
+
+
+def default_sampler(kind: str) -> str:
+    """The sampler name for a checkpoint of this kind when the user names none (SAMPLER_FOR_KIND, else ddim)."""
+    return SAMPLER_FOR_KIND.get(kind, DEFAULT_SAMPLER)
+
+
+_NONE_WORDS = ("none", "null")
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in typing.get_args(annotation)
+
+
 def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
     """``["eta=0.5", "spacing=ddim"]`` -> ``cls.Options``; one-line SamplerError for anything wrong (-O)."""
     fields = cls.Options.model_fields
@@ -267,8 +286,12 @@ def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
         if key in values:
             raise SamplerError(f"option {key!r} given twice")
         values[key] = value.strip()
+    # "None" is how `ddpmctl samplers` shows an unset default: it means the same when typed, where None is allowed.
+    parsed: dict[str, str | None] = {
+        key: None if value.lower() in _NONE_WORDS and _accepts_none(fields[key].annotation) else value
+        for key, value in values.items()}
     try:
-        return cls.Options.model_validate(values)
+        return cls.Options.model_validate(parsed)
     except ValidationError as err:
         def option(loc: tuple[str | int, ...]) -> str:
             if not loc:  # a check across options (e.g. a range's two ends): name them all
@@ -465,14 +488,15 @@ def build_denoiser(checkpoint: LoadedCheckpoint, timesteps: Sequence[OriginalSte
                     student_head=student.param if student is not None else None)
 
 
-def check_sample_counts(num: int, batch_size: int, seed: int) -> None:
-    """What :func:`generate` accepts for ``num``, ``batch_size`` and ``seed`` (SamplerError naming the option)."""
-    if num < 1:
-        raise SamplerError(f"--num must be at least 1, not {num}")
-    if batch_size < 1:
-        raise SamplerError(f"--batch-size must be at least 1, not {batch_size}")
-    if seed < 0:
-        raise SamplerError(f"--seed must be >= 0, not {seed}")
+def check_sample_counts(num: int, batch_size: int, seed: int, start_index: int = 0) -> None:
+    """What :func:`generate` accepts for ``num``, ``batch_size``, ``seed`` and ``start_index`` (SamplerError naming
+    the option)."""
+    for flag, value in (("--num", num), ("--batch-size", batch_size)):
+        if value < 1:
+            raise SamplerError(f"{flag} must be at least 1, not {value}")
+    for flag, value in (("--seed", seed), ("--start-index", start_index)):
+        if value < 0:
+            raise SamplerError(f"{flag} must be at least 0, not {value}")
 
 
 def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_size: int, seed: int,
@@ -480,8 +504,10 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
              callback: Callable[[SampleProgress], None] | None = None,
              output: Literal["float", "uint8"] = "float", precision: Precision = "fp32",
              micro_batch: MicroBatch = "auto",
-             timesteps: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample ``num`` images in batches; image i depends only on (seed, i), never on ``batch_size``.
+             timesteps: Sequence[int] | None = None,
+             start_index: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample images ``start_index`` .. ``start_index + num - 1`` in batches; image i depends only on (seed, i), never
+    on ``batch_size``, so shards of one set (``start_index`` 0, n, 2n, ...) concatenate to the whole set.
 
     Returns (images [num, C, H, W] on the CPU: float in [-1, 1] or uint8, labels int64 [num] or None). For a
     class-conditional checkpoint the labels are ``class_label`` for every image, or drawn per image from (seed, i).
@@ -489,7 +515,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     autocast (the sampler's arithmetic stays fp32); ``micro_batch`` caps the images per network call ("auto":
     sized for the CPU, see ddpmctl.inference) and, like ``batch_size``, changes an image only at float rounding.
     """
-    check_sample_counts(num, batch_size, seed)
+    check_sample_counts(num, batch_size, seed, start_index)
     run_steps = sampling_timesteps(checkpoint, sampler, steps, timesteps)  # validates before any network call
     total_steps = len(run_steps)
 
@@ -503,7 +529,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     labels = None
     if num_classes is not None:
         labels = (torch.full((num,), class_label, dtype=torch.int64) if class_label is not None
-                  else draw_labels(seed, range(num), num_classes))
+                  else draw_labels(seed, range(start_index, start_index + num), num_classes))
 
     device = _model_device(checkpoint.model)
     denoiser = build_denoiser(checkpoint, run_steps, precision=precision, micro_batch=micro_batch)
@@ -512,7 +538,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     images = torch.empty((num, *shape), dtype=out_dtype)
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
-        rng = SampleRNG(seed, range(start, stop), device)
+        rng = SampleRNG(seed, range(start_index + start, start_index + stop), device)
         x_T = rng.randn(shape)
         batch_denoiser = denoiser.conditioned(y=labels[start:stop].to(device)) if labels is not None else denoiser
 

@@ -28,7 +28,7 @@ from ddpmctl import distributed as dist_utils
 from ddpmctl import runfolder
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
-from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
+from ddpmctl.config import DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, CheckpointConfig, ModelConfig, TrainConfig
 from ddpmctl.data import ImageDataset, load_dataset
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -83,6 +83,7 @@ class TrainResult:
             "ema_checkpoint": str(self.ema_checkpoint), "model_checkpoint": str(self.model_checkpoint),
             "state_file": str(self.state_file), "stop_reason": self.stop_reason, "elapsed": self.elapsed,
             "images_per_s": self.images_per_s, "nan_skips": self.nan_skips,
+            "chosen_from_data": self.chosen_from_data,
             "num_parameters": self.num_parameters, "precision": self.precision, "last_metrics": self.last_metrics,
         }
 
@@ -179,7 +180,8 @@ class _RunFolder:
                 d / runfolder.state_name(step), d / runfolder.state_json_name(step))
 
     def _lineage(self, step: int, ema: float | None, averaged: dict[str, Any]) -> list[dict[str, Any]]:
-        entry = {"op": "train", "run": self.path.name, "step": step, "ema": ema, "data": self.config.data}
+        entry = {"op": "train", "run": self.path.name, "step": step, "ema": ema, "data": self.config.data,
+                 "flip": self.config.flip}
         if ema is not None:
             # Which average the weights are (`ddpmctl info` shows it): the warm-up and how many updates it holds.
             entry.update(averaged)
@@ -378,6 +380,9 @@ class _Trainer:
         """Options left to their default choice: a resumed run keeps its saved values, a new one fits the data.
         Then each rank's share of the batch and the precision this device runs (one warning where bf16 is
         emulated)."""
+        # Which options the data decided (`ddpmctl info RUN` marks them); a resumed run keeps its first record.
+        self.chosen_from_data = (list(saved.get("chosen_from_data", [])) if saved is not None else
+                                 [f for f in (*DATA_DEFAULT_FIELDS, *NETWORK_SHAPE_FIELDS) if getattr(config, f) is None])
         if saved is not None:
             config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
                                                if getattr(config, f) is None and saved["train"].get(f) is not None})
@@ -408,6 +413,7 @@ class _Trainer:
             "model": self.ckpt_config.model.model_dump(mode="json"),
             "diffusion": self.ckpt_config.diffusion.model_dump(mode="json"),
             "data": self.ckpt_config.data.model_dump(mode="json") if self.ckpt_config.data else None,
+            "chosen_from_data": self.chosen_from_data,
             "num_parameters": self.num_parameters,
             "world_size": self.dist.world_size,
             "created_with": __version__,

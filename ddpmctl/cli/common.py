@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -143,3 +144,22 @@ def device_option(help: str = DEVICE_HELP, **kwargs: Any) -> Any:
     """A fresh ``--device`` option, for ``Annotated[str, device_option()] = "auto"`` (typer mutates option objects,
     so each command needs its own)."""
     return typer.Option("--device", help=help, metavar="DEVICE", **kwargs)
+
+
+CHECKPOINT_ARG_HELP = ("A ddpmctl checkpoint (.safetensors), or a run folder: a training run stands for its newest "
+                       "EMA save, a distillation run for its final student.")
+
+
+def resolve_checkpoint_argument(path: Path, *, quiet: bool = False) -> Path:
+    """CKPT as given, or for a run folder the checkpoint it stands for (``runfolder.resolve_run_checkpoint``),
+    announced on stderr as ``using FILE (newest EMA save, step N)`` unless ``quiet``.
+
+    Every command that takes a checkpoint argument calls this first (sample, eval-nll, eval-samples, ...)."""
+    if not path.is_dir():
+        return path
+    from ddpmctl.runfolder import resolve_run_checkpoint
+
+    chosen = resolve_run_checkpoint(path)
+    if not quiet:
+        console.print(f"using {chosen.path} ({chosen.what})", markup=False, highlight=False, soft_wrap=True)
+    return chosen.path

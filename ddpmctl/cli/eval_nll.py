@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ddpmctl.choices import Estimator, PrecisionRequest, Split
-from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
-                                resolve_device, resolve_precision_option, usage_error)
+from ddpmctl.cli.common import (CHECKPOINT_ARG_HELP, PRECISION_HELP, console, device_option, guarded, out_console,
+                                print_json, resolve_checkpoint_argument, resolve_device, resolve_precision_option,
+                                usage_error)
 
 DEFAULT_MC_TERMS = 64
 
@@ -111,7 +112,7 @@ def _resolve_data(config: Any, data: str | None, split: str | None) -> tuple[str
 
 @guarded
 def eval_nll_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help=CHECKPOINT_ARG_HELP, show_default=False)],
     data: Annotated[Optional[str], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
         "--data", help="Image folder or builtin:NAME.",
         show_default="the held-out split of the checkpoint's built-in training set")] = None,
@@ -152,6 +153,7 @@ def eval_nll_command(
     from ddpmctl.data import load_dataset_for
     from ddpmctl.nll import check_has_bound, evaluate_nll
 
+    checkpoint = resolve_checkpoint_argument(checkpoint, quiet=quiet or json_output)
     loaded = load_checkpoint(checkpoint, device=torch_device)
     check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)

@@ -10,7 +10,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device
+from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device, usage_error
+
+# The loss types a checkpoint stores, by the --loss name that trains them (config.LOSS_TYPES, inverted; kept here so
+# `ddpmctl --help` imports no pydantic).
+LOSS_NAMES = {"rescaled_mse": "hybrid", "mse": "simple", "rescaled_kl": "vlb"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import CheckpointInfo
@@ -84,8 +88,8 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
         ("schedule", diffusion.schedule),
         ("T", str(diffusion.timesteps)),
         ("mean type", diffusion.mean_type),
-        ("var type", diffusion.var_type),
-        ("loss type", diffusion.loss_type),
+        ("var type", diffusion.var_type.replace("_", "-")),  # as --var-type spells it
+        ("loss", LOSS_NAMES.get(diffusion.loss_type, diffusion.loss_type)),  # as --loss spells it
     ]
     if diffusion.use_timesteps is not None:
         rows.append(("respaced steps", _steps_summary(diffusion.use_timesteps)))
@@ -115,21 +119,35 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
 
 @guarded
 def info_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors), or a run folder: its saves "
+                                                    "and resolved settings.", show_default=False)],
     device: Annotated[Optional[str], device_option(  # noqa: UP007 - typer needs Optional on 3.10
         "Also build the network and load every weight on this device (auto | cpu | cuda | cuda:N) to check the "
         "whole file.", show_default="none: read and validate the header only")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts."""
+    """Show what a checkpoint holds (kind, config, lineage, parameter and tensor counts) or what a run folder holds
+    (its saves and resolved settings)."""
     from ddpmctl.checkpoint import file_sha256, load_checkpoint, read_checkpoint_info
 
+    if checkpoint.is_dir():
+        from ddpmctl.cli.info_run import show_run
+
+        if device is not None:
+            raise usage_error(f"--device checks one checkpoint file: give one of {checkpoint}'s saves, not the folder")
+        show_run(checkpoint, json_output=json_output)
+        return
     torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)
     if torch_device is not None:
         load_checkpoint(checkpoint, device=torch_device)
     sha256 = file_sha256(checkpoint)
+    checked = None if torch_device is None else (
+        f"every tensor loaded into the network on {torch_device}: the file is whole")
     if json_output:
-        print_json(info_payload(info, sha256))
+        print_json({**info_payload(info, sha256), "loaded_on": None if torch_device is None else str(torch_device)})
         return
-    out_console.print(info_table(info, sha256))
+    table = info_table(info, sha256)
+    if checked is not None:
+        table.add_row(Text("check"), Text(checked))
+    out_console.print(table)
