@@ -83,7 +83,6 @@ class TrainResult:
             "ema_checkpoint": str(self.ema_checkpoint), "model_checkpoint": str(self.model_checkpoint),
             "state_file": str(self.state_file), "stop_reason": self.stop_reason, "elapsed": self.elapsed,
             "images_per_s": self.images_per_s, "nan_skips": self.nan_skips,
-            "chosen_from_data": self.chosen_from_data,
             "num_parameters": self.num_parameters, "precision": self.precision, "last_metrics": self.last_metrics,
         }
 

@@ -62,7 +62,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     ckpt = load_checkpoint(result.ema_checkpoint)
     assert ckpt.kind == "model"
     assert ckpt.lineage == [{"op": "train", "run": "run", "step": 4, "ema": 0.99, "data": "builtin:digits",
-                             "ema_warmup": "power", "ema_updates": 4}]
+                             "flip": False, "ema_warmup": "power", "ema_updates": 4}]
     assert ckpt.config.out_channels == 2  # 1 channel, learned sigma
     record = metrics(run)[-1]
     for key in ("step", "loss", "mse", "vb", "q0", "q1", "q2", "q3", "grad_norm", "lr", "img_per_s", "elapsed"):
