@@ -514,9 +514,9 @@ class _Trainer:
             "mse": float(acc[1]) / n,
             "vb": float(acc[2]) / n,
         }
-        for q in range(4):
+        for q in range(4):  # quartiles of t numbered q1..q4, as eval-nll's breakdown numbers them
             count = float(acc[8 + q])
-            record[f"q{q}"] = float(acc[4 + q]) / count if count else None
+            record[f"q{q + 1}"] = float(acc[4 + q]) / count if count else None
         record.update({
             "grad_norm": float(acc[12]) / n,
             "lr": self.training.optimizer.param_groups[0]["lr"],

@@ -197,3 +197,20 @@ def test_readme_usage_names_only_options_that_exist(commands: dict[str, Any]) ->
             if flag.startswith("-") and flag != "--" and not flag.startswith("---"):
                 for part in flag.split("|"):
                     assert part in known, (name, part)
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_help_is_never_cut_in_a_narrow_terminal(columns: str) -> None:
+    """Typer cuts a cell that does not fit (`--no-skip-bad-i…`); ddpmctl folds it instead, so every name is whole."""
+    for command in COMMANDS:
+        text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": columns}).stdout
+        assert "…" not in text, (command, text)
+        assert "--help" in text  # (the help itself is there)
+
+
+def test_sampler_completion_through_the_shell_protocol() -> None:
+    """What bash asks for on `ddpmctl sample CKPT --sampler d<TAB>` (click's completion environment variables)."""
+    result = CliRunner().invoke(app, [], env={"_DDPMCTL_COMPLETE": "complete_bash", "COMP_WORDS":
+                                              "ddpmctl sample x.safetensors --sampler d", "COMP_CWORD": "4"},
+                                prog_name="ddpmctl")
+    assert result.stdout.split() == ["ddim", "dpmpp-2m"], result.output

@@ -167,3 +167,22 @@ def test_config_json_errors_are_usage_errors(tmp_path: Path) -> None:
     bad.write_text('{"learning_rate": 1}')
     assert "learning_rate" in one_error_line(invoke("--config", str(bad)), 2)
     assert "config.json" in one_error_line(invoke("--config", str(tmp_path)), 2)  # a folder that is not a run
+
+
+def test_both_spellings_of_a_name_are_accepted(captured: dict[str, Any], tmp_path: Path) -> None:
+    """learned_range (config.json, the reference, `info` of old) and learned-range (--help) mean the same."""
+    invoke("builtin:digits", "--var-type", "learned_range", "--timestep-sampler", "loss_second_moment",
+           "-o", str(tmp_path / "a"))
+    assert captured["config"].var_type == "learned_range"
+    assert captured["config"].timestep_sampler == "loss-second-moment"
+    toml = tmp_path / "c.toml"
+    toml.write_text('var_type = "learned-range"\ntimestep_sampler = "loss_second_moment"\n')
+    invoke("builtin:digits", "--config", str(toml), "-o", str(tmp_path / "b"))
+    assert captured["config"].var_type == "learned_range"
+    assert captured["config"].timestep_sampler == "loss-second-moment"
+    assert "'learned-range'" in one_error_line(invoke("builtin:digits", "--var-type", "learned_rang"), 2)
+
+
+def test_loss_help_says_what_simple_is_with_a_learned_variance() -> None:
+    help_text = " ".join(CliRunner().invoke(app, ["train", "--help"]).stdout.replace("│", " ").split())
+    assert "simple = L_simple, the mse of the mean, plus with a learned variance its KL term unscaled" in help_text

@@ -65,7 +65,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
                              "flip": False, "ema_warmup": "power", "ema_updates": 4}]
     assert ckpt.config.out_channels == 2  # 1 channel, learned sigma
     record = metrics(run)[-1]
-    for key in ("step", "loss", "mse", "vb", "q0", "q1", "q2", "q3", "grad_norm", "lr", "img_per_s", "elapsed"):
+    for key in ("step", "loss", "mse", "vb", "q1", "q2", "q3", "q4", "grad_norm", "lr", "img_per_s", "elapsed"):
         assert key in record
     assert record["lr"] == pytest.approx(2e-4)  # chosen for 8x8 data (config.default_training)
     assert record["precision"] == result.precision == "fp32"  # auto, on a CPU without native bf16 (conftest)

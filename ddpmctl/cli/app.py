@@ -43,6 +43,41 @@ def _plain_flags(command: Any, ctx: Any) -> None:
             param.metavar = ""
 
 
+def _fold_long_option_names() -> None:
+    """Show long option names whole in narrow terminals: folded onto a second line, never cut to ``--no-skip-bad-i…``.
+
+    Typer's help table cuts a cell that does not fit with an ellipsis; a name is what the user has to type."""
+    from rich.text import Text
+    from typer import rich_utils
+
+    if not getattr(rich_utils._get_parameter_help, "folds", False):  # the help column: "[default: ...]" too
+        parameter_help = rich_utils._get_parameter_help
+
+        def folded_help(**kwargs: Any) -> Any:
+            columns = parameter_help(**kwargs)
+            for item in columns.renderables:
+                if isinstance(item, Text):
+                    item.overflow = "fold"
+            return columns
+
+        folded_help.folds = True  # type: ignore[attr-defined]
+        rich_utils._get_parameter_help = folded_help
+    for name in ("highlighter", "negative_highlighter"):
+        original = getattr(rich_utils, name)
+        if getattr(original, "folds", False):
+            continue
+
+        class Folding(type(original)):  # type: ignore[misc]
+            folds = True
+
+            def __call__(self, text: Any) -> Any:
+                rendered = super().__call__(text)
+                rendered.overflow = "fold"
+                return rendered
+
+        setattr(rich_utils, name, Folding())
+
+
 class OneLineErrorGroup(TyperGroup):
     """Typer's group, but a usage error is one line on stderr (exit 2) like every other ddpmctl error.
 
@@ -54,10 +89,12 @@ class OneLineErrorGroup(TyperGroup):
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             _plain_flags(command, ctx)
+            _fold_long_option_names()
         return command
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _plain_flags(self, ctx)
+        _fold_long_option_names()
         super().format_help(ctx, formatter)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
@@ -76,13 +113,19 @@ class OneLineErrorGroup(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _hyphenated(token: str) -> str:
+    return token.replace("_", "-")
+
+
 app = typer.Typer(
     name="ddpmctl",
     cls=OneLineErrorGroup,
     help="Train, sample, evaluate and distill Improved-DDPM diffusion models on image folders.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # One spelling per name, both accepted: a choice or option name typed with underscores (learned_range, as
+    # config files and the reference write it) means the hyphenated one the command line shows (learned-range).
+    context_settings={"help_option_names": ["-h", "--help"], "token_normalize_func": _hyphenated},
 )
 
 

@@ -38,8 +38,10 @@ VarType = Literal["learned-range", "fixed-small", "fixed-large", "learned"]
 
 # Options whose value is a comma-separated list of integers.
 _INT_LISTS = ("channel_mult", "attention_resolutions")
-# Options spelled with hyphens on the command line but stored with underscores.
+# Options spelled with hyphens on the command line but stored with underscores, and the reverse: files may use
+# either spelling (learned-range / learned_range, loss-second-moment / loss_second_moment).
 _HYPHEN_VALUES = ("var_type",)
+_UNDERSCORE_VALUES = ("timestep_sampler",)
 _FIELD_FLAGS = {"data": "DATA", "flip": "--flip/--no-flip"}
 # Parameters of train_command that are not TrainConfig fields.
 _NOT_FIELDS = ("config_file", "resume", "force", "device", "quiet", "json_output")
@@ -69,6 +71,9 @@ def _normalise(values: dict[str, Any]) -> dict[str, Any]:
     for field in _HYPHEN_VALUES:
         if isinstance(out.get(field), str):
             out[field] = out[field].replace("-", "_")
+    for field in _UNDERSCORE_VALUES:
+        if isinstance(out.get(field), str):
+            out[field] = out[field].replace("_", "-")
     return out
 
 
@@ -248,8 +253,10 @@ def train_command(
         "--mean-type", help="What the network predicts.", show_default="eps", rich_help_panel=_DIFFUSION)] = None,
     var_type: Annotated[VarType, _opt("--var-type", help="Reverse-process variance.", rich_help_panel=_DIFFUSION)
                         ] = "learned-range",
-    loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000, simple = L_simple, vlb = "
-                                   "rescaled KL.", rich_help_panel=_DIFFUSION)] = "hybrid",
+    loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000 (IDDPM's L_hybrid); simple = "
+                                   "L_simple, the mse of the mean, plus with a learned variance its KL term unscaled "
+                                   "(improved-diffusion's mse loss); vlb = L_vlb alone.", rich_help_panel=_DIFFUSION)
+                        ] = "hybrid",
     timestep_sampler: Annotated[TimestepSamplerName, _opt("--timestep-sampler", help="How t is drawn.",
                                                       rich_help_panel=_DIFFUSION)] = "uniform",
     model_channels: Annotated[Optional[int], _opt(  # noqa: UP007
