@@ -214,3 +214,17 @@ def test_sampler_completion_through_the_shell_protocol() -> None:
                                               "ddpmctl sample x.safetensors --sampler d", "COMP_CWORD": "4"},
                                 prog_name="ddpmctl")
     assert result.stdout.split() == ["ddim", "dpmpp-2m"], result.output
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["sample", "x.safetensors", "-o", "o", "--steps", "0"], "--steps must be at least 1"),  # typer's check
+    (["sample", "x.safetensors", "-o", "o", "-n", "1000000"], "--num must be at most 999999"),
+    (["sample", "x.safetensors", "-o", "o", "--seed", "-1"], "--seed must be at least 0, not -1"),  # ddpmctl's
+    (["train", "builtin:digits", "--ema", "1.5"], "--ema must be less than 1, not 1.5"),  # pydantic's
+    (["train", "builtin:digits", "--max-steps", "0"], "--max-steps must be at least 1, not 0"),
+    (["sample", "x.safetensors", "-o", "o", "-s", "ddim", "-O", "eta=2"], "option eta=2 must be at most 1"),
+])
+def test_range_errors_have_one_wording(args: list[str], expected: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert expected in result.stderr and "Input should" not in result.stderr and "Invalid value" not in result.stderr

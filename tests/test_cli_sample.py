@@ -178,7 +178,7 @@ def _one_line_error(result: object, code: int | None = None) -> str:
     (["--batch-size", "0"], "--batch-size"),
     (["--seed", "-1"], "--seed must be at least 0, not -1"),  # checked by the library (samplers.check_sample_counts)
     (["--class", "dog"], "not class-conditional"),
-    (["-O", "eta=1.5"], "option eta=1.5: Input should be less than or equal to 1"),
+    (["-O", "eta=1.5"], "option eta=1.5 must be at most 1"),
 ])
 def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
     result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", *extra)

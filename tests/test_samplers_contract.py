@@ -283,9 +283,9 @@ def test_parse_options() -> None:
         parse_options(ddim, ["eta"])
     with pytest.raises(SamplerError, match="option eta=abc"):
         parse_options(ddim, ["eta=abc"])
-    with pytest.raises(SamplerError, match="option eta=-0.1: Input should be greater than or equal to 0"):
+    with pytest.raises(SamplerError, match="option eta=-0.1 must be at least 0"):
         parse_options(ddim, ["eta=-0.1"])
-    with pytest.raises(SamplerError, match="option eta=1.5: Input should be less than or equal to 1"):
+    with pytest.raises(SamplerError, match="option eta=1.5 must be at most 1"):
         parse_options(ddim, ["eta=1.5"])
     with pytest.raises(SamplerError, match="given twice"):
         parse_options(ddim, ["eta=1", "eta=2"])

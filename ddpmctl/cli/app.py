@@ -7,6 +7,7 @@ modules import torch, numpy, pydantic, safetensors and PIL inside the command fu
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -15,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from ddpmctl import __version__
+from ddpmctl.errors import range_wording
 from ddpmctl.cli import distill, eval_nll, info, respace, sample, samplers, train
 
 try:  # typer >= 0.26 ships its own copy of click
@@ -23,10 +25,16 @@ except ImportError:  # pragma: no cover - older typer uses the click package
     from click.exceptions import ClickException  # type: ignore[no-redef]
 
 
+_BAD_VALUE = re.compile(r"^Invalid value for '([^']+)'(?: / '[^']+')*: (.*)$")
+
+
 def usage_line(err: Any) -> str:
     """A click usage error as one line: 'error: <command>: <problem> (see `<command> --help`)'."""
     message = " ".join(line.strip() for line in err.format_message().splitlines() if line.strip())
     message = message.replace("Value error, ", "").rstrip(".")  # typer's validator wording, one style of line
+    bad_value = _BAD_VALUE.match(message)
+    if bad_value is not None and (ranged := range_wording(bad_value.group(2))) is not None:
+        message = f"{bad_value.group(1)} {ranged}"  # the wording of every other range check
     ctx = getattr(err, "ctx", None)
     if ctx is None:
         return f"error: {message}"
