@@ -185,7 +185,8 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
         from_steps = run.from_steps
         result = DistillResult(out=run.out, from_steps=from_steps, to_steps=config.to_steps, param=run.param)
         emit(DistillEvent("plan", num_stages=len(run.stage_steps), steps=config.to_steps, teacher_steps=from_steps,
-                          message=f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stages, "
+                          message=f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stage"
+                                  f"{'' if len(run.stage_steps) == 1 else 's'}, "
                                   f"param {run.param}"))
         original = GridDenoiser(run.parent.model, head_of(run.parent), run.alphas_cumprod)
         reference = _reference_samples(run, original, from_steps)
