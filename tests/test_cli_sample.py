@@ -226,12 +226,28 @@ def test_respace_bad_input(ckpt: Path, tmp_path: Path) -> None:
         _invoke("respace", str(ckpt), "--steps", "17", "--spacing", "ddim", "--out", out))
     _one_line_error(_invoke("respace", str(ckpt), "--steps", "0", "--out", out), code=2)
     _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--spacing", "odd", "--out", out), code=2)
-    assert "input checkpoint" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(ckpt)))
+    assert "input file" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(ckpt)))
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"x")
     assert "--force" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(taken)))
     assert "does not exist" in _one_line_error(
         _invoke("respace", str(ckpt), "--steps", "5", "--out", str(tmp_path / "no" / "r.safetensors")))
+
+
+def test_respace_into_a_folder(ckpt: Path, tmp_path: Path) -> None:
+    """An existing folder, or a path ending in a slash, means "into this folder" (never a file named like it)."""
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    for out in (str(folder), str(folder) + "/"):
+        result = _invoke("respace", str(ckpt), "--steps", "5", "--out", out, "--json", "--force")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["out"] == str(folder / "model_respaced5.safetensors")
+    assert [p.name for p in folder.iterdir()] == ["model_respaced5.safetensors"]
+    assert load_checkpoint(folder / "model_respaced5.safetensors").diffusion.num_timesteps == 5
+    missing = _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(tmp_path / "new") + "/"))
+    assert "does not exist" in missing and not (tmp_path / "new").exists()
+    beside = _invoke("respace", str(ckpt), "--steps", "6", "--json")  # no --out: beside the checkpoint
+    assert json.loads(beside.stdout)["out"] == str(ckpt.with_name("model_respaced6.safetensors"))
 
 
 def test_every_file_follows_the_umask(ckpt: Path, tmp_path: Path) -> None:
