@@ -183,6 +183,16 @@ def default_model_shape(image_size: int) -> dict[str, object]:
             "attention_resolutions": attention}
 
 
+def halvable_size(size: int, channel_mult: tuple[int, ...] | None = None) -> int:
+    """The largest image size at or below ``size`` that the U-Net can halve once per level of ``channel_mult`` (the
+    size-scaled default when None), so a size chosen from the data never fails to build (at least 4)."""
+    for candidate in range(size, 3, -1):
+        levels = len(channel_mult or default_model_shape(candidate)["channel_mult"])  # type: ignore[arg-type]
+        if candidate % 2 ** (levels - 1) == 0:
+            return candidate
+    return size
+
+
 # Small datasets overfit a network sized for the image: below this many training images dropout 0.1 by default.
 SMALL_DATASET = 20_000
 

@@ -123,8 +123,12 @@ def load_dataset(
     split: Split = "train",
     skip_bad_images: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    fit_size: Callable[[int], int] | None = None,
 ) -> ImageDataset:
     """Load an image folder or ``builtin:NAME`` into memory, preprocessed to image_size x image_size uint8.
+
+    Without ``image_size`` a folder's images keep their own size (the smallest short side when they differ), made
+    to fit by ``fit_size`` (e.g. the largest size the network can halve: :func:`ddpmctl.config.halvable_size`).
 
     Raises DataError (one line naming the path) for anything unusable; see the module docstring for the rules.
     ``on_warning`` receives one-line notes (upscaling, skipped files, auto-chosen size); by default they go to
@@ -142,7 +146,7 @@ def load_dataset(
         source = os.fsdecode(source)
     if source.startswith("builtin:"):
         return _load_builtin(source, image_size, color, class_cond, split, warn)
-    return _load_folder(source, image_size, color, class_cond, skip_bad_images, warn)
+    return _load_folder(source, image_size, color, class_cond, skip_bad_images, warn, fit_size)
 
 
 def load_dataset_for(model: ModelConfig, source: str, *, split: Split = "train",
@@ -421,22 +425,26 @@ def _image_files(root: str) -> list[str]:
 
 
 def _choose_size(root: str, probed: list[tuple[int, tuple[int, int, bool]]], image_size: int | None,
-                 warn: Callable[[str], None]) -> int:
-    """``image_size``, or else the smallest short side of the probed (width, height, gray) headers."""
+                 warn: Callable[[str], None], fit_size: Callable[[int], int] | None = None) -> int:
+    """``image_size``, or else the smallest short side of the probed (width, height, gray) headers, lowered to the
+    largest size ``fit_size`` accepts."""
     if image_size is not None:
         return int(image_size)
     sizes = {(w, h) for _, (w, h, _g) in probed}
-    size = min(min(w, h) for _, (w, h, _g) in probed)
-    if not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1]):
-        warn(
-            f"images in {_show(root)} have different sizes or are not square: using {size}x{size} "
-            f"(the smallest short side); set the image size to choose another"
-        )
+    smallest = min(min(w, h) for _, (w, h, _g) in probed)
+    size = fit_size(smallest) if fit_size is not None else smallest
+    mixed = not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1])
+    if mixed or size != smallest:
+        what = "have different sizes or are not square" if mixed else f"are {smallest}x{smallest}"
+        why = "the smallest short side" if size == smallest else (
+            f"the largest size at or below the smallest short side, {smallest}, that the network can halve")
+        warn(f"images in {_show(root)} {what}: using {size}x{size} ({why}); set the image size to choose another")
     return size
 
 
 def _load_folder(
-    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None]
+    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None],
+    fit_size: Callable[[int], int] | None = None,
 ) -> ImageDataset:
     rel_paths = _image_files(root)
     labels_all, class_names = _class_labels(root, rel_paths) if class_cond else (None, None)
@@ -462,7 +470,7 @@ def _load_folder(
     if not probed:
         _raise_all_bad(root, len(rel_paths), first_reason[0])
 
-    size = _choose_size(root, probed, image_size, warn)
+    size = _choose_size(root, probed, image_size, warn, fit_size)
     channels = {"gray": 1, "rgb": 3}.get(color) or (1 if all(g for _, (_w, _h, g) in probed) else 3)
 
     # Pass 2: decode, convert and resize each image straight into one preallocated array.

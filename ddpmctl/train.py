@@ -28,7 +28,8 @@ from ddpmctl import distributed as dist_utils
 from ddpmctl import runfolder
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
-from ddpmctl.config import DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, CheckpointConfig, ModelConfig, TrainConfig
+from ddpmctl.config import (DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, CheckpointConfig, ModelConfig, TrainConfig,
+                            halvable_size)
 from ddpmctl.data import ImageDataset, load_dataset
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
@@ -388,6 +389,10 @@ class _Trainer:
         self.config = self.folder.config = config = config.with_data_defaults(image_size=dataset.image_size,
                                                                               num_images=len(dataset.images))
         self.local_batch = dist_utils.split_batch(config.batch_size, self.dist.world_size)
+        if config.batch_size > len(dataset.images):
+            self._warn(f"--batch-size {config.batch_size} is more than the {len(dataset.images):,} training images: "
+                       "every batch holds some images twice or more (a batch below the dataset's size, with more "
+                       "steps, trains better)")
         self.precision, warning = resolve_precision(config.precision, self.device)
         if warning is not None:
             self._warn(warning)
@@ -397,7 +402,8 @@ class _Trainer:
         config = self.config
         dataset = load_dataset(config.data, image_size=config.image_size, color=config.color,
                                class_cond=config.class_cond, split="train",
-                               skip_bad_images=config.skip_bad_images, on_warning=self._warn)
+                               skip_bad_images=config.skip_bad_images, on_warning=self._warn,
+                               fit_size=lambda size: halvable_size(size, config.channel_mult))
         if dataset.image_size < MIN_IMAGE_SIZE:
             size = dataset.image_size
             raise DataError(f"{config.data}: images of {size}x{size} pixels are below the {MIN_IMAGE_SIZE}x"

@@ -186,3 +186,41 @@ def test_both_spellings_of_a_name_are_accepted(captured: dict[str, Any], tmp_pat
 def test_loss_help_says_what_simple_is_with_a_learned_variance() -> None:
     help_text = " ".join(CliRunner().invoke(app, ["train", "--help"]).stdout.replace("│", " ").split())
     assert "simple = L_simple, the mse of the mean, plus with a learned variance its KL term unscaled" in help_text
+
+
+def test_halvable_size_is_the_largest_the_network_halves() -> None:
+    from ddpmctl.config import halvable_size
+
+    # Below 16 the default network has 2 levels (halves once), 16..31 three (twice), 32..63 four (three times).
+    assert [halvable_size(s) for s in (8, 9, 13, 15, 16, 17, 31, 32, 33, 40)] == [8, 8, 12, 14, 16, 16, 28, 32, 32, 40]
+    assert halvable_size(13, (1, 2, 2, 2)) == 8 and halvable_size(13, (1,)) == 13
+
+
+def test_mixed_sizes_pick_a_size_the_network_can_halve(tmp_path: Path) -> None:
+    """Neither --image-size nor --channel-mult given: 9 (the smallest short side) becomes 8, and train says so."""
+    from PIL import Image
+
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for i, (w, h) in enumerate([(9, 12), (10, 10), (16, 9), (12, 12)] * 4):
+        Image.new("RGB", (w, h), (40 * (i % 6), 90, 200)).save(data / f"{i:02d}.png")
+    args = ["--model-channels", "8", "--timesteps", "20", "--batch-size", "4", "--device", "cpu", "--max-steps", "1"]
+    result = invoke(str(data), "-o", str(tmp_path / "run"), *args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stderr.split())
+    assert "using 8x8 (the largest size at or below the smallest short side, 9, that the network can halve)" in text
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["image_size"] == 8 and saved["model"]["channel_mult"] == [1, 2]
+    result = invoke(str(data), "-o", str(tmp_path / "run2"), *args, "--channel-mult", "1,1,1,1", "--quiet")
+    assert result.exit_code == 0, result.output  # three halvings: 8 still fits; a given size is never changed
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["model"]["image_size"] == 8
+
+
+def test_a_batch_larger_than_the_data_is_warned_about(tmp_path: Path) -> None:
+    args = ["--model-channels", "8", "--timesteps", "20", "--device", "cpu", "--max-steps", "1"]
+    result = invoke("builtin:digits", "-o", str(tmp_path / "run"), *args, "--batch-size", "1500")
+    assert result.exit_code == 0, result.output
+    # builtin:digits trains on 1,437 images (1,797 less the held-out fifth).
+    assert "warning: --batch-size 1500 is more than the 1,437 training images" in " ".join(result.stderr.split())
+    fine = invoke("builtin:digits", "-o", str(tmp_path / "run2"), *args, "--batch-size", "16")
+    assert fine.exit_code == 0 and "warning" not in fine.stderr
