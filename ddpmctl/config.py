@@ -229,19 +229,29 @@ DATA_DEFAULT_FIELDS = ("timesteps", "mean_type", "batch_size", "lr", "dropout", 
 NETWORK_SHAPE_FIELDS = ("model_channels", "channel_mult", "res_blocks", "attention_resolutions")
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)?", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*[dhms]?\s*)+$", re.IGNORECASE)
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 def parse_duration(text: str) -> float:
-    """'90' / '90s' / '10m' / '1.5h' / '2d' -> seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"cannot read {text!r} as a duration (e.g. 90s, 10m, 2h)")
-    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2) or "s"]
-    seconds = float(match.group(1)) * scale
+    """'90' / '90s' / '10m' / '1.5h' / '2d' / '1h30m' / '1h 30m 10s' -> seconds (a bare number is seconds)."""
+    parts = _DURATION_PART.findall(text) if _DURATION.match(text) else []
+    if not parts or (len(parts) > 1 and any(not unit for _, unit in parts)):  # '1h30' is ambiguous: refused
+        raise ValueError(f"cannot read {text!r} as a duration (e.g. 90s, 10m, 2h, 1h30m)")
+    seconds = sum(float(number) * _SECONDS[(unit or "s").lower()] for number, unit in parts)
     if seconds <= 0:
         raise ValueError(f"duration {text!r} must be positive")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as parse_duration reads them back: 5400 -> '1h30m', 240 -> '4m', 90.5 -> '1m30.5s'."""
+    whole, fraction = divmod(seconds, 1)
+    hours, rest = divmod(int(whole), 3600)
+    minutes, secs = divmod(rest, 60)
+    secs_text = f"{secs + fraction:g}s" if secs or fraction else ""
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + secs_text or "0s"
 
 
 class TrainConfig(_Frozen):

@@ -224,3 +224,39 @@ def test_a_batch_larger_than_the_data_is_warned_about(tmp_path: Path) -> None:
     assert "warning: --batch-size 1500 is more than the 1,437 training images" in " ".join(result.stderr.split())
     fine = invoke("builtin:digits", "-o", str(tmp_path / "run2"), *args, "--batch-size", "16")
     assert fine.exit_code == 0 and "warning" not in fine.stderr
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 90), ("90s", 90), ("10m", 600), ("1.5h", 5400), ("2d", 172800), ("1h30m", 5400), ("1h 30m 10s", 5410),
+    ("1H30M", 5400), ("0.5m", 30)])
+def test_durations(text: str, seconds: float) -> None:
+    from ddpmctl.config import format_duration, parse_duration
+
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds  # what ddpmctl prints reads back
+
+
+@pytest.mark.parametrize("text", ["1h30", "1 30m", "ten", "", "h", "-5m", "0", "1h-30m"])
+def test_bad_durations(text: str) -> None:
+    from ddpmctl.config import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_max_time_stop_and_a_finished_resume_say_why_and_how_to_go_on(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["--model-channels", "8", "--timesteps", "20", "--device", "cpu", "--log-every", "1"]
+    result = invoke("builtin:digits", "-o", str(run), *args, "--max-steps", "100000", "--max-time", "0h0m1s")
+    assert result.exit_code == 0, result.output
+    step = max(int(p.stem.split("_")[1]) for p in run.glob("state_*.json"))
+    assert 0 < step < 100000
+    assert (f"stopped by --max-time 1s at step {step} of --max-steps 100000: saved "
+            f"{run / f'ema_0.9999_{step:06d}.safetensors'}; continue with `ddpmctl train --out {run} --resume`"
+            in " ".join(result.stderr.split()))
+    done = invoke("-o", str(run), "--resume", "--max-steps", str(step))
+    assert done.exit_code == 0, done.output
+    assert (f"{run} is already at step {step}, --max-steps {step}: nothing to train; continue with `ddpmctl train "
+            f"--out {run} --resume --max-steps {2 * step}`") in " ".join(done.stderr.split())
+    quiet = invoke("-o", str(run), "--resume", "--max-steps", str(step), "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

@@ -301,7 +301,7 @@ def train_command(
         "--max-steps", help="Stop after this many optimizer steps in all.", show_default="no limit",
         rich_help_panel=_RUN)] = None,
     max_time: Annotated[Optional[str], _opt(  # noqa: UP007
-        "--max-time", metavar="DURATION", help="Wall-clock budget of this invocation, e.g. 90s, 10m, 2h.",
+        "--max-time", metavar="DURATION", help="Wall-clock budget of this invocation, e.g. 90s, 10m, 2h, 1h30m.",
         show_default="no limit", rich_help_panel=_RUN)] = None,
     save_every: Annotated[int, _opt("--save-every", metavar="STEPS", help="Checkpoint interval.",
                                     rich_help_panel=_RUN)] = 1000,
@@ -371,3 +371,23 @@ def train_command(
         typer.echo(f"interrupted at step {result.step}: saved {result.ema_checkpoint}; continue with "
                    f"`ddpmctl train --out {result.run_dir} --resume`", err=True)
         raise typer.Exit(130)
+    if not quiet and not json_output:
+        message = stop_message(result, config)
+        if message:
+            typer.echo(message, err=True)
+
+
+def stop_message(result: Any, config: TrainConfig) -> str | None:
+    """Why a run ended where it did, when that is not simply its --max-steps reached: the --max-time budget, or a
+    resumed run that had nothing left to train (and how to go on)."""
+    from ddpmctl.config import format_duration
+
+    resume = f"`ddpmctl train --out {result.run_dir} --resume"
+    if result.stop_reason == "max_time" and config.max_time is not None:
+        of = f" of --max-steps {config.max_steps}" if config.max_steps is not None else ""
+        return (f"stopped by --max-time {format_duration(config.max_time)} at step {result.step}{of}: saved "
+                f"{result.ema_checkpoint}; continue with {resume}` (the time budget counts per invocation)")
+    if result.stop_reason == "max_steps" and result.step == result.start_step and config.max_steps is not None:
+        return (f"{result.run_dir} is already at step {result.step}, --max-steps {config.max_steps}: nothing to "
+                f"train; continue with {resume} --max-steps {max(2 * result.step, config.max_steps + 1)}`")
+    return None
