@@ -81,8 +81,9 @@ class StageReport:
 
 @dataclass
 class DistillEvent:
-    """Progress for a caller to render: kind = plan | reference | stage_start | step | stage_end | saved | stopping
-    (the first Ctrl-C / SIGTERM arrived: the run saves and returns after this iteration)."""
+    """Progress for a caller to render: kind = note (e.g. how the data was converted) | plan | reference |
+    stage_start | step | stage_end | saved | stopping (the first Ctrl-C / SIGTERM arrived: the run saves and returns
+    after this iteration)."""
 
     kind: str
     stage: int = 0
@@ -215,7 +216,8 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     """Load the teacher and the data, check the plan and the run folder (as ``train`` does), write the settings."""
     parent = load_checkpoint(config.checkpoint, device=device)
     from_steps, param, stage_steps = plan_stages(config, parent)
-    data = load_dataset_for(parent.config.model, config.data)
+    data = load_dataset_for(parent.config.model, config.data,  # converted images: said, as a note
+                            on_warning=lambda message: emit(DistillEvent("note", message=f"note: {message}")))
     full_chain = parent.config.diffusion.model_copy(update={"use_timesteps": None})
     out, layout = Path(config.out), runfolder.DISTILLATION
     saved = runfolder.check_run_dir(out, layout, config, resume=resume, force=force)

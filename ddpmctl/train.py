@@ -381,8 +381,9 @@ class _Trainer:
         Then each rank's share of the batch and the precision this device runs (one warning where bf16 is
         emulated)."""
         # Which options the data decided (`ddpmctl info RUN` marks them); a resumed run keeps its first record.
+        left = (*DATA_DEFAULT_FIELDS, *NETWORK_SHAPE_FIELDS)
         self.chosen_from_data = (list(saved.get("chosen_from_data", [])) if saved is not None else
-                                 [f for f in (*DATA_DEFAULT_FIELDS, *NETWORK_SHAPE_FIELDS) if getattr(config, f) is None])
+                                 [f for f in left if getattr(config, f) is None])
         if saved is not None:
             config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
                                                if getattr(config, f) is None and saved["train"].get(f) is not None})

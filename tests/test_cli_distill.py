@@ -211,3 +211,18 @@ def test_an_eps_teacher_gets_a_note(ckpts: dict[str, Path], tmp_path: Path) -> N
     text = " ".join(result.stderr.split())
     assert "ema.safetensors predicts eps: its first student learns a new output head" in text
     assert "1 stage," in text and "1 stages" not in text
+
+
+def test_distill_says_what_it_converted(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    from ddpmctl.images import save_png
+
+    folder = tmp_path / "rgb16"
+    folder.mkdir()
+    for k in range(4):
+        save_png(folder / f"{k}.png", torch.full((3, 16, 16), 50 * k, dtype=torch.uint8))
+    base = [a for a in _base(ckpts["learned"], tmp_path / "run") if a != "--quiet"]
+    base[base.index("builtin:digits")] = str(folder)
+    result = _run(*base, "--report-samples", "0")
+    assert result.exit_code == 0, result.output
+    assert (f"note: {folder} converted to fit the model: 4 of 4 images (16x16) resized and cropped to 8x8"
+            in " ".join(result.stderr.split()))

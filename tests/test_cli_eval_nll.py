@@ -134,6 +134,28 @@ def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
     assert split.exit_code == 2 and "--split applies to builtin" in split.stderr
 
 
+def test_data_that_does_not_fit_is_refused_unless_resize(tmp_path: Path, digits_ckpt: Path) -> None:
+    """16x16 RGB images for an 8x8 grayscale model: no bits/dim of other images than the ones given."""
+    folder = tmp_path / "rgb16"
+    folder.mkdir()
+    for k in range(3):
+        save_png(folder / f"{k}.png", torch.full((3, 16, 16), 40 * k, dtype=torch.uint8).index_fill_(0, torch.tensor(
+            [0]), 200))
+    refused = _run(str(digits_ckpt), "--data", str(folder), "--device", "cpu")
+    assert refused.exit_code == 1 and refused.stdout == "" and len(refused.stderr.splitlines()) == 1
+    assert "takes 1-channel 8x8 images" in refused.stderr and "pass --resize" in refused.stderr
+    assert "3 of 3 images (16x16) resized and cropped to 8x8; 3 color images converted to grayscale" in refused.stderr
+    converted = _run(str(digits_ckpt), "--data", str(folder), "--device", "cpu", "--resize")
+    assert converted.exit_code == 0, converted.output
+    assert "converted to fit the model: 3 of 3 images (16x16) resized" in " ".join(converted.stderr.split())
+    assert "bits/dim:" in converted.stdout
+    # The checkpoint's own training data is converted as in training (an 8x8 model of digits upscaled to 16x16).
+    big = _save(tmp_path / "big.safetensors", data=DIGITS.model_copy(update={"image_size": 16}),
+                model=MODEL.model_copy(update={"image_size": 16, "attention_resolutions": (8,)}))
+    same = _run(str(big), "-n", "2", "--device", "cpu", "--json")
+    assert same.exit_code == 0, same.output
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

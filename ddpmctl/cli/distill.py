@@ -187,7 +187,7 @@ def _distill_with_progress(config: Any, device: Any, *, resume: bool, force: boo
     def on_event(event: Any) -> None:
         if event.kind == "stopping":
             console.print(Text(event.message, style="yellow"))
-        elif event.kind in ("plan", "reference", "saved") and not quiet:
+        elif event.kind in ("note", "plan", "reference", "saved") and not quiet:
             console.print(Text(event.message))
             if event.kind == "plan" and note is not None:
                 console.print(Text(note))

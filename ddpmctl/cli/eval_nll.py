@@ -110,6 +110,11 @@ def _resolve_data(config: Any, data: str | None, split: str | None) -> tuple[str
     return source, None
 
 
+def _same_source(source: str, trained_on: str | None) -> bool:
+    """Whether --data names the data the checkpoint was trained on (then converted exactly as in training)."""
+    return trained_on is not None and source.rstrip("/\\") == trained_on.rstrip("/\\")
+
+
 @guarded
 def eval_nll_command(
     checkpoint: Annotated[Path, typer.Argument(help=CHECKPOINT_ARG_HELP, show_default=False)],
@@ -132,6 +137,10 @@ def eval_nll_command(
         show_default=f"{DEFAULT_MC_TERMS} with mc")] = None,
     pilot_images: Annotated[int, typer.Option(
         "--pilot-images", min=1, help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
+    resize: Annotated[bool, typer.Option(
+        "--resize/--no-resize", help="Convert images of another size or color to what the model takes (resize, "
+        "crop, gray/RGB); without it such data is refused, since its bits/dim would be of other images.",
+        show_default="no; the checkpoint's own training data is converted as in training")] = False,
     precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
         " bf16 runs the network under autocast; the bound's arithmetic stays fp64."))] = "auto",
     device: Annotated[str, device_option()] = "auto",
@@ -162,7 +171,9 @@ def eval_nll_command(
         if not quiet:
             console.print(f"note: {message}", markup=False, highlight=False)
 
-    dataset = load_dataset_for(loaded.config.model, source, split=data_split or "train", on_warning=note)
+    trained_on = loaded.config.data.source if loaded.config.data is not None else None
+    dataset = load_dataset_for(loaded.config.model, source, split=data_split or "train", on_warning=note,
+                               convert=resize or _same_source(source, trained_on))
     count = len(dataset)
     if num_images is not None and num_images > count:
         note(f"--num {num_images}: {source} has {count} images, evaluating all of them")
