@@ -32,10 +32,11 @@ from ddpmctl.checkpoint import (
     save_tensors,
     write_json_atomic,
 )
-from ddpmctl.choices import StudentParam
+from ddpmctl.choices import Precision, StudentParam
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig
 from ddpmctl.data import ImageDataset, load_dataset_for
 from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
+from ddpmctl.hardware import resolve_precision
 from ddpmctl.images import uint8_to_model
 from ddpmctl.inference import AutocastModel
 from ddpmctl.loop import StopSignals, clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
@@ -81,9 +82,8 @@ class StageReport:
 
 @dataclass
 class DistillEvent:
-    """Progress for a caller to render: kind = note (e.g. how the data was converted) | plan | reference |
-    stage_start | step | stage_end | saved | stopping (the first Ctrl-C / SIGTERM arrived: the run saves and returns
-    after this iteration)."""
+    """Progress for a caller to render: kind = plan | reference | stage_start | step | stage_end | saved | stopping
+    (the first Ctrl-C / SIGTERM arrived: the run saves and returns after this iteration) | warning (one line)."""
 
     kind: str
     stage: int = 0
@@ -152,6 +152,7 @@ class _Run:
     alphas_cumprod: torch.Tensor
     continuing: bool
     previous_reports: dict[int, dict[str, Any]]
+    precision: Precision  # config.precision as resolved on this device
     emit: Callable[[DistillEvent], None]
     stop: Callable[[], bool]
 
@@ -216,8 +217,8 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     """Load the teacher and the data, check the plan and the run folder (as ``train`` does), write the settings."""
     parent = load_checkpoint(config.checkpoint, device=device)
     from_steps, param, stage_steps = plan_stages(config, parent)
-    data = load_dataset_for(parent.config.model, config.data,  # converted images: said, as a note
-                            on_warning=lambda message: emit(DistillEvent("note", message=f"note: {message}")))
+    data = load_dataset_for(parent.config.model, config.data,  # converted images: said, as a warning
+                            on_warning=lambda message: emit(DistillEvent("warning", message=message)))
     full_chain = parent.config.diffusion.model_copy(update={"use_timesteps": None})
     out, layout = Path(config.out), runfolder.DISTILLATION
     saved = runfolder.check_run_dir(out, layout, config, resume=resume, force=force)
@@ -230,16 +231,24 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     except OSError as err:
         raise ConfigError(f"cannot create --out {out}: {err.strerror or err}") from None
     runfolder.remove_temp_files(out, layout)
+    precision = resolve_precision(config.precision, device)[0]
+    if saved is not None and saved.get("precision", precision) != precision:
+        # --precision auto resolves on each machine (docs/design.md, "CPU classes"): resuming elsewhere works, but
+        # only a resume in the same precision repeats the uninterrupted run bit for bit.
+        emit(DistillEvent("warning", message=f"resuming in {precision}: the run so far trained in "
+                                             f"{saved['precision']} (--precision {config.precision} on this "
+                                             "device), so it continues, but not bit-identically to an "
+                                             "uninterrupted run"))
     runfolder.write_run_config(out, {"config": config.model_dump(mode="json"), "parent_sha256": parent.sha256,
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
-                                     "stages": stage_steps}, layout)
+                                     "stages": stage_steps, "precision": precision}, layout)
     report_path = out / "report.json"
     previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
     parent.model.eval().requires_grad_(False)
     return _Run(config=config, device=device, parent=parent, data=data, out=out, param=param,
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
-                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop)
+                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop, precision=precision)
 
 
 def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[StageReport | None, GridDenoiser]:
@@ -416,7 +425,7 @@ def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser,
     """
     config, device = run.config, run.device
     starts, mids, ends = (torch.tensor(v, dtype=torch.int64) for v in stage_times(run.alphas_cumprod.numel(), steps))
-    network = AutocastModel(student, torch.bfloat16 if config.precision == "bf16" else None)
+    network = AutocastModel(student, torch.bfloat16 if run.precision == "bf16" else None)
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         x_start, labels = _batch(run.data, config.batch_size, config.flip, generator, device)

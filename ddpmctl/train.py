@@ -447,6 +447,7 @@ class _Trainer:
                 "images_seen": step * self.config.batch_size, "world_size": self.dist.world_size,
                 "timestep_sampler": self.config.timestep_sampler, "ema_rate": self.config.ema,
                 "ema_warmup": self.training.ema.warmup, "ema_updates": self.training.ema.updates,
+                "precision": self.precision,
             }
             if digests:
                 # Each rank hashed its own parameters: equal digests prove the replicas never diverged.
@@ -477,6 +478,13 @@ class _Trainer:
         self.training.ema.updates = int(meta.get("ema_updates", self.step - self.nan_skips))
         self.elapsed_before = float(meta.get("elapsed", 0.0))
         self.last_saved = self.step
+        saved_precision = meta.get("precision")
+        if saved_precision is not None and saved_precision != self.precision:
+            # --precision auto resolves on each machine (docs/design.md, "CPU classes"): resuming elsewhere works,
+            # but only a resume in the same precision repeats the uninterrupted run bit for bit.
+            self._warn(f"resuming at step {self.step} in {self.precision}: the run so far trained in "
+                       f"{saved_precision} (--precision {self.config.precision} on this device), so it continues, "
+                       f"but not bit-identically to an uninterrupted run")
 
     # ------------------------------------------------------------------------------------------------- loop
     def _is_control_step(self, step: int) -> bool:

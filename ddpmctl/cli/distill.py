@@ -80,8 +80,6 @@ def _settings(ctx: typer.Context, out: Path, *, resume: bool) -> dict[str, Any]:
                           "on")
     if values.get("iters_per_stage") is None:
         raise usage_error("--iters-per-stage is needed (the paper: 50k; the README's example: 150)")
-    if resume and values["precision"] == "auto":  # auto keeps the saved run's precision: a resume is bit-exact
-        values["precision"] = saved.get("precision", "auto")
     values["out"] = str(out)
     return values
 
@@ -146,9 +144,9 @@ def distill_command(
         raise usage_error("--resume and --force contradict each other: pick one")
     torch_device = resolve_device(device)
     values = _settings(ctx, out, resume=resume)
-    values["precision"] = resolve_precision_option(values["precision"], torch_device)
+    resolved = resolve_precision_option(values["precision"], torch_device)
     try:
-        config = DistillConfig(**values)
+        config = DistillConfig(**values)  # the request is stored: --resume on another CPU resolves auto there
     except ValidationError as err:
         raise usage_error(validation_problem(err, lambda loc: "--" + "-".join(map(str, loc)).replace("_", "-"))) \
             from None
@@ -158,9 +156,10 @@ def distill_command(
         note = (f"note: {Path(config.checkpoint).name} predicts eps: its first student learns a new output head, which "
                 "takes far more updates than distilling a v teacher (whose student starts as its exact copy; README: "
                 "Distillation)")
-    result = _distill_with_progress(config, torch_device, resume=resume, force=force, quiet=quiet, note=note)
+    result = _distill_with_progress(config, torch_device, resume=resume, force=force, quiet=quiet, note=note,
+                                    resolved=resolved)
     if json_output:
-        print_json({**result.to_json(), "precision": config.precision})
+        print_json({**result.to_json(), "precision": resolved})
     elif result.stages:
         out_console.print(report_table(result))
     if result.interrupted:
@@ -170,9 +169,10 @@ def distill_command(
 
 
 def _distill_with_progress(config: Any, device: Any, *, resume: bool, force: bool, quiet: bool,
-                           note: str | None) -> Any:
+                           note: str | None, resolved: str) -> Any:
     """ddpmctl.distill.distill with one progress bar per stage (none with ``quiet``) and its messages on stderr;
-    ``note`` follows the plan (once set-up has succeeded, so that a set-up error prints alone)."""
+    ``note`` follows the plan (once set-up has succeeded, so that a set-up error prints alone); ``resolved`` is the
+    precision --precision stands for on this device."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
 
@@ -187,7 +187,9 @@ def _distill_with_progress(config: Any, device: Any, *, resume: bool, force: boo
     def on_event(event: Any) -> None:
         if event.kind == "stopping":
             console.print(Text(event.message, style="yellow"))
-        elif event.kind in ("note", "plan", "reference", "saved") and not quiet:
+        elif event.kind == "warning":
+            console.print(Text(f"warning: {event.message}"), soft_wrap=True)
+        elif event.kind in ("plan", "reference", "saved") and not quiet:
             console.print(Text(event.message))
             if event.kind == "plan" and note is not None:
                 console.print(Text(note))
@@ -198,7 +200,7 @@ def _distill_with_progress(config: Any, device: Any, *, resume: bool, force: boo
                                        f"({event.teacher_steps}->{event.steps} steps), iteration {event.iteration}"))
                 progress.start()
             tasks[event.stage] = progress.add_task(
-                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps} {config.precision}",
+                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps} {resolved}",
                 total=event.total, completed=event.iteration, loss="-", speed="-")
         elif event.kind == "step":
             task = tasks[event.stage]
