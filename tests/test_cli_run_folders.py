@@ -102,3 +102,24 @@ def test_info_run_lists_saves_and_what_the_data_chose(run: Path) -> None:
 
     line = _invoke("info", str(run), "--device", "cpu")
     assert line.exit_code == 2 and "give one of" in line.stderr
+
+
+def test_respace_and_distill_take_a_run_folder(run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ddpmctl.distill
+
+    newest = run / "ema_0.9999_000003.safetensors"
+    result = _invoke("respace", str(run), "--steps", "5", "-o", str(tmp_path) + "/", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["from"] == str(newest)
+    seen = {}
+
+    def fake(config: ddpmctl.distill.DistillConfig, **kwargs: object) -> ddpmctl.distill.DistillResult:
+        seen["config"] = config
+        return ddpmctl.distill.DistillResult(out=Path(config.out), from_steps=4, to_steps=2, param="v")
+
+    monkeypatch.setattr(ddpmctl.distill, "distill", fake)
+    result = _invoke("distill", str(run), "-o", str(tmp_path / "d"), "--iters-per-stage", "2", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    # The teacher is the run's newest EMA save; its data and flips (digits: none) are the run's.
+    assert (seen["config"].checkpoint, seen["config"].data, seen["config"].flip) == (str(newest), "builtin:digits",
+                                                                                     False)

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from ddpmctl.choices import PrecisionRequest, StudentParam, Weighting
 from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
-                                resolve_device, resolve_precision_option, usage_error)
+                                resolve_checkpoint_argument, resolve_device, resolve_precision_option, usage_error)
 from ddpmctl.errors import validation_problem
 
 
@@ -58,7 +58,7 @@ def teacher_defaults(checkpoint: Path) -> dict[str, Any]:
 _NOT_FIELDS = ("device", "resume", "force", "quiet", "json_output")
 
 
-def _settings(ctx: typer.Context, out: Path, *, resume: bool) -> dict[str, Any]:
+def _settings(ctx: typer.Context, out: Path, *, resume: bool, quiet: bool) -> dict[str, Any]:
     """The DistillConfig values: the saved run's (with --resume), then the teacher's defaults for --data and
     --flip, then the command line's given options, then the rest of the command line's defaults."""
     from ddpmctl.runfolder import DISTILLATION, read_run_config
@@ -70,7 +70,8 @@ def _settings(ctx: typer.Context, out: Path, *, resume: bool) -> dict[str, Any]:
     if values.get("checkpoint") is None:
         raise usage_error("missing CHECKPOINT: the teacher to distill (optional with --resume)")
     values["checkpoint"] = str(values["checkpoint"])
-    if not resume:
+    if not resume:  # a run folder stands for its newest EMA save (a distillation run: its final student)
+        values["checkpoint"] = str(resolve_checkpoint_argument(Path(values["checkpoint"]), quiet=quiet))
         teacher = teacher_defaults(Path(values["checkpoint"]))
         for field in ("data", "flip"):
             if field not in given and field in teacher:
@@ -93,7 +94,8 @@ def _given(ctx: typer.Context, name: str) -> bool:
 def distill_command(
     ctx: typer.Context,
     checkpoint: Annotated[Optional[Path], typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
-        help="The teacher: a trained model (EMA) or a student to distill further (optional with --resume).",
+        help="The teacher: a trained model (EMA) or a student to distill further, or its run folder (optional with "
+             "--resume).",
         show_default=False)] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: student_{N}.safetensors, report.json, "
                                                           "resumable state.", show_default=False)] = ...,
@@ -143,7 +145,7 @@ def distill_command(
     if resume and force:
         raise usage_error("--resume and --force contradict each other: pick one")
     torch_device = resolve_device(device)
-    values = _settings(ctx, out, resume=resume)
+    values = _settings(ctx, out, resume=resume, quiet=quiet or json_output)
     resolved = resolve_precision_option(values["precision"], torch_device)
     try:
         config = DistillConfig(**values)  # the request is stored: --resume on another CPU resolves auto there

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import (device_option, guarded, option_errors, out_console, output_file, print_json,
-                                resolve_device)
+from ddpmctl.cli.common import (CHECKPOINT_ARG_HELP, device_option, guarded, option_errors, out_console, output_file,
+                                print_json, resolve_checkpoint_argument, resolve_device)
 from ddpmctl.errors import CheckpointError, SamplerError
 
 Spacing = Literal["even", "ddim"]  # the sampler spacings a respaced checkpoint can be made with
@@ -30,7 +30,7 @@ def respaced_config(config: Any, steps: int, spacing: Spacing) -> Any:
 
 @guarded
 def respace_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help=CHECKPOINT_ARG_HELP, show_default=False)],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps of the new chain (1..the parent's).",
                                        show_default=False)],
     out: Annotated[Optional[str], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
@@ -49,6 +49,7 @@ def respace_command(
     from ddpmctl.checkpoint import file_sha256, load_checkpoint, load_tensors, read_checkpoint_info, save_checkpoint
 
     torch_device = resolve_device(device) if device is not None else None
+    checkpoint = resolve_checkpoint_argument(checkpoint, quiet=quiet or json_output)
     info = read_checkpoint_info(checkpoint)  # validated: a foreign or broken file fails here in one line
     if info.kind == "student":
         raise SamplerError(f"{checkpoint.name} is a distilled student: its step grid is fixed and cannot be respaced")
