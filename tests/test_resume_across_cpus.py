@@ -15,7 +15,8 @@ from ddpmctl.build import build_model
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, ModelConfig
-from ddpmctl.distill import DistillEvent, distill
+from ddpmctl.distill import distill
+from ddpmctl.loop import LoopEvent
 from conftest import auto_precision, perturb_weights, tensors
 
 DIRECTIONS = [("avx2", "avx512-bf16"), ("avx512-bf16", "avx2")]
@@ -72,10 +73,10 @@ def test_an_auto_distillation_resumes_on_another_cpu_class(teacher: Path, tmp_pa
     out = tmp_path / "run"
     config = DistillConfig(checkpoint=str(teacher), data="builtin:digits", out=str(out), from_steps=8, to_steps=2,
                            iters_per_stage=4, batch_size=4, report_samples=2, save_every=2, precision="auto")
-    events: list[DistillEvent] = []
+    events: list[LoopEvent] = []
 
     def stop() -> bool:  # interrupted in stage 2, after its 3rd update
-        return any(e.kind == "step" and e.stage == 2 and e.iteration == 3 for e in events)
+        return any(e.kind == "step" and e.stage == 2 and e.step == 3 for e in events)
 
     monkeypatch.setenv("DDPMCTL_CPU", first)
     assert distill(config, callback=events.append, should_stop=stop).interrupted

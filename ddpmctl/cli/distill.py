@@ -185,28 +185,29 @@ def _distill_with_progress(config: Any, device: Any, *, resume: bool, force: boo
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
                         transient=False)
     tasks: dict[int, Any] = {}
+    noted: list[bool] = []
 
     def on_event(event: Any) -> None:
         if event.kind == "stopping":
             console.print(Text(event.message, style="yellow"))
         elif event.kind == "warning":
             console.print(Text(f"warning: {event.message}"), soft_wrap=True)
-        elif event.kind in ("plan", "reference", "saved") and not quiet:
+        elif event.kind == "info" and not quiet:
             console.print(Text(event.message))
-            if event.kind == "plan" and note is not None:
+            if note is not None and not noted:  # after the plan, the first info line
                 console.print(Text(note))
-        elif event.kind == "stage_start":
+                noted.append(True)
+        elif event.kind == "start" and event.stage is not None:
             if not tasks:  # the bars appear once set-up has succeeded, so a set-up error prints alone
                 if resume and not quiet:
-                    console.print(Text(f"resuming {config.out} at stage {event.stage} of {event.num_stages} "
-                                       f"({event.teacher_steps}->{event.steps} steps), iteration {event.iteration}"))
+                    console.print(Text(f"resuming {config.out} at stage {event.stage} of {event.stages} "
+                                       f"({event.label} steps), iteration {event.step}"))
                 progress.start()
-            tasks[event.stage] = progress.add_task(
-                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps} {resolved}",
-                total=event.total, completed=event.iteration, loss="-", speed="-")
-        elif event.kind == "step":
+            tasks[event.stage] = progress.add_task(f"stage {event.stage}/{event.stages} {event.label} {resolved}",
+                                                   total=event.max_steps, completed=event.step, loss="-", speed="-")
+        elif event.kind == "log" and event.stage in tasks and event.metrics:
             task = tasks[event.stage]
-            progress.update(task, completed=event.iteration, loss=_fmt(event.loss, ".3g"))
+            progress.update(task, completed=event.step, loss=_fmt(event.metrics.get("loss"), ".3g"))
             speed = progress.tasks[task].speed
             progress.update(task, speed="-" if not speed else f"{speed:.1f}")
 
