@@ -133,7 +133,7 @@ def poison_losses() -> Iterator[LossPoison]:
 # Test files import these with ``from conftest import ...`` (pytest puts tests/ on sys.path).
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (checkpoint or training state)."""
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     return load_tensors(path)[0]
 

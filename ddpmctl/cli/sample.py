@@ -175,12 +175,14 @@ def sample_command(
             label = resolve_class(class_label, ckpt.config.model.num_classes,
                                   data.class_names if data is not None else None, checkpoint.name)
         instance = sampler_cls(options)
-        total_steps = len(sampling_timesteps(ckpt, instance, steps))  # bad --steps fails before --out is touched
+        # Chosen once for the run (a bad --steps fails before --out is touched); generate() takes them as they are.
+        run_steps = sampling_timesteps(ckpt, instance, steps)
+        total_steps = len(run_steps)
     created = prepare_out_dir(out, force=force)
     try:
         started = time.perf_counter()
-        images, labels = _generate(ckpt, instance, dict(num=num, batch_size=batch_size, seed=seed, steps=steps,
-                                                        class_label=label, precision=precision,
+        images, labels = _generate(ckpt, instance, dict(num=num, batch_size=batch_size, seed=seed, steps=None,
+                                                        timesteps=run_steps, class_label=label, precision=precision,
                                                         start_index=start_index),
                                    total_steps=total_steps, quiet=quiet)
         seconds = time.perf_counter() - started
