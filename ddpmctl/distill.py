@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ddpmctl import runfolder
+from ddpmctl import runfiles, runfolder
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import (
     LoadedCheckpoint,
@@ -231,12 +231,15 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
                                      "stages": stage_steps}, layout)
     report_path = out / "report.json"
-    previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
+    previous: dict[int, Any] = {}
+    if saved is not None and report_path.exists():
+        previous = runfiles.check_distill_report(runfolder.read_json(report_path), report_path, stage_steps)
     parent.model.eval().requires_grad_(False)
     return _Run(config=config, device=device, parent=parent, data=data, out=out, param=param,
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
-                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop)
+                previous_reports={steps: record.model_dump() for steps, record in previous.items()}, emit=emit,
+                stop=stop)
 
 
 def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[StageReport | None, GridDenoiser]:
@@ -346,15 +349,17 @@ def _save_stage_state(path: Path, student: torch.nn.Module, optimizer: torch.opt
 
 
 def _load_stage_state(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      generator: torch.Generator) -> tuple[int, list[float], float]:
-    """Restore what _save_stage_state wrote; (iteration, recent losses, seconds)."""
+                      generator: torch.Generator, iters: int) -> tuple[int, list[float], float]:
+    """Restore what _save_stage_state wrote (a stage of ``iters`` iterations); (iteration, recent losses,
+    seconds)."""
     tensors, meta = load_tensors(path)
+    saved = runfiles.check_stage_state(meta, path, iters=iters, error=CheckpointError)
     tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
     try:
         student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
         load_optimizer_state(optimizer, tensors)
         generator.set_state(tensors["rng.generator"])
-        return int(meta["iteration"]), json.loads(meta.get("recent_losses", "[]")), float(meta.get("seconds", "0"))
+        return saved.iteration, list(saved.recent_losses), saved.seconds
     except (RuntimeError, KeyError, ValueError) as err:
         raise CheckpointError(f"{path}: the stage state does not fit this run ({str(err).splitlines()[0]})") from None
 
@@ -367,7 +372,7 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
     generator = torch.Generator().manual_seed(_seed_for_stage(config.seed, steps))
     iteration, recent, seconds = 0, [], 0.0
     if run.continuing and state_path.exists():
-        iteration, recent, seconds = _load_stage_state(state_path, student, optimizer, generator)
+        iteration, recent, seconds = _load_stage_state(state_path, student, optimizer, generator, iters)
     batch_loss = _stage_loss(run, steps, teacher, student)
     window = max(1, min(100, iters // 10))
     where = {"stage": stage, "num_stages": len(run.stage_steps), "steps": steps, "teacher_steps": 2 * steps}

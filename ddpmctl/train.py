@@ -25,7 +25,7 @@ from torch import nn
 
 from ddpmctl import __version__
 from ddpmctl import distributed as dist_utils
-from ddpmctl import runfolder
+from ddpmctl import runfiles, runfolder
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
@@ -40,7 +40,7 @@ from ddpmctl.resample import create_named_schedule_sampler
 
 EventKind = Literal["start", "step", "log", "save", "warning", "end"]
 StopReason = Literal["max_steps", "max_time", "interrupted", "stopped"]
-STATE_FORMAT = "ddpmctl-train-state/1"
+STATE_FORMAT = runfiles.TRAIN_STATE_FORMAT
 # ModelConfig.image_size's lower bound (the U-Net needs a few pixels to halve).
 MIN_IMAGE_SIZE = 4
 
@@ -132,6 +132,14 @@ def _param_digest(module: nn.Module) -> torch.Tensor:
     return torch.frombuffer(bytearray(digest.digest()), dtype=torch.uint8).clone()
 
 
+def _permutation(perm: torch.Tensor, num_items: int) -> torch.Tensor:
+    """The saved data order, which must be a permutation of the training set (ValueError otherwise)."""
+    perm = perm.to(torch.int64)
+    if perm.shape != (num_items,) or not torch.equal(torch.sort(perm).values, torch.arange(num_items)):
+        raise ValueError(f"data.perm is not a permutation of the {num_items} training images")
+    return perm
+
+
 class _RunFolder:
     """The run folder of one training run (``--out``): whether it may be used (--resume / --force), its
     config.json, the files of each save and reading them back, metrics.jsonl. Only rank 0 writes."""
@@ -201,13 +209,17 @@ class _RunFolder:
         runfolder.prune(self.path, self.config.keep)
         return ema_path
 
-    def read_save(self, step: int) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                            dict[str, torch.Tensor]]:
-        """What write_save wrote at ``step``: (the state JSON, raw weights, EMA weights, state tensors)."""
+    def read_save(self, step: int, num_images: int) -> tuple[dict[str, Any], dict[str, torch.Tensor],
+                                                             dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """What write_save wrote at ``step``: (the state JSON, validated against this run of ``num_images``
+        training images, raw weights, EMA weights, state tensors)."""
         ema_path, model_path, state_path, json_path = self.paths(step)
         meta = runfolder.read_json(json_path)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{json_path} is not a ddpmctl training state")
+        files = {"ema": ema_path.name, "model": model_path.name, "state": state_path.name}
+        meta = runfiles.check_train_state(meta, json_path, step=step, config=self.config, num_images=num_images,
+                                          files=files, error=CheckpointError).model_dump()
         return meta, load_tensors(model_path)[0], load_tensors(ema_path)[0], load_tensors(state_path)[0]
 
 
@@ -314,7 +326,7 @@ class _TrainingStep:
             load_optimizer_state(self.optimizer, state)
             self.sampler.load_state_dict(sampler_state)
             self.generator.set_state(state["rng.generator"])
-            self.stream.perm = state["data.perm"].to(torch.int64)
+            self.stream.perm = _permutation(state["data.perm"], self.stream.num_items)
         except (RuntimeError, KeyError, ValueError) as err:
             raise CheckpointError(f"{state_path}: the training state does not fit this run "
                                   f"({str(err).splitlines()[0]})") from None
@@ -457,7 +469,7 @@ class _Trainer:
 
     def _load_state(self, step: int) -> None:
         """Restore everything _save wrote at ``step`` (exact resume)."""
-        meta, weights, ema, state = self.folder.read_save(step)
+        meta, weights, ema, state = self.folder.read_save(step, self.training.stream.num_items)
         self.training.load(weights, ema, state, meta, self.run_dir, self.folder.paths(step)[2])
         self.step = int(meta["step"])
         self.nan_skips = int(meta.get("nan_skips", 0))
