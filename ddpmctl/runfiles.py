@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ddpmctl.choices import EmaWarmup, StudentParam, TimestepSamplerName
+from ddpmctl.choices import EmaWarmup, Precision, StudentParam, TimestepSamplerName
 from ddpmctl.config import DataInfo, DiffusionConfig, DistillConfig, ModelConfig, TrainConfig
 from ddpmctl.errors import ConfigError, DdpmctlError, validation_problem
 
@@ -140,65 +140,85 @@ class _SaveFiles(_Schema):
     state: str
 
 
-class TrainState(_Schema):
-    """``state_{N}.json``: the save's step, where the data stream stands and the counters the loop keeps."""
+class LoopState(_Schema):
+    """What the training loop saves beside a step's tensors (``state_{N}.json``, a distillation stage's
+    ``values``): its counters and, for a method that draws epoch permutations, where its data stream stands.
 
-    format: Literal["ddpmctl-train-state/1"]
-    step: int = Field(ge=1, le=10**12)
-    epoch: int = Field(ge=1)
-    data_position: int = Field(ge=0)
+    Keys of another training method are allowed (its ``load_state`` reads them); every key known here is checked.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    format: Literal["ddpmctl-train-state/1"] | None = None
+    step: int | None = Field(None, ge=0, le=10**12)
+    epoch: int | None = Field(None, ge=0)
+    data_position: int | None = Field(None, ge=0)
     nan_skips: int = Field(0, ge=0)
     elapsed: float = Field(0.0, ge=0.0)
     images_seen: int | None = Field(None, ge=0)
     world_size: int = Field(1, ge=1, le=1_000_000)
     timestep_sampler: TimestepSamplerName | None = None
-    ema_rate: float | None = None
+    ema_rate: float | None = Field(None, ge=0.0, lt=1.0)
     ema_warmup: EmaWarmup | None = None
     # Absent in states written before it existed: every step that was not skipped updated the EMA.
     ema_updates: int | None = Field(None, ge=0)
+    precision: Precision | None = None
+    recent_losses: tuple[float, ...] | None = Field(None, max_length=10_000)
     files: _SaveFiles | None = None
     rank_param_sha256: tuple[str, ...] | None = None
 
 
+def _check_counts(state: LoopState, path: Path, error: type[DdpmctlError], *, step: int, batch_size: int,
+                  num_images: int, ema: bool) -> None:
+    """Counts no larger than the step; the data stream where ``step`` batches leave it."""
+    if state.nan_skips > step:
+        raise _bad(path, error, "nan_skips", f"{state.nan_skips} skipped steps exceed the step ({step})")
+    if ema and state.ema_updates is not None and state.ema_updates != step - state.nan_skips:
+        raise _bad(path, error, "ema_updates", f"{state.ema_updates}, but step {step} with {state.nan_skips} "
+                   f"skipped step(s) makes {step - state.nan_skips} EMA updates")
+    drawn = step * batch_size
+    if state.images_seen is not None and state.images_seen != drawn:
+        raise _bad(path, error, "images_seen", f"{state.images_seen}, but {step} steps of batch {batch_size} drew "
+                   f"{drawn}")
+    if state.rank_param_sha256 is not None and (len(state.rank_param_sha256) != state.world_size or not all(
+            re.fullmatch(r"[0-9a-f]{64}", digest) for digest in state.rank_param_sha256)):
+        raise _bad(path, error, "rank_param_sha256", f"is not {state.world_size} SHA-256 digest(s)")
+    if state.epoch is None and state.data_position is None:
+        return  # (a method without an epoch stream)
+    if state.epoch is None or state.data_position is None:
+        missing = "epoch" if state.epoch is None else "data_position"
+        raise _bad(path, error, missing, "is missing (the data stream's place needs epoch and data_position)")
+    # The stream hands out consecutive permutations of the data: after `drawn` images (none yet: epoch 0) it is in
+    # permutation `epoch` (from 1) at position 1..num_images.
+    where = (state.epoch - 1) * num_images + state.data_position if state.epoch else state.data_position
+    if state.data_position > num_images or (drawn and not state.data_position) or where != drawn:
+        raise _bad(path, error, "data_position", f"{state.data_position} in epoch {state.epoch} over {num_images} "
+                   f"images does not match the {drawn} images {step} steps drew")
+
+
 def check_train_state(payload: Any, path: Path, *, step: int, config: TrainConfig, num_images: int,
-                      files: dict[str, str], error: type[DdpmctlError]) -> TrainState:
+                      files: dict[str, str], error: type[DdpmctlError]) -> dict[str, Any]:
     """Validate a training state read from ``path`` (named for ``step``) against the run it resumes.
 
     ``config`` is the resolved run (batch size, EMA, timestep sampler), ``num_images`` the training set's size and
     ``files`` the names of the save's other files. Returns the state with ``ema_updates`` filled in.
     """
-    state: TrainState = _validate(TrainState, payload, path, error)
+    state: LoopState = _validate(LoopState, payload, path, error)
+    if state.format is None or state.step is None:
+        raise _bad(path, error, "format" if state.format is None else "step", "is missing")
     if state.step != step:
         raise _bad(path, error, "step", f"{state.step} differs from the step in the file name ({step})")
-    if state.nan_skips > state.step:
-        raise _bad(path, error, "nan_skips", f"{state.nan_skips} skipped steps exceed the step ({state.step})")
-    updates = state.step - state.nan_skips
-    if state.ema_updates is not None and state.ema_updates != updates:
-        raise _bad(path, error, "ema_updates", f"{state.ema_updates}, but step {state.step} with "
-                   f"{state.nan_skips} skipped step(s) makes {updates} EMA updates")
-    drawn = state.step * (config.batch_size or 0)
-    if state.images_seen is not None and state.images_seen != drawn:
-        raise _bad(path, error, "images_seen", f"{state.images_seen}, but {state.step} steps of batch "
-                   f"{config.batch_size} drew {drawn}")
-    # The data stream hands out consecutive permutations of the training set: after `drawn` images it is in
-    # permutation `epoch` (from 1) at position 1..num_images.
-    if not 0 < state.data_position <= num_images:
-        raise _bad(path, error, "data_position", f"{state.data_position} lies outside the {num_images} training "
-                   "images")
-    if (state.epoch - 1) * num_images + state.data_position != drawn:
-        raise _bad(path, error, "data_position", f"{state.data_position} in epoch {state.epoch} over {num_images} "
-                   f"images does not match the {drawn} images {state.step} steps drew")
+    _check_counts(state, path, error, step=step, batch_size=config.batch_size or 0, num_images=num_images,
+                  ema=True)
     for field, value, expected in (("timestep_sampler", state.timestep_sampler, config.timestep_sampler),
                                    ("ema_rate", state.ema_rate, config.ema),
                                    ("ema_warmup", state.ema_warmup, config.ema_warmup)):
         if value is not None and value != expected:
-            raise _bad(path, error, field, f"{value!r} differs from the run's {expected!r}")
+            raise _bad(path, error, field, f"{value!r} differs from {expected!r} in the run's config.json")
     if state.files is not None and state.files.model_dump() != files:
         raise _bad(path, error, "files", f"names other files than this save's ({', '.join(files.values())})")
-    if state.rank_param_sha256 is not None and (len(state.rank_param_sha256) != state.world_size or not all(
-            re.fullmatch(r"[0-9a-f]{64}", digest) for digest in state.rank_param_sha256)):
-        raise _bad(path, error, "rank_param_sha256", f"is not {state.world_size} SHA-256 digest(s)")
-    return state.model_copy(update={"ema_updates": updates})
+    checked = json.loads(json.dumps(payload))  # the file's own values, now known to be valid
+    checked["ema_updates"] = step - state.nan_skips
+    return checked
 
 
 class TrainRun(_Schema):
@@ -331,34 +351,39 @@ def check_distill_report(payload: Any, path: Path, stages: list[int], *,
     return by_steps
 
 
-class StageState(_Schema):
-    """The string metadata of a distillation stage's ``state_{N}.safetensors``, parsed."""
+def check_stage_state(metadata: dict[str, str], path: Path, *, iters: int, batch_size: int, num_images: int,
+                      error: type[DdpmctlError]) -> tuple[int, dict[str, Any]]:
+    """Validate a distillation stage state's metadata: (its iteration, within 0..``iters``; the loop's values).
 
-    format: Literal["ddpmctl-distill/1"] = "ddpmctl-distill/1"
-    iteration: int = Field(ge=0)
-    recent_losses: tuple[float, ...] = Field((), max_length=10_000)
-    seconds: float = Field(0.0, ge=0.0)
-    # ddpmctl 0.1 also stored the optimizer's param_groups here; they are rebuilt from the options, never read.
-    param_groups: tuple[Any, ...] | None = None
-
-
-def check_stage_state(metadata: dict[str, str], path: Path, *, iters: int,
-                      error: type[DdpmctlError]) -> StageState:
-    """Validate a stage state's metadata: the iteration lies within the stage (0..``iters``)."""
-    payload: dict[str, Any] = {}
-    for key, text in metadata.items():
-        if key == "format":
-            payload[key] = text
-            continue
-        if len(text) > MAX_TEXT_BYTES:
-            raise _bad(path, error, key, "is larger than a stage state's metadata can be")
+    ``iteration`` and ``seconds`` are strings; ``values`` the loop's JSON (states of ddpmctl before 0.2 kept only
+    ``recent_losses`` beside them, and the optimizer's ``param_groups``, never read)."""
+    def number(key: str, kind: type) -> Any:
+        text = metadata.get(key, "0" if key == "seconds" else None)
+        if text is None:
+            raise _bad(path, error, key, "is missing")
         try:
-            payload[key] = json.loads(text) if key != "seconds" else float(text)
-        except (ValueError, RecursionError):
-            raise _bad(path, error, key, f"cannot be read ({text[:40]!r})") from None
-    if isinstance(payload.get("seconds"), float) and not math.isfinite(payload["seconds"]):
-        raise _bad(path, error, "seconds", f"{payload['seconds']} is not a finite number")
-    state: StageState = _validate(StageState, payload, path, error)
-    if state.iteration > iters:
-        raise _bad(path, error, "iteration", f"{state.iteration} is beyond the stage's {iters} iterations")
-    return state
+            value = kind(text)
+        except ValueError:
+            raise _bad(path, error, key, f"{text[:40]!r} is not a number of the right kind") from None
+        if not (math.isfinite(value) and value >= 0):
+            raise _bad(path, error, key, f"{text[:40]!r} is not a finite number >= 0")
+        return value
+
+    if metadata.get("format", DISTILL_RUN_FORMAT) != DISTILL_RUN_FORMAT:
+        raise _bad(path, error, "format", f"{metadata['format'][:40]!r} is not {DISTILL_RUN_FORMAT}")
+    iteration, seconds = number("iteration", int), number("seconds", float)
+    if iteration > iters:
+        raise _bad(path, error, "iteration", f"{iteration} is beyond the stage's {iters} iterations")
+    values = {}
+    for key in ("values", "recent_losses"):
+        if key in metadata:
+            if len(metadata[key]) > MAX_TEXT_BYTES:
+                raise _bad(path, error, key, "is larger than a stage state's metadata can be")
+            values[key] = parse_json(metadata[key], path, error=error)
+    payload = values.get("values", {"recent_losses": values.get("recent_losses", [])})
+    state: LoopState = _validate(LoopState, payload, path, error)
+    _check_counts(state, path, error, step=iteration, batch_size=batch_size, num_images=num_images, ema=False)
+    checked = json.loads(json.dumps(payload))
+    checked.setdefault("recent_losses", list(state.recent_losses or ()))
+    checked["elapsed"] = seconds
+    return iteration, checked
