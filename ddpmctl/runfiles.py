@@ -28,8 +28,9 @@ from ddpmctl.config import DataInfo, DiffusionConfig, DistillConfig, ModelConfig
 from ddpmctl.errors import ConfigError, DdpmctlError, validation_problem
 
 __all__ = [
-    "MAX_TEXT_BYTES", "not_regular", "TRAIN_STATE_FORMAT", "check_distill_run", "check_distill_report", "check_stage_state",
-    "check_train_run", "check_train_state", "parse_json", "read_json_file", "read_small_text",
+    "MAX_TEXT_BYTES", "TRAIN_STATE_FORMAT", "check_distill_report", "check_distill_run", "check_stage_state",
+    "check_train_run", "check_train_state", "not_regular", "parse_json", "read_json_file", "read_small_text",
+    "run_settings",
 ]
 
 # A settings or state file is a few kilobytes; 1 MiB leaves room for hand-written ones and refuses anything else.
@@ -165,6 +166,8 @@ class LoopState(_Schema):
     recent_losses: tuple[float, ...] | None = Field(None, max_length=10_000)
     files: _SaveFiles | None = None
     rank_param_sha256: tuple[str, ...] | None = None
+    # The run's settings when it saved (config.json's train section, less what may change on --resume).
+    settings: dict[str, Any] | None = None
 
 
 def _check_counts(state: LoopState, path: Path, error: type[DdpmctlError], *, step: int, batch_size: int,
@@ -195,12 +198,20 @@ def _check_counts(state: LoopState, path: Path, error: type[DdpmctlError], *, st
                    f"images does not match the {drawn} images {step} steps drew")
 
 
+def run_settings(config: TrainConfig, resumable: frozenset[str]) -> dict[str, Any]:
+    """The settings a save records: the resolved options, less those that may change on --resume, as JSON."""
+    dumped = config.model_dump(mode="json")
+    return {field: value for field, value in dumped.items() if field not in resumable}
+
+
 def check_train_state(payload: Any, path: Path, *, step: int, config: TrainConfig, num_images: int,
-                      files: dict[str, str], error: type[DdpmctlError]) -> dict[str, Any]:
+                      files: dict[str, str], resumable: frozenset[str],
+                      error: type[DdpmctlError]) -> dict[str, Any]:
     """Validate a training state read from ``path`` (named for ``step``) against the run it resumes.
 
-    ``config`` is the resolved run (batch size, EMA, timestep sampler), ``num_images`` the training set's size and
-    ``files`` the names of the save's other files. Returns the state with ``ema_updates`` filled in.
+    ``config`` is the resolved run (batch size, EMA, timestep sampler, and its settings, which must be those the
+    save recorded except the ``resumable`` ones), ``num_images`` the training set's size and ``files`` the names of
+    the save's other files. Returns the state with ``ema_updates`` filled in.
     """
     state: LoopState = _validate(LoopState, payload, path, error)
     if state.format is None or state.step is None:
@@ -214,6 +225,13 @@ def check_train_state(payload: Any, path: Path, *, step: int, config: TrainConfi
                                    ("ema_warmup", state.ema_warmup, config.ema_warmup)):
         if value is not None and value != expected:
             raise _bad(path, error, field, f"{value!r} differs from {expected!r} in the run's config.json")
+    if state.settings is not None:
+        now = run_settings(config, resumable)
+        for field in sorted(set(now) | set(state.settings)):
+            if state.settings.get(field) != now.get(field):
+                raise _bad(path, error, f"settings.{field}", f"the run saved with {_show(state.settings.get(field))}"
+                           f" but its config.json now says {_show(now.get(field))}; only "
+                           f"{', '.join(sorted(resumable))} may change on --resume")
     if state.files is not None and state.files.model_dump() != files:
         raise _bad(path, error, "files", f"names other files than this save's ({', '.join(files.values())})")
     checked = json.loads(json.dumps(payload))  # the file's own values, now known to be valid
@@ -281,6 +299,7 @@ class DistillRun(_Schema):
     to_steps: int = Field(ge=1, le=100_000)
     param: StudentParam
     stages: tuple[int, ...]
+    precision: Precision | None = None  # the precision the run resolved (absent before it was saved)
 
 
 def _halvings(from_steps: int, to_steps: int) -> list[int]:

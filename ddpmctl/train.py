@@ -183,7 +183,8 @@ class RunFolderSaves:
         save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
         write_json_atomic(json_path, {"format": STATE_FORMAT, "step": step, **meta,
                                       "files": {"ema": ema_path.name, "model": model_path.name,
-                                                "state": state_path.name}})
+                                                "state": state_path.name},
+                                      "settings": runfiles.run_settings(self.config, runfolder.TRAINING.resumable)})
         runfolder.prune(self.path, self.config.keep)
         return ema_path
 
@@ -195,7 +196,8 @@ class RunFolderSaves:
             raise CheckpointError(f"{json_path} is not a ddpmctl training state")
         files = {"ema": ema_path.name, "model": model_path.name, "state": state_path.name}
         meta = runfiles.check_train_state(meta, json_path, step=step, config=self.config,
-                                          num_images=self.num_images, files=files, error=CheckpointError)
+                                          num_images=self.num_images, files=files,
+                                          resumable=runfolder.TRAINING.resumable, error=CheckpointError)
         tensors = load_tensors(state_path)[0]
         weights = {self.sampled: load_tensors(model_path)[0]}
         ema = {self.sampled: load_tensors(ema_path)[0]}

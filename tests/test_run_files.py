@@ -177,6 +177,19 @@ def test_a_run_config_json_with_a_loose_value_is_refused_on_resume(runs: dict[st
     assert str(run / "config.json") in line and "field train.batch_size" in line
 
 
+@pytest.mark.parametrize(("field", "value"), [("lr", 3e-4), ("flip", True), ("timestep_sampler", "loss-second-moment")])
+def test_a_run_config_json_edited_since_the_save_is_refused(runs: dict[str, Path], tmp_path: Path, field: str,
+                                                           value: Any) -> None:
+    """Each save records the settings it was made with: a resume never trains on with others (which would end at
+    weights no uninterrupted run has)."""
+    run = copy_run(runs, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    config["train"][field] = value
+    (run / "config.json").write_text(json.dumps(config))
+    line = one_line(invoke("train", "--out", str(run), *RESUME), 1)
+    assert str(run / "state_000006.json") in line and field in line and "config.json" in line, line
+
+
 def test_read_small_text_refuses_folders_and_reads_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is a folder, not a regular file"):
         read_small_text(tmp_path)
@@ -193,6 +206,7 @@ def test_read_small_text_refuses_folders_and_reads_files(tmp_path: Path) -> None
 CHILD = r"""
 import resource, sys, time
 from typer.testing import CliRunner
+import ddpmctl.checkpoint, ddpmctl.samplers  # imported first: the time below is the command's own work
 from ddpmctl.cli.app import app
 start = time.monotonic()
 result = CliRunner().invoke(app, sys.argv[1:])
