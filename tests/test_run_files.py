@@ -134,6 +134,13 @@ def test_config_that_is_not_a_regular_file_is_refused_without_reading(tmp_path: 
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize(("name", "text"), [("deep.toml", "a = " + "[" * 50_000 + "]" * 50_000),
+                                          ("deep.json", "{\"a\": " + "[" * 50_000 + "]" * 50_000 + "}")])
+def test_a_deeply_nested_config_is_one_line(tmp_path: Path, name: str, text: str) -> None:
+    (tmp_path / name).write_text(text)
+    assert "nested too deeply" in one_line(invoke("train", "builtin:digits", "--config", str(tmp_path / name)), 2)
+
+
 def test_an_oversized_config_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.toml"
     path.write_text("# padding\n" * (MAX_TEXT_BYTES // 10 + 1))
@@ -255,3 +262,57 @@ def test_logsnr_range_with_another_spacing_is_refused(runs: dict[str, Path], tmp
                            "-o", str(tmp_path / "s"), "-n", "1", "--device", "cpu"), 2)
     assert "lambda_min" in line and "spacing=even" in line
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------------------------------ distillation files
+@pytest.fixture(scope="module")
+def distilled(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("distilled") / "d"
+    result = invoke("distill", *DISTILL, "--out", str(out), str(runs["run6"] / "ema_0.9999_000006.safetensors"))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+DISTILL = ["--data", "builtin:digits", "--from-steps", "4", "--to-steps", "2", "--iters-per-stage", "2",
+           "--batch-size", "4", "--report-samples", "2", "--device", "cpu", "--precision", "fp32", "--quiet"]
+
+
+@pytest.mark.parametrize(("name", "edit", "words"), [
+    ("distill.json", lambda d: d.update(stages=[8]), "field stages"),
+    ("distill.json", lambda d: d.update(to_steps=1), "field to_steps"),
+    ("distill.json", lambda d: d["config"].update(iters_per_stage=True), "field config.iters_per_stage"),
+    ("distill.json", lambda d: d.update(parent_sha256="x"), "field parent_sha256"),
+    ("report.json", lambda d: d["stages"][0].update(seconds=-1.0), "field stages.0.seconds"),
+    ("report.json", lambda d: d["stages"][0].update(steps=3), "field stages.0"),
+    ("report.json", lambda d: d.update(stages="all"), "field stages"),
+])
+def test_an_edited_distillation_file_is_one_line(runs: dict[str, Path], distilled: Path, tmp_path: Path, name: str,
+                                                 edit: Any, words: str) -> None:
+    out = tmp_path / "d"
+    shutil.copytree(distilled, out)
+    document = json.loads((out / name).read_text())
+    edit(document)
+    (out / name).write_text(json.dumps(document))
+    line = one_line(invoke("distill", *DISTILL, "--out", str(out), "--resume",
+                           str(runs["run6"] / "ema_0.9999_000006.safetensors")), 1)
+    assert str(out / name) in line and words in line, line
+
+
+@pytest.mark.parametrize(("metadata", "words"), [
+    ({"iteration": "3"}, "field iteration: 3 is beyond the stage's 2 iterations"),
+    ({"iteration": "one"}, "field iteration"),
+    ({"iteration": "1", "seconds": "nan"}, "field seconds"),
+    ({"iteration": "1", "values": "[1"}, "not valid JSON"),
+    ({"iteration": "1", "values": "{\"epoch\": 1, \"data_position\": 9}"}, "field data_position"),
+    ({"iteration": "1", "values": "{\"recent_losses\": [\"x\"]}"}, "field recent_losses.0"),
+])
+def test_a_stage_state_is_checked(metadata: dict[str, str], words: str) -> None:
+    from ddpmctl.runfiles import check_stage_state
+
+    with pytest.raises(CheckpointError) as caught:
+        check_stage_state({"format": "ddpmctl-distill/1", **metadata}, Path("state_2.safetensors"), iters=2,
+                          batch_size=4, num_images=100, error=CheckpointError)
+    assert words in str(caught.value) and "state_2.safetensors" in str(caught.value)
+    iteration, values = check_stage_state({"iteration": "1", "values": "{\"epoch\": 1, \"data_position\": 4}"},
+                                          Path("s"), iters=2, batch_size=4, num_images=100, error=CheckpointError)
+    assert iteration == 1 and values["data_position"] == 4

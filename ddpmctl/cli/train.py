@@ -99,6 +99,8 @@ def _parse_config_file(path: Path) -> dict[str, Any]:
         raise usage_error(f"--config {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise usage_error(f"--config {path}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise usage_error(f"--config {path}: not valid TOML (nested too deeply)") from None
 
 
 def _file_value(path: Path, field: str, value: Any, fields: Any) -> Any:
