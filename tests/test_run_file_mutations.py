@@ -2,7 +2,7 @@
 checkpoint header, one field at a time set to a wrong type, a negative, zero or huge number, null, a neighbouring
 value, or removed. Every outcome is either one ``error:`` line with the documented exit code (no traceback, no
 internal error), or, when the file is accepted, a resume that ends at exactly the weights of an uninterrupted run
-(a checkpoint that is accepted samples)."""
+(a checkpoint that is accepted samples). The run is conftest's ``runs``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,11 +21,7 @@ from typer.testing import CliRunner
 
 from ddpmctl.checkpoint import load_tensors
 from ddpmctl.cli.app import app
-from ddpmctl.config import TrainConfig
-from ddpmctl.train import train
 
-TINY = dict(data="builtin:digits", model_channels=16, channel_mult=(1, 2), res_blocks=1, attention_resolutions=(4,),
-            timesteps=20, batch_size=16, save_every=3, log_every=3, precision="fp32")
 # The resume runs to step 8 whatever the mutated file says about when to stop.
 RESUME = ["--resume", "--max-steps", "8", "--max-time", "1h", "--quiet", "--device", "cpu"]
 COMPARED = ("model_000008.safetensors", "ema_0.9999_000008.safetensors", "state_000008.safetensors")
@@ -35,16 +30,6 @@ MUTATIONS = ("remove", "null", "text", "list", "object", "true", "false", "float
              "plus_one", "minus_one", "nan")
 SLOW_EXAMPLES = settings(max_examples=24, deadline=None, derandomize=True,
                          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A run saved at steps 3 and 6, and the same run continued to 8 without interruption."""
-    root = tmp_path_factory.mktemp("mutations")
-    torch.manual_seed(0)
-    train(TrainConfig(**TINY, out=str(root / "run6"), max_steps=6), device=torch.device("cpu"))
-    train(TrainConfig(**TINY, out=str(root / "run8"), max_steps=8), device=torch.device("cpu"))
-    return {"run6": root / "run6", "run8": root / "run8"}
 
 
 def leaves(value: Any, prefix: tuple[str | int, ...] = ()) -> Iterator[tuple[str | int, ...]]:

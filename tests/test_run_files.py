@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -21,24 +20,10 @@ from typer.testing import CliRunner
 
 from ddpmctl.checkpoint import load_tensors
 from ddpmctl.cli.app import app
-from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, ConfigError
 from ddpmctl.runfiles import MAX_TEXT_BYTES, read_small_text
-from ddpmctl.train import train
 
-# A tiny run: 6 steps saved at 3 and 6; `reference` continues the same run to 8 uninterrupted.
-TINY = dict(data="builtin:digits", model_channels=16, channel_mult=(1, 2), res_blocks=1, attention_resolutions=(4,),
-            timesteps=20, batch_size=16, save_every=3, log_every=3, precision="fp32")
-RESUME = ["--resume", "--max-steps", "8", "--max-time", "1h", "--quiet", "--device", "cpu"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("runfiles")
-    torch.manual_seed(0)
-    train(TrainConfig(**TINY, out=str(root / "run6"), max_steps=6), device=torch.device("cpu"))
-    train(TrainConfig(**TINY, out=str(root / "run8"), max_steps=8), device=torch.device("cpu"))
-    return {"run6": root / "run6", "run8": root / "run8"}
+RESUME = ["--resume", "--max-steps", "8", "--max-time", "1h", "--quiet", "--device", "cpu"]  # (runs: conftest)
 
 
 def invoke(*args: str) -> Any:
