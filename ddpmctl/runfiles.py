@@ -171,8 +171,9 @@ class LoopState(_Schema):
 
 
 def _check_counts(state: LoopState, path: Path, error: type[DdpmctlError], *, step: int, batch_size: int,
-                  num_images: int, ema: bool) -> None:
-    """Counts no larger than the step; the data stream where ``step`` batches leave it."""
+                  num_images: int | None, ema: bool) -> None:
+    """Counts no larger than the step; the data stream where ``step`` batches leave it (when the number of images
+    is known)."""
     if state.nan_skips > step:
         raise _bad(path, error, "nan_skips", f"{state.nan_skips} skipped steps exceed the step ({step})")
     if ema and state.ema_updates is not None and state.ema_updates != step - state.nan_skips:
@@ -185,7 +186,7 @@ def _check_counts(state: LoopState, path: Path, error: type[DdpmctlError], *, st
     if state.rank_param_sha256 is not None and (len(state.rank_param_sha256) != state.world_size or not all(
             re.fullmatch(r"[0-9a-f]{64}", digest) for digest in state.rank_param_sha256)):
         raise _bad(path, error, "rank_param_sha256", f"is not {state.world_size} SHA-256 digest(s)")
-    if state.epoch is None and state.data_position is None:
+    if num_images is None or (state.epoch is None and state.data_position is None):
         return  # (a method without an epoch stream)
     if state.epoch is None or state.data_position is None:
         missing = "epoch" if state.epoch is None else "data_position"
@@ -204,7 +205,7 @@ def run_settings(config: TrainConfig, resumable: frozenset[str]) -> dict[str, An
     return {field: value for field, value in dumped.items() if field not in resumable}
 
 
-def check_train_state(payload: Any, path: Path, *, step: int, config: TrainConfig, num_images: int,
+def check_train_state(payload: Any, path: Path, *, step: int, config: TrainConfig, num_images: int | None,
                       files: dict[str, str], resumable: frozenset[str],
                       error: type[DdpmctlError]) -> dict[str, Any]:
     """Validate a training state read from ``path`` (named for ``step``) against the run it resumes.

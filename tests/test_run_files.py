@@ -129,7 +129,8 @@ def test_a_deeply_nested_config_is_one_line(tmp_path: Path, name: str, text: str
 def test_an_oversized_config_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "big.toml"
     path.write_text("# padding\n" * (MAX_TEXT_BYTES // 10 + 1))
-    assert "more than the 1,048,576 a ddpmctl settings" in one_line(invoke("train", "builtin:digits", "--config", str(path)), 2)
+    line = one_line(invoke("train", "builtin:digits", "--config", str(path)), 2)
+    assert "more than the 1,048,576 a ddpmctl settings" in line
 
 
 @pytest.mark.parametrize(("toml", "flag", "words"), [
