@@ -23,7 +23,7 @@ from torch import nn
 
 from ddpmctl import __version__
 from ddpmctl import distributed as dist_utils
-from ddpmctl import runfolder
+from ddpmctl import runfiles, runfolder
 from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import save_checkpoint
@@ -44,7 +44,7 @@ __all__ = ["IDDPMMethod", "RunFolderSaves", "TrainEvent", "TrainResult", "comput
 
 # The loop's progress event: training's callbacks receive these.
 TrainEvent = LoopEvent
-STATE_FORMAT = "ddpmctl-train-state/1"
+STATE_FORMAT = runfiles.TRAIN_STATE_FORMAT
 # ModelConfig.image_size's lower bound (the U-Net needs a few pixels to halve).
 MIN_IMAGE_SIZE = 4
 
@@ -110,6 +110,8 @@ class RunFolderSaves:
             raise ConfigError("no run folder: give --out DIR")
         self.path, self.config, self.dist, self.kind = Path(config.out), config, dist, kind
         self.ckpt_config: CheckpointConfig | None = None  # set once the network is known
+        # The training images, once the data is loaded: a saved state's data stream is checked against them.
+        self.num_images: int | None = None
         self.sampled = sampled  # the name of the sampled network (the method's first in networks())
 
     def claim(self, *, resume: bool, force: bool) -> dict[str, Any] | None:
@@ -185,7 +187,8 @@ class RunFolderSaves:
         save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
         write_json_atomic(json_path, {"format": STATE_FORMAT, "step": step, **meta,
                                       "files": {"ema": ema_path.name, "model": model_path.name,
-                                                "state": state_path.name}})
+                                                "state": state_path.name},
+                                      "settings": runfiles.run_settings(self.config, runfolder.TRAINING.resumable)})
         runfolder.prune(self.path, self.config.keep)
         return ema_path
 
@@ -195,6 +198,10 @@ class RunFolderSaves:
         meta = runfolder.read_json(json_path)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{json_path} is not a ddpmctl training state")
+        files = {"ema": ema_path.name, "model": model_path.name, "state": state_path.name}
+        meta = runfiles.check_train_state(meta, json_path, step=step, config=self.config,
+                                          num_images=self.num_images, files=files,
+                                          resumable=runfolder.TRAINING.resumable, error=CheckpointError)
         tensors = load_tensors(state_path)[0]
         weights = {self.sampled: load_tensors(model_path)[0]}
         ema = {self.sampled: load_tensors(ema_path)[0]}
@@ -340,7 +347,8 @@ class _Setup:
         self.config, self.dist, self.device = config, dist, dist.device
         self.callback = callback if dist.is_main else None
         saved = self.folder.claim(resume=resume, force=force)
-        dataset = self._load_dataset()
+        dataset = self.dataset = self._load_dataset()
+        self.folder.num_images = len(dataset.images)
         config = self._fit_to_data(config, saved, dataset)
         model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
                                                 num_classes=dataset.num_classes if config.class_cond else None)
@@ -351,6 +359,17 @@ class _Setup:
         self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
         self.num_parameters = sum(p.numel() for p in self.method.model.parameters())
         self.folder.open(self._run_config_payload())
+
+    def quality_probe(self) -> tuple[Periodic, ...]:
+        """``--eval-every``: the sample-quality probe as periodic work of rank 0 (ddpmctl.train_eval)."""
+        c = self.config
+        if c.eval_every is None or not self.dist.is_main:
+            return ()
+        from ddpmctl.train_eval import QualityProbe
+
+        probe = QualityProbe(self.ckpt_config, self.dataset, c.data, every=c.eval_every, num=c.eval_num,
+                             steps=c.eval_steps, device=self.device)
+        return (probe.periodic(),)
 
     def _warn(self, message: str) -> None:
         if self.callback is not None:
@@ -437,7 +456,7 @@ def train(config: TrainConfig, *, device: torch.device, resume: bool = False, fo
     dist = dist_utils.setup(device)
     try:
         setup = _Setup(config, dist, resume, force, callback)
-        loop = setup.loop(should_stop, periodic)
+        loop = setup.loop(should_stop, (*periodic, *setup.quality_probe()))
         done = loop.run(start_message=f"{setup.num_parameters:,} parameters, {setup.precision}")
         # Every rank finishes before any tears the group down: a rank that exits while another still talks to the
         # store (hosted by rank 0) could abort in gloo's teardown ("terminate called without an active

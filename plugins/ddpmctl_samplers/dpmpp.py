@@ -65,6 +65,9 @@ class DPMSolverPlusPlus2MSampler(Sampler):
 
         @model_validator(mode="after")
         def _ordered(self) -> DPMSolverPlusPlus2MSampler.Options:
+            if self.spacing != "logsnr" and (self.lambda_min is not None or self.lambda_max is not None):
+                raise ValueError(f"lambda_min and lambda_max place a logsnr grid: they do nothing with spacing="
+                                 f"{self.spacing}")
             if self.lambda_min is not None and self.lambda_max is not None and self.lambda_min >= self.lambda_max:
                 raise ValueError(f"lambda_min must be below lambda_max, not {self.lambda_min:g} >= {self.lambda_max:g}")
             return self
