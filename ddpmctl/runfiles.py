@@ -24,7 +24,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddpmctl.choices import EmaWarmup, Precision, StudentParam, TimestepSamplerName
-from ddpmctl.config import DataInfo, DiffusionConfig, DistillConfig, ModelConfig, TrainConfig
+from ddpmctl.config import (DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, DataInfo, DiffusionConfig, DistillConfig, ModelConfig,
+                            TrainConfig)
 from ddpmctl.errors import ConfigError, DdpmctlError, validation_problem
 
 __all__ = [
@@ -248,6 +249,8 @@ class TrainRun(_Schema):
     model: ModelConfig | None = None
     diffusion: DiffusionConfig | None = None
     data: DataInfo | None = None
+    # The options train chose from the data (TrainConfig field names; `ddpmctl info RUN` marks them).
+    chosen_from_data: tuple[Literal[DATA_DEFAULT_FIELDS + NETWORK_SHAPE_FIELDS], ...] = ()  # type: ignore[valid-type]
     num_parameters: int | None = Field(None, ge=0)
     world_size: int | None = Field(None, ge=1)
     created_with: str | None = Field(None, max_length=100)
