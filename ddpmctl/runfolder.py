@@ -206,6 +206,14 @@ def _with_legacy_values(train: dict[str, Any], model: Any) -> dict[str, Any]:
     train = dict(train)
     for field, value in _LEGACY_TRAIN_VALUES.items():
         train.setdefault(field, value)
+    return with_network_fields(train, model)
+
+
+def with_network_fields(train: dict[str, Any], model: Any) -> dict[str, Any]:
+    """``train`` (TrainConfig fields as JSON) with the network-shape options it left to the size-scaled defaults
+    (None) filled in from ``model`` (the built network's ModelConfig as JSON): what a resumed run reads back, and so
+    what a save records as the run's settings."""
+    train = dict(train)
     if isinstance(model, dict):
         for field, model_field in _LEGACY_MODEL_FIELDS.items():
             if train.get(field) is None and model.get(model_field) is not None:

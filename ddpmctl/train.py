@@ -188,9 +188,16 @@ class RunFolderSaves:
         write_json_atomic(json_path, {"format": STATE_FORMAT, "step": step, **meta,
                                       "files": {"ema": ema_path.name, "model": model_path.name,
                                                 "state": state_path.name},
-                                      "settings": runfiles.run_settings(self.config, runfolder.TRAINING.resumable)})
+                                      "settings": self._settings()})
         runfolder.prune(self.path, self.config.keep)
         return ema_path
+
+    def _settings(self) -> dict[str, Any]:
+        """The run's settings as a save records them, with the network options that were left to the defaults
+        filled in from the built network, exactly as --resume reads config.json back."""
+        assert self.ckpt_config is not None
+        settings = runfiles.run_settings(self.config, runfolder.TRAINING.resumable)
+        return runfolder.with_network_fields(settings, self.ckpt_config.model.model_dump(mode="json"))
 
     def read(self, step: int) -> Save:
         """What write wrote at ``step``."""
@@ -385,8 +392,11 @@ class _Setup:
         self.chosen_from_data = (list(saved.get("chosen_from_data", [])) if saved is not None else
                                  [f for f in left if getattr(config, f) is None])
         if saved is not None:
-            config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
-                                               if getattr(config, f) is None and saved["train"].get(f) is not None})
+            # (JSON lists back to the tuples the fields hold: model_copy does not validate.)
+            config = config.model_copy(update={f: tuple(v) if isinstance(v, list) else v
+                                               for f, v in saved["train"].items()
+                                               if f in TrainConfig.model_fields and getattr(config, f) is None
+                                               and v is not None})
         self.config = self.folder.config = config = config.with_data_defaults(image_size=dataset.image_size,
                                                                               num_images=len(dataset.images))
         self.local_batch = dist_utils.split_batch(config.batch_size, self.dist.world_size)
