@@ -218,13 +218,50 @@ def test_logsnr_spacing_is_uniform_in_log_snr() -> None:
     assert low < chain_lam[-2] and high == chain_lam[0]
     with pytest.raises(ValueError, match="lambda_min must be below lambda_max"):
         dpmpp.Options(lambda_min=1.0, lambda_max=0.0)
-    with pytest.raises(SamplerError, match="low end below its high end"):  # one end given, the default other end
-        sampling_timesteps(ckpt, dpmpp(dpmpp.Options(lambda_min=3.0)), 10)
+    # One end given on the wrong side of the other, default, end: the message says that end is a default.
+    with pytest.raises(SamplerError, match=r"lambda_min=5 is not below the default high end .*give lambda_max"):
+        sampling_timesteps(ckpt, dpmpp(dpmpp.Options(lambda_min=5.0)), 10)
+    with pytest.raises(SamplerError, match=r"lambda_max=-4 is not above the default low end .*give lambda_min"):
+        sampling_timesteps(ckpt, dpmpp(dpmpp.Options(lambda_max=-4.0)), 10)
     # Even in t, the same chain's first and last gaps are several times the middle ones (why dpmpp-2m avoids it).
     even = sampling_timesteps(ckpt, get_sampler("ddim")(), 10)
     lam_even = [chain_lam[t] for t in even]
     gaps_even = [b - a for a, b in zip(lam_even, lam_even[1:])]
     assert gaps_even[0] > 3 * gaps_even[4] and gaps_even[-1] > 3 * gaps_even[4], gaps_even
+
+
+def test_logsnr_range_options_need_logsnr_spacing() -> None:
+    # With even or ddim spacing a lambda range would be silently ignored: refuse it instead.
+    dpmpp = get_sampler("dpmpp-2m")
+    for spacing in ("even", "ddim"):
+        with pytest.raises(ValueError, match=f"lambda_min=-2 applies only to spacing=logsnr, not spacing={spacing}"):
+            dpmpp.Options(spacing=spacing, lambda_min=-2.0)
+        with pytest.raises(ValueError, match="lambda_min=-2 and lambda_max=3 apply only to spacing=logsnr"):
+            dpmpp.Options(spacing=spacing, lambda_min=-2.0, lambda_max=3.0)
+    assert dpmpp.Options(spacing="even").lambda_min is None
+
+
+def test_logsnr_grid_spends_no_call_next_to_the_top_step() -> None:
+    # A linear chain's top two steps differ by about 0.01 in lambda; a grid over the whole chain that started at the
+    # step below the top would call the network there twice in effect (and extrapolate the 2M step by 1/(2r) ~ 17).
+    dconf = DiffusionConfig(schedule="linear", timesteps=1000, var_type="fixed_small", loss_type="mse")
+    abar = build_diffusion(dconf).alphas_cumprod
+    ckpt = exact_checkpoint(ExactGaussianDenoiser(M, S, abar), channels=1, image_size=4, diffusion=dconf)
+    lam = [0.5 * math.log(float(a) / (1 - float(a))) for a in abar]
+    assert lam[-2] - lam[-1] < 0.02
+    whole = get_sampler("ddim")(get_sampler("ddim").Options(spacing="logsnr"))
+    for steps in (5, 10, 50):
+        grid = [lam[t] for t in sampling_timesteps(ckpt, whole, steps)]
+        gaps = [b - a for a, b in zip(grid, grid[1:])]
+        even = (lam[0] - lam[-1]) / (steps - 1)  # uniform from the top step itself to the bottom step
+        # Every gap is the uniform one up to the chain's own rounding to integer steps (at most one step's lambda).
+        widest_step = max(abs(a - b) for a, b in zip(lam, lam[1:]))
+        assert all(abs(g - even) <= widest_step for g in gaps), (steps, gaps)
+    # The cosine chain's top step sits 3.5 below its neighbour: there the grid still starts at the neighbour.
+    cos = DiffusionConfig(schedule="cosine", timesteps=1000, var_type="fixed_small", loss_type="mse")
+    abar = build_diffusion(cos).alphas_cumprod
+    ckpt = exact_checkpoint(ExactGaussianDenoiser(M, S, abar), channels=1, image_size=4, diffusion=cos)
+    assert sampling_timesteps(ckpt, whole, 10)[:2] == (999, 998)
 
 
 def test_explicit_timesteps() -> None:

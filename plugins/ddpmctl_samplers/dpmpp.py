@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ddpmctl import Denoiser, Sampler, SampleRNG, StepCallback, StepInfo
+from ddpmctl import Denoiser, Sampler, SampleRNG, SamplerError, StepCallback, StepInfo
 
 
 # The default logsnr grid (module docstring): its low end by the network's prediction, its high end at 10 steps.
@@ -65,6 +65,11 @@ class DPMSolverPlusPlus2MSampler(Sampler):
 
         @model_validator(mode="after")
         def _ordered(self) -> DPMSolverPlusPlus2MSampler.Options:
+            given = [f"{key}={value:g}" for key, value in (("lambda_min", self.lambda_min),
+                                                           ("lambda_max", self.lambda_max)) if value is not None]
+            if given and self.spacing != "logsnr":
+                verb = "apply" if len(given) > 1 else "applies"
+                raise ValueError(f"{' and '.join(given)} {verb} only to spacing=logsnr, not spacing={self.spacing}")
             if self.lambda_min is not None and self.lambda_max is not None and self.lambda_min >= self.lambda_max:
                 raise ValueError(f"lambda_min must be below lambda_max, not {self.lambda_min:g} >= {self.lambda_max:g}")
             return self
@@ -74,8 +79,16 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         # Past 10 steps the range widens by half the 10-step spacing per extra step, a quarter at each end: at 20
         # steps the middle is still denser than at 10, by 50 steps the grid covers the whole chain.
         widen = max(0, steps - 10) * (TEN_STEP_LAMBDA_MAX - low0) / 8 / 4
-        low = low0 - widen if self.options.lambda_min is None else self.options.lambda_min
-        high = min(bottom, TEN_STEP_LAMBDA_MAX + widen) if self.options.lambda_max is None else self.options.lambda_max
+        default_low, default_high = low0 - widen, min(bottom, TEN_STEP_LAMBDA_MAX + widen)
+        low = default_low if self.options.lambda_min is None else self.options.lambda_min
+        high = default_high if self.options.lambda_max is None else self.options.lambda_max
+        # One end given and the default other end on its wrong side: say which end was a default.
+        if self.options.lambda_max is None and low >= high:
+            raise SamplerError(f"option lambda_min={low:g} is not below the default high end at {steps} steps "
+                               f"(lambda {high:g}): give lambda_max as well")
+        if self.options.lambda_min is None and low >= high:
+            raise SamplerError(f"option lambda_max={high:g} is not above the default low end at {steps} steps "
+                               f"(lambda {low:g}): give lambda_min as well")
         return low, high
 
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], *, noise: SampleRNG,
