@@ -359,6 +359,8 @@ class DistillConfig(_Frozen):
     param: StudentParam | None = Field(None, description="None: v for a v model, x for an x0 model; for eps: both "
                                                          "with 2C outputs, else v")
     weighting: Weighting = "truncated-snr"
+    teacher_clip: bool | None = Field(None, description="clamp the teacher's x_hat to [-1, 1] in its two DDIM "
+                                                        "steps; None: only in an eps model's lineage")
     precision: Precision = "fp32"
     grad_clip: float = Field(1.0, gt=0.0)
     flip: bool = True

@@ -30,7 +30,7 @@ from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
 from ddpmctl.data import ImageDataset, load_dataset
-from ddpmctl.ema import EMA
+from ddpmctl.ema import EMA, decay_summary
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ddpmctl.hardware import resolve_precision
 from ddpmctl.hardware import memory_format
@@ -562,7 +562,10 @@ class _Trainer:
         step_dev = torch.full((), self.step, dtype=torch.int64, device=dev)
         log_t0, log_steps = time.monotonic(), 0
         reason: StopReason = "max_steps"
-        self._emit("start", message=f"{self.num_parameters:,} parameters, {self.precision}")
+        ema = self.training.ema
+        final = None if c.max_steps is None else ema.updates + max(0, c.max_steps - self.step)
+        self._emit("start", message=f"{self.num_parameters:,} parameters, {self.precision}, "
+                                    f"{decay_summary(ema.rate, ema.warmup, ema.updates, final)}")
         self.training.model.train()
         with StopSignals() as signals:
             while c.max_steps is None or self.step < c.max_steps:

@@ -60,6 +60,21 @@ def test_default_data_is_the_held_out_split_and_json_matches_the_library(digits_
     assert rows["KL q1"]["t_range"] == [1, 2] and rows["KL q4"]["t_range"] == [8, 9]
 
 
+def test_auto_is_fp32_even_where_bf16_is_native(digits_ckpt: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bits/dim users compare with papers' (fp32) numbers: auto never picks bf16 here, unlike train and sample.
+    import ddpmctl.hardware
+
+    monkeypatch.setattr(ddpmctl.hardware, "cpu_native_bf16", lambda: True)
+    args = [str(digits_ckpt), "-n", "3", "--device", "cpu", "--json", "--quiet"]
+    auto = json.loads(_run(*args).stdout)
+    assert auto["precision"] == "fp32"
+    expected = evaluate_nll(load_checkpoint(digits_ckpt), load_dataset("builtin:digits", split="test").images[:3])
+    assert auto["bits_per_dim"] == pytest.approx(expected.mean, rel=1e-6)
+    assert json.loads(_run(*args, "--precision", "bf16").stdout)["precision"] == "bf16"
+    help_text = CliRunner().invoke(app, ["eval-nll", "--help"], env={"COLUMNS": "400"}).stdout
+    assert "auto: fp32 on every device" in help_text and "summed in fp64" in help_text
+
+
 def test_table_and_json_agree(digits_ckpt: Path) -> None:
     # The same batch size for both: the same float sums, so the table must show the JSON's numbers rounded.
     table = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7")

@@ -32,7 +32,7 @@ def test_auto_is_fp32_without_native_bf16(tmp_path: Path) -> None:
     result = _train(tmp_path)
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr
-    assert "parameters, fp32)" in result.stderr  # the progress header names the precision
+    assert "parameters, fp32, EMA decay" in result.stderr  # the progress header names the precision
     assert {m["precision"] for m in _metrics(tmp_path / "run")} == {"fp32"}
     json_result = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "run"), "--resume", "--max-steps", "3",
                                            "--json", "--quiet"])

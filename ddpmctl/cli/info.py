@@ -38,8 +38,15 @@ def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
     warmup = entry.get("ema_warmup", "none")
     how = ("no warm-up (improved-diffusion: starts at the random init)" if warmup == "none"
            else "warm-up 1-(1+t)^-2/3 (starts at the first trained weights)" if warmup == "power" else f"warm-up {warmup}")
-    updates = f", {entry['ema_updates']} updates" if "ema_updates" in entry else ""
-    return f"EMA rate {entry['ema']}, {how}{updates}"
+    if "ema_updates" not in entry or warmup not in ("power", "none"):
+        return f"EMA rate {entry['ema']}, {how}"
+    from ddpmctl.ema import reached_decay
+
+    # The decay the average reached, not only the cap: a warm-up's is far below the rate on a short run.
+    updates = int(entry["ema_updates"])
+    decay = reached_decay(float(entry["ema"]), warmup, updates)
+    return (f"EMA rate {entry['ema']}, {how}, {updates} updates: decay {decay:.6g} reached (an average over about "
+            f"the last {1 / (1 - decay):,.0f} steps)")
 
 
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
