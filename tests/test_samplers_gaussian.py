@@ -162,12 +162,13 @@ def test_observed_orders_of_convergence(ode_errors: dict[tuple[str, int], float]
 
     # DDIM is Euler's method in (sigma/alpha): first order (measured 1.00 between 10 and 50 steps).
     assert order("ddim", 10, 50) == pytest.approx(1.0, abs=0.1)
-    # DPM-Solver++(2M) is second order. Its default grid widens with the steps (plugins' dpmpp.py), so the order is
-    # taken on one fixed lambda range: measured 1.81 between 20 and 50 steps on [-3, 2.5] (2.03 from 50 to 100 steps
-    # over the whole chain).
-    fixed = get_sampler("dpmpp-2m").Options(clip_denoised=False, lambda_min=-3.0, lambda_max=2.5)
+    # DPM-Solver++(2M) is second order. Its default grid changes with the steps (plugins' dpmpp.py), so the order is
+    # taken on one fixed lambda range, from -3 to the chain's bottom step (a range that stops short of it leaves the
+    # constant bias of E[x_0 | x] there, and no order): measured 2.12 between 20 and 50 steps (2.32 from 50 to 100;
+    # over the whole chain 2.08).
+    fixed = get_sampler("dpmpp-2m").Options(clip_denoised=False, lambda_min=-3.0, lambda_max=30.0)
     err20, err50 = (gaussian_ode_error(get_sampler("dpmpp-2m"), n, options=fixed) for n in (20, 50))
-    assert math.log(err20 / err50) / math.log(50 / 20) > 1.5
+    assert math.log(err20 / err50) / math.log(50 / 20) > 1.8
     # Measured with the default grid: 0.0014 at 50 steps against DDIM's 0.013.
     assert ode_errors["dpmpp-2m", 50] < ode_errors["ddim", 50] / 5
 
