@@ -35,7 +35,7 @@ from ddpmctl.hardware import cpu_capability
 from ddpmctl.quality import evaluate_images, load_feature_extractor, reference_for_dataset
 from ddpmctl.samplers import generate, get_sampler
 
-SAMPLERS = ("strided", "ddim", "dpmpp-2m")
+SAMPLERS = ["strided", "ddim", "dpmpp-2m"]
 CALLS = (1, 2, 4, 8, 10, 20, 50)
 
 
@@ -90,7 +90,7 @@ def model_rows(label: str, ckpt: LoadedCheckpoint, students: Path | None, args: 
     """{"sampler@calls": result} for one model: every sampler at every call count, then its students."""
     rows: dict[str, dict[str, Any]] = {}
     for calls in args.calls:
-        for name in SAMPLERS:
+        for name in args.samplers:
             rows[f"{name}@{calls}"] = score_runs(sampler_images(ckpt, name, calls, args.num), args.seeds, score)
             print(f"{label:4s} {name:9s} {calls:3d} calls: {_line(rows[f'{name}@{calls}'])}", flush=True)
         student = students / f"student_{calls}.safetensors" if students is not None else None
@@ -110,6 +110,7 @@ def _line(row: dict[str, Any]) -> str:
 def markdown(label: str, rows: dict[str, dict[str, Any]], calls: list[int]) -> str:
     """One table per model: a row per sampler, a column per call count, cells 'FD ± sd (P / R)'."""
     names = [n for n in (*SAMPLERS, "student") if any(f"{n}@{c}" in rows for c in calls)]
+    names += sorted({key.split("@")[0] for key in rows} - set(names))
     lines = [f"{label}: FD ± sd (precision / recall)", "",
              "| sampler | " + " | ".join(f"{c} calls" for c in calls) + " |",
              "|---|" + "---:|" * len(calls)]
@@ -140,6 +141,8 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=300, help="images per seed")
     parser.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     parser.add_argument("--calls", type=lambda s: [int(x) for x in s.split(",")], default=list(CALLS))
+    parser.add_argument("--samplers", type=lambda s: [x for x in s.split(",") if x], default=SAMPLERS,
+                        help="comma-separated (empty: students only)")
     parser.add_argument("--out", type=Path, default=Path("bench_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -9,13 +9,18 @@ uniform in lambda over the range where the image forms (on an even-in-t cosine g
   multiplies its error by sigma/alpha = e^-lambda; below lambda of about -2 the clipped x_hat swings between -1 and 1
   and the trajectory needs short steps there. A v or x0 network's x_hat stays bounded, and steps spent above
   lambda = -1.5 (nearly pure noise) are lost.
-- high end, lambda = 2.5 (sigma/alpha = 0.08). The final step to sigma = 0 (x_hat itself) costs less from there
-  than a 2M step of the size the rest of a 10-step grid would need to reach the chain's bottom step.
-- Past 10 steps both ends move out by a quarter of the 10-step spacing per extra step, up to the whole chain.
+- high end, lambda = 3.5 (sigma/alpha = 0.03, about 4 grey levels of an 8-bit image). The last step returns
+  x_hat = E[x_0 | x] there, which shrinks every sample towards the mean by sqrt(s^2 / (s^2 + (sigma/alpha)^2)) for
+  data of spread s more than the ODE does: the cost of stopping early, against the discretisation error of wider
+  2M steps. On Gaussian data (``ddpmctl.testing.gaussian_ode_error``, measured against the exact sigma = 0
+  endpoint) a 10-step grid is 2-3e-3 RMS from it with this end, 1.1-1.2e-2 ending at 2.5 (4% too narrow) and
+  0.8-1.1e-2 ending at the chain's bottom step; a long final 2M step to the bottom step (an uneven grid) is worse.
+- Past 10 steps both ends move out by a quarter of the 10-step spacing per extra step, up to the whole chain: by about
+  20 steps the grid ends at the chain's bottom step.
 
-Measured on digits models (eps and v), 10 steps, mean squared distance to the full-chain DDIM from the same
-noise: 1.2x (v) and 1.7x (eps) closer than DDIM at 20 steps, 5-12x closer than a logSNR grid over the whole chain
-(benchmarks/README.md, which also lists the grids tried).
+Measured by FD on digits models (benchmarks/README.md "Few-step sample quality", which lists the grids tried):
+at 10 steps the high end of 3.5 was the best of 2.5 / 3.5 / 4.5 / the bottom step at every low end tried, and the
+low ends by parameterisation held.
 
 Steps are ODE steps: the n network calls make n steps t_0 -> t_1 -> ... -> t_{n-1} -> sigma = 0. The last one
 is the "lower-order final" step of the reference, first order by necessity (h is infinite there, and the
@@ -39,7 +44,7 @@ from ddpmctl import Denoiser, Sampler, SampleRNG, SamplerError, StepCallback, St
 # The default logsnr grid (module docstring): its low end by the network's prediction, its high end at 10 steps.
 EPS_LAMBDA_MIN = -3.0
 LAMBDA_MIN = -1.5
-TEN_STEP_LAMBDA_MAX = 2.5
+TEN_STEP_LAMBDA_MAX = 3.5
 
 
 class DPMSolverPlusPlus2MSampler(Sampler):
@@ -60,7 +65,7 @@ class DPMSolverPlusPlus2MSampler(Sampler):
             None, description="logsnr spacing: lambda = log(alpha/sigma) after the top step (default at 10 steps: -3 "
                               "for eps networks, -1.5 for v and x0; lower with more steps)")
         lambda_max: float | None = Field(
-            None, description="logsnr spacing: lambda of the last step before sigma = 0 (default: 2.5 up to 10 "
+            None, description="logsnr spacing: lambda of the last step before sigma = 0 (default: 3.5 up to 10 "
                               "steps, then farther, up to the chain's bottom step)")
 
         @model_validator(mode="after")
