@@ -22,7 +22,6 @@ from ddpmctl.choices import (
     MeanType,
     EmaWarmup,
     NanPolicy,
-    Precision,
     PrecisionRequest,
     Schedule,
     StudentParam,
@@ -361,7 +360,8 @@ class DistillConfig(_Frozen):
     weighting: Weighting = "truncated-snr"
     teacher_clip: bool | None = Field(None, description="clamp the teacher's x_hat to [-1, 1] in its two DDIM "
                                                         "steps; None: only in an eps model's lineage")
-    precision: Precision = "fp32"
+    # The request, resolved on each device (so a resumed auto run may continue in another precision).
+    precision: PrecisionRequest = "fp32"
     grad_clip: float = Field(1.0, gt=0.0)
     flip: bool = True
     seed: int = Field(0, ge=0)

@@ -2,9 +2,9 @@
 
 Stage 1's teacher is the trained network run as deterministic DDIM on the ``from_steps`` grid; each stage's student
 (same architecture, dropout 0, a v / x / "both" head) takes one DDIM step where its teacher takes two, and becomes
-the next stage's teacher (the mathematics: ``ddpmctl.progressive``). A stage is a training loop on ``ddpmctl
-train``'s machinery: the run-folder checks of ``ddpmctl.runfolder``; the stop signals, seeds and optimizer state of
-``ddpmctl.loop``; the precision of ``ddpmctl.inference.AutocastModel``.
+the next stage's teacher (the mathematics: ``ddpmctl.progressive``). A stage is a method (``_DistillStage``) on the
+training loop of ``ddpmctl.loop``, which saves, resumes and stops it as it does ``ddpmctl train``; the run-folder
+checks are ``ddpmctl.runfolder``'s.
 
 Run folder (``--out``): ``distill.json`` (settings), ``state_{N}.safetensors`` (an unfinished stage: student,
 optimizer, iteration, RNG), ``student_{N}.safetensors`` (finished stages), ``report.json`` (the quality report).
@@ -13,15 +13,15 @@ optimizer, iteration, RNG), ``student_{N}.safetensors`` (finished stages), ``rep
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ddpmctl import runfolder
+from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import (
     LoadedCheckpoint,
@@ -35,10 +35,12 @@ from ddpmctl.checkpoint import (
 from ddpmctl.choices import StudentParam
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig
 from ddpmctl.data import ImageDataset, load_dataset_for
-from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
-from ddpmctl.images import uint8_to_model
-from ddpmctl.inference import AutocastModel
-from ddpmctl.loop import StopSignals, clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
+from ddpmctl.distributed import DistInfo
+from ddpmctl.errors import CheckpointError, ConfigError
+from ddpmctl.hardware import resolve_precision
+from ddpmctl.loop import LoopEvent, LoopSettings, Save, StopSignals, TrainingLoop
+from ddpmctl.method import Method, Runtime, StepOutput
+from ddpmctl.optim import clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.progressive import (
     GridDenoiser,
     ddim_on_grid,
@@ -50,8 +52,9 @@ from ddpmctl.progressive import (
     student_predict_xstart,
     teacher_target,
 )
+from ddpmctl.seeds import DISTILL_REPORT, DISTILL_STAGE, derive_seed
 
-__all__ = ["DistillConfig", "DistillEvent", "DistillResult", "StageReport", "distill", "zero_extra_head"]
+__all__ = ["DistillConfig", "DistillResult", "StageReport", "distill", "zero_extra_head"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -77,24 +80,6 @@ class StageReport:
         if self.student_distance is None or not self.ddim_distance:
             return None
         return self.student_distance / self.ddim_distance
-
-
-@dataclass
-class DistillEvent:
-    """Progress for a caller to render: kind = plan | reference | stage_start | step | stage_end | saved | stopping
-    (the first Ctrl-C / SIGTERM arrived: the run saves and returns after this iteration)."""
-
-    kind: str
-    stage: int = 0
-    num_stages: int = 0
-    steps: int = 0
-    teacher_steps: int = 0
-    iteration: int = 0
-    total: int = 0
-    loss: float | None = None
-    lr: float | None = None
-    report: StageReport | None = None
-    message: str = ""
 
 
 @dataclass
@@ -151,8 +136,10 @@ class _Run:
     alphas_cumprod: torch.Tensor
     continuing: bool
     previous_reports: dict[int, dict[str, Any]]
-    emit: Callable[[DistillEvent], None]
+    emit: Callable[[LoopEvent], None]
     stop: Callable[[], bool]
+    on_signal: Callable[[int], None]
+    precision: str  # --precision as resolved for the device
 
 
 @dataclass
@@ -166,7 +153,7 @@ class _Teacher:
 
 
 def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume: bool = False, force: bool = False,
-            callback: Callable[[DistillEvent], None] | None = None,
+            callback: Callable[[LoopEvent], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> DistillResult:
     """Progressive distillation from ``config.from_steps`` to ``config.to_steps`` (Salimans & Ho Alg. 2).
 
@@ -176,17 +163,16 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
     emit = callback or (lambda event: None)
 
     def stopping(signum: int) -> None:
-        emit(DistillEvent("stopping", message="stopping after this iteration (Ctrl-C again to abort without "
-                                              "saving)"))
+        emit(LoopEvent.note("stopping", "stopping after this iteration (Ctrl-C again to abort without saving)"))
 
     with StopSignals(on_first=stopping) as signals:
         run = _open_run(config, torch.device(device), resume=resume, force=force, emit=emit,
                         stop=lambda: signals.requested or (should_stop is not None and should_stop()))
+        run.on_signal = stopping
         from_steps = run.from_steps
         result = DistillResult(out=run.out, from_steps=from_steps, to_steps=config.to_steps, param=run.param)
-        emit(DistillEvent("plan", num_stages=len(run.stage_steps), steps=config.to_steps, teacher_steps=from_steps,
-                          message=f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stages, "
-                                  f"param {run.param}"))
+        emit(LoopEvent.note("info", f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stages, "
+                                    f"param {run.param}"))
         original = GridDenoiser(run.parent.model, head_of(run.parent), run.alphas_cumprod)
         reference = _reference_samples(run, original, from_steps)
         teacher = _Teacher(original, run.parent.path.name, run.parent.sha256, list(run.parent.lineage))
@@ -201,8 +187,6 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
             write_json_atomic(run.out / "report.json", {
                 **result.to_json(), "parent": str(config.checkpoint),
                 "reference": {"steps": from_steps, "samples": config.report_samples, "seed": config.seed}})
-            emit(DistillEvent("stage_end", stage=stage, num_stages=len(run.stage_steps), steps=steps,
-                              teacher_steps=2 * steps, report=report))
             student_path = run.out / report.student
             teacher = _Teacher(student, student_path.name, file_sha256(student_path),
                                teacher.lineage + [_lineage_entry(run, stage, steps, teacher)])
@@ -210,7 +194,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
 
 
 def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, force: bool,
-              emit: Callable[[DistillEvent], None], stop: Callable[[], bool]) -> _Run:
+              emit: Callable[[LoopEvent], None], stop: Callable[[], bool]) -> _Run:
     """Load the teacher and the data, check the plan and the run folder (as ``train`` does), write the settings."""
     parent = load_checkpoint(config.checkpoint, device=device)
     from_steps, param, stage_steps = plan_stages(config, parent)
@@ -227,16 +211,24 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     except OSError as err:
         raise ConfigError(f"cannot create --out {out}: {err.strerror or err}") from None
     runfolder.remove_temp_files(out, layout)
+    precision = resolve_precision(config.precision, device)[0]
+    if saved is not None and saved.get("precision", precision) != precision:
+        # --precision auto resolves on each machine (docs/design.md, "CPU classes"): resuming elsewhere works, but
+        # only a resume in the same precision repeats the uninterrupted run bit for bit.
+        emit(LoopEvent.note("warning", f"resuming in {precision}: the run so far trained in {saved['precision']} "
+                                       f"(--precision {config.precision} on this device), so it continues, but not "
+                                       "bit-identically to an uninterrupted run"))
     runfolder.write_run_config(out, {"config": config.model_dump(mode="json"), "parent_sha256": parent.sha256,
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
-                                     "stages": stage_steps}, layout)
+                                     "stages": stage_steps, "precision": precision}, layout)
     report_path = out / "report.json"
     previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
     parent.model.eval().requires_grad_(False)
     return _Run(config=config, device=device, parent=parent, data=data, out=out, param=param,
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
-                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop)
+                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop,
+                on_signal=lambda signum: None, precision=precision)
 
 
 def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[StageReport | None, GridDenoiser]:
@@ -277,15 +269,16 @@ def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[St
 
 def _lineage_entry(run: _Run, stage: int, steps: int, teacher: _Teacher) -> dict[str, Any]:
     return {"op": "distill", "stage": stage, "steps": steps, "teacher_steps": 2 * steps, "param": run.param,
-            "teacher_clip": teacher_clips(run), "iters": run.config.iters_per_stage, "parent": teacher.name, "parent_sha256": teacher.sha256}
+            "teacher_clip": teacher_clips(run), "iters": run.config.iters_per_stage, "parent": teacher.name,
+            "parent_sha256": teacher.sha256}
 
 
 def _reference_samples(run: _Run, original: GridDenoiser, from_steps: int) -> torch.Tensor | None:
     """The original teacher's ``from_steps``-step DDIM samples of the report's noises (None: no report)."""
     if not run.config.report_samples:
         return None
-    run.emit(DistillEvent("reference", teacher_steps=from_steps, message=f"teacher reference: "
-                          f"{run.config.report_samples} samples, {from_steps} DDIM steps"))
+    run.emit(LoopEvent.note("info", f"teacher reference: {run.config.report_samples} samples, {from_steps} DDIM "
+                                    "steps"))
     return _sample_in_batches(run, original, student_grid(run.alphas_cumprod.numel(), from_steps))
 
 
@@ -297,22 +290,10 @@ def _distances(run: _Run, reference: torch.Tensor, student: GridDenoiser, origin
             _distance(_sample_in_batches(run, original, grid), reference))
 
 
-def _batch(data: ImageDataset, batch_size: int, flip: bool, generator: torch.Generator,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A random batch in [-1, 1] (with replacement), horizontally flipped per image with probability 1/2."""
-    index = torch.randint(len(data.images), (batch_size,), generator=generator)
-    x = uint8_to_model(data.images[index])
-    if flip:
-        mask = torch.rand(batch_size, generator=generator) < 0.5
-        x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
-    labels = data.labels[index].to(device) if data.labels is not None else None
-    return x.to(device), labels
-
-
 def _sample_in_batches(run: _Run, denoiser: GridDenoiser, grid: list[int]) -> torch.Tensor:
     """DDIM samples on ``grid`` of the report's noises (the same ones every call: seeded from --seed)."""
     config, model = run.config, run.parent.config.model
-    generator = torch.Generator().manual_seed(config.seed + 0x5EED_0000)
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, DISTILL_REPORT))
     noise = torch.randn((config.report_samples, model.in_channels, model.image_size, model.image_size),
                         generator=generator)
     labels = None if model.num_classes is None else torch.arange(config.report_samples) % model.num_classes
@@ -329,79 +310,141 @@ def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean())
 
 
-def _seed_for_stage(seed: int, steps: int) -> int:
-    # Each stage has its own stream: a resumed stage never depends on how earlier stages were run. Kept as this
-    # arithmetic rather than loop.derive_seed (SeedSequence, as training's ranks): switching would change every
-    # distilled student of a given --seed.
-    return (seed * 1_000_003 + steps * 7_919 + 17) % (2**63)
+class _StageSaves:
+    """Where an unfinished stage saves: one ``state_{N}.safetensors`` (student, optimizer, generator, iteration),
+    replaced at each save; the finished student is written by :func:`_run_stage`, not here."""
+
+    def __init__(self, path: Path, resumable: bool) -> None:
+        self.path = path
+        self.exists = resumable and path.exists()
+
+    def latest(self) -> int | None:
+        return 0 if self.exists else None  # (one file: read() ignores the step and returns the saved iteration)
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path
+
+    def state_path(self, step: int) -> Path:
+        return self.path
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass  # a stage's progress reaches the caller as events; report.json keeps the result
+
+    def write(self, save: Save) -> Path:
+        tensors = {f"model.{k}": v for k, v in save.weights["model"].items()}
+        tensors.update(save.tensors)
+        save_tensors(self.path, tensors, {"format": runfolder.DISTILLATION.format, "iteration": str(save.step),
+                                          "seconds": repr(save.meta["elapsed"]), "values": json.dumps(save.meta)},
+                     what="stage state")
+        return self.path
+
+    def read(self, step: int) -> Save:
+        tensors, meta = load_tensors(self.path)
+        tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
+        weights = {k[len("model."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("model.")]}
+        try:
+            # (States of ddpmctl before 0.2 kept only the iteration, the seconds and the recent losses.)
+            values = json.loads(meta.get("values", "{}"))
+            values.setdefault("recent_losses", json.loads(meta.get("recent_losses", "[]")))
+            values["elapsed"] = float(meta.get("seconds", "0"))
+            iteration = int(meta["iteration"])
+        except (KeyError, ValueError, AttributeError) as err:
+            raise CheckpointError(f"{self.path}: the stage state does not fit this run ({err})") from None
+        return Save(step=iteration, weights={"model": weights}, ema={}, tensors=tensors, meta=values)
 
 
-def _save_stage_state(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      generator: torch.Generator, iteration: int, recent: list[float], seconds: float) -> None:
-    tensors = {f"model.{k}": v for k, v in student.state_dict().items()}
-    tensors.update(optimizer_state_tensors(optimizer))
-    tensors["rng.generator"] = generator.get_state()
-    save_tensors(path, tensors, {"format": runfolder.DISTILLATION.format, "iteration": str(iteration),
-                                 "recent_losses": json.dumps(recent), "seconds": repr(seconds)}, what="stage state")
+class _DistillStage(Method):
+    """One stage as a training method: Adam with linear decay to 0, grad clip, no EMA; the loss of
+    :func:`_stage_loss` on the next batch (epoch permutations, as training draws them) from the stage's own
+    generator."""
 
+    syncs_every_step = True  # the recent-loss window reads every step's loss
+    nan_advice = "try a lower --lr"
 
-def _load_stage_state(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      generator: torch.Generator) -> tuple[int, list[float], float]:
-    """Restore what _save_stage_state wrote; (iteration, recent losses, seconds)."""
-    tensors, meta = load_tensors(path)
-    tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
-    try:
-        student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer_state(optimizer, tensors)
-        generator.set_state(tensors["rng.generator"])
-        return int(meta["iteration"]), json.loads(meta.get("recent_losses", "[]")), float(meta.get("seconds", "0"))
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: the stage state does not fit this run ({str(err).splitlines()[0]})") from None
+    def __init__(self, run: _Run, stage: int, steps: int, teacher: GridDenoiser, student: torch.nn.Module) -> None:
+        self.run, self.stage, self.steps, self.student = run, stage, steps, student
+        self.iters = run.config.iters_per_stage
+        self.optimizer = torch.optim.Adam(student.parameters(), lr=run.config.lr)
+        self.generator = torch.Generator().manual_seed(derive_seed(run.config.seed, DISTILL_STAGE, steps))
+        self.data = ImageBatches(run.data, self.generator, batch_size=run.config.batch_size, flip=run.config.flip,
+                                 labels=run.data.labels is not None, device=run.device)
+        self.teacher = teacher
+        self.recent: list[float] = []
+        self.lr = run.config.lr
+        self.window = max(1, min(100, self.iters // 10))
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.student}
+
+    def prepare(self, runtime: Runtime) -> None:
+        self.batch_loss = _stage_loss(self.run, self.steps, self.teacher, self.data, runtime.wrap(self.student))
+
+    def forward_backward(self, step: int) -> StepOutput:
+        self.lr = self.run.config.lr * (1.0 - step / self.iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        loss = self.batch_loss(self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return StepOutput(loss=loss, grad_norm=clip_gradients(self.student.parameters(), self.run.config.grad_clip))
+
+    def apply(self, out: StepOutput) -> None:
+        self.optimizer.step()
+        self.recent = (self.recent + [out.loss.item()])[-self.window:]
+
+    def discard(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def log_record(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        return {"loss": self.recent[-1] if self.recent else None, "lr": self.lr}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**optimizer_state_tensors(self.optimizer), **self.data.stream.state()[0],
+                "rng.generator": self.generator.get_state()}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {**self.data.stream.state()[1], "recent_losses": self.recent}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if "data.perm" not in tensors:
+            raise ValueError("a stage state of ddpmctl before 0.2, whose batches were drawn another way: delete it "
+                             "to restart this stage")
+        load_optimizer_state(self.optimizer, tensors)
+        self.generator.set_state(tensors["rng.generator"])
+        self.data.stream.load(tensors, meta)
+        self.recent = [float(v) for v in meta["recent_losses"]]
+
+    def describe_step(self, step: int) -> str:
+        return f"stage {self.stage} ({self.steps} steps) iteration {step}"
 
 
 def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, student: torch.nn.Module,
                  state_path: Path) -> StageReport | None:
-    """One stage: Adam with linear decay to 0, grad clip, no EMA. None when stopped (state saved)."""
+    """One stage on the training loop. None when stopped (state saved)."""
     config, iters = run.config, run.config.iters_per_stage
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(_seed_for_stage(config.seed, steps))
-    iteration, recent, seconds = 0, [], 0.0
-    if run.continuing and state_path.exists():
-        iteration, recent, seconds = _load_stage_state(state_path, student, optimizer, generator)
-    batch_loss = _stage_loss(run, steps, teacher, student)
-    window = max(1, min(100, iters // 10))
-    where = {"stage": stage, "num_stages": len(run.stage_steps), "steps": steps, "teacher_steps": 2 * steps}
-    run.emit(DistillEvent("stage_start", **where, iteration=iteration, total=iters))
-    student.train()
-    started = time.perf_counter()
-    while iteration < iters:
-        if run.stop():
-            _save_stage_state(state_path, student, optimizer, generator, iteration, recent,
-                              seconds + time.perf_counter() - started)
-            run.emit(DistillEvent("saved", stage=stage, steps=steps, iteration=iteration, total=iters,
-                                  message=f"interrupted: stage state saved to {state_path}"))
-            return None
-        loss = batch_loss(generator)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"stage {stage} ({steps} steps): the loss became {loss.item()} at iteration "
-                                f"{iteration}: try a lower --lr")
-        lr = config.lr * (1.0 - iteration / iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(student.parameters(), config.grad_clip)
-        optimizer.step()
-        iteration += 1
-        recent = (recent + [loss.item()])[-window:]
-        run.emit(DistillEvent("step", **where, iteration=iteration, total=iters, loss=recent[-1], lr=lr))
-        if iteration % config.save_every == 0 and iteration < iters:
-            _save_stage_state(state_path, student, optimizer, generator, iteration, recent,
-                              seconds + time.perf_counter() - started)
-    seconds += time.perf_counter() - started
+    method = _DistillStage(run, stage, steps, teacher, student)
+
+    def on_event(event: LoopEvent) -> None:
+        run.emit(replace(event, stage=stage, stages=len(run.stage_steps), label=f"{2 * steps}->{steps}"))
+
+    # A log record every iteration: the progress shows each iteration's loss (which the method reads anyway).
+    settings = LoopSettings(max_steps=iters, save_every=config.save_every, log_every=1, save_at_end=False,
+                            batch_size=config.batch_size)
+    loop = TrainingLoop(method, _StageSaves(state_path, run.continuing), settings,
+                        dist=DistInfo(rank=0, world_size=1, device=run.device), precision=run.precision,
+                        callback=on_event, should_stop=run.stop, on_first_signal=run.on_signal)
+    loop.resume()
+    if run.stop():
+        return None  # stopped before the stage began: nothing of it to save
+    done = loop.run()
+    if done.stop_reason != "max_steps":
+        run.emit(LoopEvent.note("info", f"interrupted: stage state saved to {state_path}"))
+        return None
+    recent = method.recent
     return StageReport(stage=stage, steps=steps, teacher_steps=2 * steps, iters=iters,
-                       loss=sum(recent) / len(recent) if recent else None, seconds=seconds, student="",
-                       student_distance=None, ddim_distance=None)
+                       loss=sum(recent) / len(recent) if recent else None,
+                       seconds=loop.elapsed_before + done.elapsed, student="", student_distance=None,
+                       ddim_distance=None)
 
 
 def teacher_clips(run: _Run) -> bool:
@@ -414,24 +457,22 @@ def teacher_clips(run: _Run) -> bool:
     return run.parent.config.diffusion.mean_type == "eps"
 
 
-def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser,
-                student: torch.nn.Module) -> Callable[[torch.Generator], torch.Tensor]:
+def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatches,
+                network: Callable[..., torch.Tensor]) -> Callable[[torch.Generator], torch.Tensor]:
     """The stage's loss on a fresh random batch: the student's weighted x_hat error against the two-step target.
 
     Student step i (1..N) goes k_i -> k_{i-1}; the teacher passes through the midpoint k'_i on its own grid. The
-    teacher runs in fp32; the student in ``--precision`` (its output, and the loss, in fp32).
+    teacher runs in fp32; ``network``, the student, in ``--precision`` (its output, and the loss, in fp32).
     """
     config, device = run.config, run.device
     clip = teacher_clips(run)
     starts, mids, ends = (torch.tensor(v, dtype=torch.int64) for v in stage_times(run.alphas_cumprod.numel(), steps))
-    network = AutocastModel(student, torch.bfloat16 if config.precision == "bf16" else None)
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
-        x_start, labels = _batch(run.data, config.batch_size, config.flip, generator, device)
+        x_start, kwargs = batches.next()
         i = torch.randint(steps, (config.batch_size,), generator=generator)
         noise = torch.randn(x_start.shape, generator=generator).to(device)
         t, t_mid, t_prev = starts[i], mids[i], ends[i]
-        kwargs = {} if labels is None else {"y": labels}
         alpha, sigma = teacher.alpha_sigma(t, x_start)
         z_t = alpha * x_start + sigma * noise
         with torch.no_grad():

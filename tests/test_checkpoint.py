@@ -396,14 +396,14 @@ def test_failed_write_keeps_previous_checkpoint(good: Path, state: dict[str, tor
     path = tmp_path / "model.safetensors"
     path.write_bytes(good.read_bytes())
     before = path.read_bytes()
-    monkeypatch.setattr(safetensors.torch, "save_file", _no_space)
-    with pytest.raises(CheckpointError) as caught:
-        save_checkpoint(path, state, CONFIG, kind="model", lineage=[])
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", _no_space)
+        with pytest.raises(CheckpointError) as caught:
+            save_checkpoint(path, state, CONFIG, kind="model", lineage=[])
     assert str(caught.value) == (f"could not write {path}: {os.strerror(errno.ENOSPC)}; "
                                  "the previous checkpoint is untouched")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
-    monkeypatch.undo()
     assert load_checkpoint(path).lineage == LINEAGE
 
 
@@ -417,10 +417,10 @@ def test_failed_first_write_leaves_nothing(state: dict[str, torch.Tensor], tmp_p
 
 def test_failed_fsync_keeps_previous_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_json_atomic(tmp_path / "state.json", {"step": 1})
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(CheckpointError, match="previous file is untouched"):
-        write_json_atomic(path, {"step": 2})
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        with pytest.raises(CheckpointError, match="previous file is untouched"):
+            write_json_atomic(path, {"step": 2})
     assert json.loads(path.read_text()) == {"step": 1}
     assert os.listdir(tmp_path) == ["state.json"]
 

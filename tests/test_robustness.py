@@ -17,7 +17,6 @@ import stat
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from ddpmctl.checkpoint import load_checkpoint, load_tensors
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, TrainingError
 from ddpmctl.train import train
-from conftest import assert_same_files, tensors
+from conftest import LossPoison, assert_same_files, tensors
 
 CPU = torch.device("cpu")
 STEPS = 8
@@ -244,8 +243,7 @@ def test_disk_full_on_the_first_save_says_nothing_was_saved(tmp_path: Path, monk
 
 # ------------------------------------------------------------------------------------------------ numbers
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
-def test_infinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: float,
-                                             poison_losses: Callable[[float, set[int]], None]) -> None:
+def test_infinite_loss_stops_naming_the_step(tmp_path: Path, value: float, poison_losses: LossPoison) -> None:
     run = tmp_path / "run"
     poison_losses(value, {3})
     with pytest.raises(TrainingError, match=r"non-finite loss \(-?inf\) at step 3") as err:
@@ -254,12 +252,12 @@ def test_infinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest
     assert runfolder.complete_saves(run) == [2]
     assert all(torch.isfinite(v).all() for v in tensors(run / "model_000002.safetensors").values())
     # The saved state is good: resuming (without the poison) finishes.
-    monkeypatch.undo()
+    poison_losses.stop()
     assert train(tiny(run, max_steps=4, save_every=2), device=CPU, resume=True).step == 4
 
 
 def test_skip_policy_survives_resume_and_keeps_counting(tmp_path: Path,
-                                                       poison_losses: Callable[[float, set[int]], None]) -> None:
+                                                       poison_losses: LossPoison) -> None:
     run = tmp_path / "run"
     poison_losses(float("nan"), {2})
     assert train(tiny(run, max_steps=3, nan_policy="skip"), device=CPU).nan_skips == 1

@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from ddpmctl import __version__
-from ddpmctl.cli import distill, eval_nll, info, respace, sample, samplers, train
+from ddpmctl.cli import convert, distill, eval_nll, info, respace, sample, samplers, train
 
 try:  # typer >= 0.26 ships its own copy of click
     from typer._click.exceptions import ClickException
@@ -108,11 +108,19 @@ app.command("respace")(respace.respace_command)
 app.command("distill")(distill.distill_command)
 app.command("samplers")(samplers.samplers_command)
 app.command("info")(info.info_command)
+app.command("convert")(convert.convert_command)
 
 
 def main() -> None:
     """The console script (and ``python -m ddpmctl``, torchrun's ``-m ddpmctl``)."""
     from ddpmctl.allocator import tune_malloc
+    from ddpmctl.cpuclass import CpuClassError, lower_kernels_to_cpu_class
 
     tune_malloc()
+    try:
+        # Before torch runs anything: a simulated lower CPU class runs that class's kernels too.
+        lower_kernels_to_cpu_class()
+    except CpuClassError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     app()
