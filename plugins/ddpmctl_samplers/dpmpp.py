@@ -19,8 +19,8 @@ uniform in lambda over the range where the image forms (on an even-in-t cosine g
   20 steps the grid ends at the chain's bottom step.
 
 Measured by FD on digits models (benchmarks/README.md "Few-step sample quality", which lists the grids tried):
-at 10 steps the high end of 3.5 was the best of 2.5 / 3.5 / 4.5 / the bottom step at every low end tried, and the
-low ends by parameterisation held.
+at 10 steps the high end of 3.5 scored best or level among 2.5 / 3.5 / 4.5 / the chain's bottom step at every low
+end tried, on both models, and the low ends (-3 for eps, -1.5 for v) scored best of those tried.
 
 Steps are ODE steps: the n network calls make n steps t_0 -> t_1 -> ... -> t_{n-1} -> sigma = 0. The last one
 is the "lower-order final" step of the reference, first order by necessity (h is infinite there, and the
