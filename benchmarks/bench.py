@@ -47,7 +47,7 @@ from ddpmctl.inference import AutocastModel, inference_network  # noqa: E402
 from ddpmctl.optim import clip_gradients  # noqa: E402
 from reference_unet import ReferenceUNet, reference_train_step  # noqa: E402
 
-# issue 7's two configs, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
+# The two benchmark configs of benchmarks/README.md, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
 CONFIGS: dict[str, dict[str, object]] = {
     # (a) 32px, 64 channels, mult 1,2,2,2, 2 res blocks, attention 16 and 8, learned sigma, batch 32
     "a": dict(model_channels=64, channel_mult=(1, 2, 2, 2), res_blocks=2, attention_resolutions=(16, 8), heads=4,
@@ -64,7 +64,7 @@ Clock = Callable[[], float]
 def train_config(name: str, precision: str, *, quick: bool) -> TrainConfig:
     spec = dict(CONFIGS[name])
     batch = int(spec.pop("batch_size")) // (4 if quick else 1)  # type: ignore[call-overload]
-    # T = 4000 and eps as issue 7 measured; the rest of the data defaults as for a 32 px, CIFAR-sized set.
+    # T = 4000 and eps as benchmarks/README.md measures; the rest of the data defaults as for a 32 px, CIFAR-sized set.
     return TrainConfig(data="bench", max_steps=1, precision=precision, batch_size=batch,  # type: ignore[arg-type]
                        timesteps=4000, mean_type="eps", **spec).with_data_defaults(image_size=32, num_images=50000)
 
@@ -173,7 +173,7 @@ def matmul(dtype: torch.dtype, size: int) -> Callable[[], object]:
 
 # A 3x3 convolution the size of config (a)'s middle levels (channels_last, forward): the oneDNN kernels the U-Net's
 # convolutions run on. On CPUs where torch.mm's BLAS takes a slow path (MKL on AMD runs at about a third of the FMA
-# peak), this probe shows what the convolutions can reach; the issue's fractions stay those of the matmul probe.
+# peak), this probe shows what the convolutions can reach; the README's fractions stay those of the matmul probe.
 CONV_PROBE = (32, 128, 128, 16)  # batch, in channels, out channels, pixels per side
 
 

@@ -23,20 +23,13 @@ import torch
 from ddpmctl import runfolder
 from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
-from ddpmctl.checkpoint import (
-    LoadedCheckpoint,
-    file_sha256,
-    load_checkpoint,
-    load_tensors,
-    save_checkpoint,
-    save_tensors,
-    write_json_atomic,
-)
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from ddpmctl.choices import StudentParam
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig
 from ddpmctl.data import ImageDataset, load_dataset_for
 from ddpmctl.distributed import DistInfo
 from ddpmctl.errors import CheckpointError, ConfigError
+from ddpmctl.fileio import file_sha256, load_tensors, save_tensors, write_json_atomic
 from ddpmctl.hardware import resolve_precision
 from ddpmctl.loop import LoopEvent, LoopSettings, Save, StopSignals, TrainingLoop
 from ddpmctl.method import Method, Runtime, StepOutput

@@ -66,10 +66,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def cpu_class(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The class this test runs under: its every_cpu parameter (exported with its kernel limits, for child
-    processes), else the session's profile."""
+    processes), else the session's profile (``native`` as this machine's class)."""
+    from ddpmctl import hardware
+
     name = getattr(request, "param", None)
     if name is None:
-        return os.environ[cpuclass.CPU_ENV]
+        return hardware.cpu_class()
     monkeypatch.setenv(cpuclass.CPU_ENV, name)
     for limit in KERNEL_LIMIT_NAMES:
         monkeypatch.delenv(limit, raising=False)
@@ -133,7 +135,7 @@ def poison_losses() -> Iterator[LossPoison]:
 # Test files import these with ``from conftest import ...`` (pytest puts tests/ on sys.path).
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (checkpoint or training state)."""
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     return load_tensors(path)[0]
 

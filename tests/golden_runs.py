@@ -73,7 +73,7 @@ def _stable(value: object) -> object:
 def _tensor_digest(path: Path) -> tuple[str, str]:
     """sha256 of the tensors (names, dtypes, shapes, bytes in name order) and of the metadata (keys sorted).
     Not of the file: safetensors writes its metadata map in a hash order that changes from process to process."""
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     tensors, meta = load_tensors(path)
     digest = hashlib.sha256()

@@ -1,4 +1,4 @@
-"""Checkpoint format (docs/design.md "The checkpoint format"; issue 8 "untrusted checkpoints"): round trips, atomic
+"""Checkpoint format (docs/design.md "The checkpoint format": loading treats the file as untrusted): round trips, atomic
 writes, and every kind of bad file giving one CheckpointError line that names the file, never running code."""
 
 from __future__ import annotations
@@ -21,16 +21,8 @@ from hypothesis import strategies as st
 import ddpmctl
 import ddpmctl.checkpoint as checkpoint_module
 from ddpmctl.build import build_model
-from ddpmctl.checkpoint import (
-    FORMAT,
-    file_sha256,
-    load_checkpoint,
-    load_tensors,
-    read_checkpoint_info,
-    save_checkpoint,
-    save_tensors,
-    write_json_atomic,
-)
+from ddpmctl.checkpoint import FORMAT, load_checkpoint, read_checkpoint_info, save_checkpoint
+from ddpmctl.fileio import file_sha256, load_tensors, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.errors import CheckpointError
 

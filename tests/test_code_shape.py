@@ -1,4 +1,4 @@
-"""Shape rules of the code base (issue 16): no function of ddpmctl or its bundled plugins is over 80 lines.
+"""Shape rules of the code base: no function of ddpmctl or its bundled plugins is over 80 lines.
 
 A CLI command's signature is its option declarations (one typer option per parameter), so for the functions of
 ddpmctl/cli only the body counts; everywhere else the whole definition does.

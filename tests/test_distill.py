@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ddpmctl.build import build_diffusion, build_model
-from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from ddpmctl.fileio import load_tensors, save_tensors
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.distill import DistillConfig, distill
 from ddpmctl.loop import LoopEvent

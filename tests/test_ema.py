@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from ddpmctl.checkpoint import load_tensors
+from ddpmctl.fileio import load_tensors
 from ddpmctl.cli.app import app
 from ddpmctl.config import TrainConfig
 from ddpmctl.ema import EMA, POWER, decay_summary, ema_decay, reached_decay

@@ -97,7 +97,7 @@ def test_options_are_validated() -> None:
 
 def test_default_micro_batch() -> None:
     cpu = torch.device("cpu")
-    assert default_micro_batch(cpu, 32, 64) == 64  # issue 7's config (a)
+    assert default_micro_batch(cpu, 32, 64) == 64  # benchmark config (a) (benchmarks/README.md)
     assert default_micro_batch(cpu, 32, 128) == 32  # the CIFAR-10 model
     assert default_micro_batch(cpu, 512, 256) == 1  # never 0
     assert default_micro_batch(torch.device("cuda"), 32, 64) is None  # accelerators take the whole batch

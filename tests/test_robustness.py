@@ -1,4 +1,4 @@
-"""Hardening of training (issue 8): kill -9 at seeded moments, a disk that fills up, non-finite losses.
+"""Hardening of training: kill -9 at seeded moments, a disk that fills up, non-finite losses.
 
 The kill trials fork this (already imported) test process instead of starting Python afresh: a fork costs
 milliseconds where a new interpreter costs seconds on this machine, so ten and more trials fit the time budget.
@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import ddpmctl.checkpoint as checkpoint_module
+import ddpmctl.fileio as fileio_module
 import ddpmctl.train as train_module
 from ddpmctl import runfolder
-from ddpmctl.checkpoint import load_checkpoint, load_tensors
+from ddpmctl.checkpoint import load_checkpoint
+from ddpmctl.fileio import load_tensors
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, TrainingError
 from ddpmctl.train import train
@@ -198,7 +199,7 @@ def test_leftover_temp_files_do_not_break_resume_or_keep(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------------------------ a full disk
 def _disk_full_on_save(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
     """The ``failing_call``-th safetensors write raises ENOSPC after writing part of its file."""
-    real = checkpoint_module.safetensors.torch.save_file
+    real = fileio_module.safetensors.torch.save_file
     calls = {"n": 0}
 
     def save_file(tensors: dict, filename: str, metadata: dict | None = None) -> None:
@@ -208,7 +209,7 @@ def _disk_full_on_save(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> No
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint_module.safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(fileio_module.safetensors.torch, "save_file", save_file)
 
 
 @pytest.mark.parametrize("which", [1, 2, 3])  # the EMA checkpoint, the raw model, the training state

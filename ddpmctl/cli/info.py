@@ -170,7 +170,8 @@ def info_command(
 ) -> None:
     """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts (or, without one, this
     machine's CPU class)."""
-    from ddpmctl.checkpoint import file_sha256, load_checkpoint, read_checkpoint_info
+    from ddpmctl.checkpoint import load_checkpoint, read_checkpoint_info
+    from ddpmctl.fileio import file_sha256
 
     if checkpoint is None:
         machine = machine_payload()
