@@ -339,7 +339,7 @@ class _Setup:
         self.config, self.dist, self.device = config, dist, dist.device
         self.callback = callback if dist.is_main else None
         saved = self.folder.claim(resume=resume, force=force)
-        dataset = self._load_dataset()
+        dataset = self.dataset = self._load_dataset()
         config = self._fit_to_data(config, saved, dataset)
         model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
                                                 num_classes=dataset.num_classes if config.class_cond else None)
@@ -350,6 +350,17 @@ class _Setup:
         self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
         self.num_parameters = sum(p.numel() for p in self.method.model.parameters())
         self.folder.open(self._run_config_payload())
+
+    def quality_probe(self) -> tuple[Periodic, ...]:
+        """``--eval-every``: the sample-quality probe as periodic work of rank 0 (ddpmctl.train_eval)."""
+        c = self.config
+        if c.eval_every is None or not self.dist.is_main:
+            return ()
+        from ddpmctl.train_eval import QualityProbe
+
+        probe = QualityProbe(self.ckpt_config, self.dataset, c.data, every=c.eval_every, num=c.eval_num,
+                             steps=c.eval_steps, device=self.device)
+        return (probe.periodic(),)
 
     def _warn(self, message: str) -> None:
         if self.callback is not None:
@@ -437,7 +448,7 @@ def train(config: TrainConfig, *, device: torch.device, resume: bool = False, fo
     dist = dist_utils.setup(device)
     try:
         setup = _Setup(config, dist, resume, force, callback)
-        loop = setup.loop(should_stop, periodic)
+        loop = setup.loop(should_stop, (*periodic, *setup.quality_probe()))
         done = loop.run(start_message=_start_message(setup.num_parameters, setup.precision, loop, config.max_steps))
         # Every rank finishes before any tears the group down: a rank that exits while another still talks to the
         # store (hosted by rank 0) could abort in gloo's teardown ("terminate called without an active
