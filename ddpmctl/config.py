@@ -11,16 +11,19 @@ and whether the variance is learned (:attr:`CheckpointConfig.out_channels`).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, \
+    model_validator
 
 from ddpmctl.choices import (
+    ChainSchedule,
     ColorMode,
     LossName,
     LossType,
     MeanType,
     EmaWarmup,
+    Method,
     NanPolicy,
     Precision,
     PrecisionRequest,
@@ -37,9 +40,40 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
 
-class ModelConfig(_Frozen):
+class _OmitsUnusedExtensions(_Frozen):
+    """A model whose later, optional fields (``_EXTENSIONS``) are left out of its JSON while they hold their default,
+    so configs, checkpoints and run folders that do not use them stay byte-identical to those written before."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._EXTENSIONS:
+                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                    del data[name]
+        return data
+
+
+class LatentConfig(_Frozen):
+    """The latent input z ~ N(0, I_dim) of a DDGAN generator (Xiao et al. 2022 App. C; ``ddpmctl.unet``).
+
+    z goes through PixelNorm and an MLP of ``mlp_layers`` linear layers (SiLU between them) into the U-Net's
+    embedding, beside the timestep's, so it acts on every residual block through the scale-shift norms (AdaGN).
+    A network with a latent also squashes its output with tanh: it predicts x_0 in [-1, 1].
+    """
+
+    dim: int = Field(100, ge=1, le=4096)
+    mlp_layers: int = Field(4, ge=1, le=16)
+
+
+class ModelConfig(_OmitsUnusedExtensions):
     """The IDDPM U-Net's architecture (``ddpmctl.unet.UNetModel``); with a :class:`DiffusionConfig` it rebuilds the
-    network (the chain length T and the learned variance's extra output channels come from there)."""
+    network (the chain length T and the learned variance's extra output channels come from there). ``latent``
+    makes it a DDGAN generator G(x_t, z, t)."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("latent",)
 
     image_size: int = Field(ge=4, le=4096)  # bounded: an untrusted config must not ask for gigapixel images
     in_channels: int = Field(3, ge=1, le=4)
@@ -51,6 +85,7 @@ class ModelConfig(_Frozen):
     num_heads: int = Field(4, ge=1)
     use_scale_shift_norm: bool = True
     num_classes: int | None = Field(None, ge=1)
+    latent: LatentConfig | None = None
 
     @field_validator("channel_mult")
     @classmethod
@@ -63,7 +98,7 @@ class ModelConfig(_Frozen):
 class DiffusionConfig(_Frozen):
     """Everything that rebuilds the :class:`~ddpmctl.diffusion.GaussianDiffusion` a checkpoint samples with."""
 
-    schedule: Schedule = "cosine"
+    schedule: ChainSchedule = "cosine"
     timesteps: int = Field(4000, ge=1, le=100_000)
     mean_type: MeanType = "eps"
     var_type: VarType = "learned_range"

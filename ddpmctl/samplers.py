@@ -415,9 +415,13 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
     is_student = checkpoint.kind == "student"
     if is_student and "student" not in kinds:
         raise SamplerError(f"{name} is a distilled student: sample it with --sampler student")
+    if checkpoint.kind == "ddgan" and "ddgan" not in kinds:
+        raise SamplerError(f"{name} is a denoising diffusion GAN: sample it with --sampler ddgan")
     if not is_student and checkpoint.kind not in kinds:
-        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a distilled student (make one with "
-                           "`ddpmctl distill`): use --sampler ddim, strided or ancestral")
+        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a "
+                           + ("distilled student (make one with `ddpmctl distill`)" if "student" in kinds else
+                              "denoising diffusion GAN (train one with `ddpmctl train --method ddgan`)")
+                           + ": use --sampler ddim, strided or ancestral")
     if is_student:
         student = checkpoint.config.student
         if student is None or checkpoint.config.diffusion.use_timesteps is not None:
@@ -439,6 +443,8 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
             raise SamplerError(f"{sampler.name} walks the checkpoint's whole chain of {total} steps")
         return tuple(reversed(chosen))
     if type(sampler).whole_chain:
+        if steps is not None and steps != total and checkpoint.kind == "ddgan":
+            raise SamplerError(f"{name} is a {total}-step denoising diffusion GAN: omit --steps or pass --steps {total}")
         if steps is not None and steps != total:
             raise SamplerError(
                 f"{sampler.name} walks the checkpoint's whole chain of {total} steps, not {steps}: use --sampler "
@@ -461,8 +467,10 @@ def build_denoiser(checkpoint: LoadedCheckpoint, timesteps: Sequence[OriginalSte
     network = inference_network(checkpoint.model, _model_device(checkpoint.model), model_config.image_size,
                                 model_config.model_channels, precision=precision, micro_batch=micro_batch)
     student = checkpoint.config.student if checkpoint.kind == "student" else None
+    latent = model_config.latent
     return Denoiser(network, checkpoint.config.diffusion, timesteps,
-                    student_head=student.param if student is not None else None)
+                    student_head=student.param if student is not None else None,
+                    latent_dim=latent.dim if latent is not None else None)
 
 
 def check_sample_counts(num: int, batch_size: int, seed: int) -> None:
