@@ -67,7 +67,9 @@ def r1_penalty(real_logits: torch.Tensor, real_input: torch.Tensor, gamma: float
     """gamma / 2 * mean over the batch of ||d sum(D) / d x_real||^2 (Mescheder et al. 2018 eq. 9), with a graph
     so it can be backpropagated into D. ``real_input`` must require grad and have produced ``real_logits``."""
     (grad,) = torch.autograd.grad(real_logits.sum(), real_input, create_graph=True)
-    return 0.5 * gamma * grad.float().pow(2).flatten(1).sum(dim=1).mean()
+    # At least fp32: under bf16 autocast the gradient may come back in bf16.
+    grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    return 0.5 * gamma * grad.pow(2).flatten(1).sum(dim=1).mean()
 
 
 def r1_due(step: int, lazy: int) -> bool:

@@ -30,6 +30,7 @@ from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
 from ddpmctl.data import ImageDataset, load_dataset
+from ddpmctl.ddgan_method import DdganDraws, DdganMethod
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, ConfigError, DataError, TrainingError
 from ddpmctl.hardware import resolve_precision
@@ -191,9 +192,9 @@ class _RunFolder:
         complete, then pruning (--keep). Returns the EMA checkpoint. ``meta`` carries ema_warmup / ema_updates."""
         ema_path, model_path, state_path, json_path = self.paths(step)
         averaged = {"ema_warmup": meta["ema_warmup"], "ema_updates": meta["ema_updates"]}
-        save_checkpoint(ema_path, ema, ckpt_config, kind="model",
-                        lineage=self._lineage(step, self.config.ema, averaged))
-        save_checkpoint(model_path, weights, ckpt_config, kind="model", lineage=self._lineage(step, None, averaged))
+        kind = "ddgan" if ckpt_config.model.latent is not None else "model"
+        save_checkpoint(ema_path, ema, ckpt_config, kind=kind, lineage=self._lineage(step, self.config.ema, averaged))
+        save_checkpoint(model_path, weights, ckpt_config, kind=kind, lineage=self._lineage(step, None, averaged))
         save_tensors(state_path, state, {"format": STATE_FORMAT, "step": str(step)})
         write_json_atomic(json_path, {"format": STATE_FORMAT, "step": step, **meta,
                                       "files": {"ema": ema_path.name, "model": model_path.name,
@@ -231,6 +232,14 @@ class _TrainingStep:
         self.sampler = create_named_schedule_sampler(config.timestep_sampler, self.diffusion)
         # Only a loss-aware sampler needs the per-sample losses (feeding it costs a host sync per step).
         self.loss_aware = config.timestep_sampler != "uniform"
+        self._open_data(dataset)
+
+    # Per-step metrics beside the loss (summed on the device, averaged over the steps of a log interval).
+    metric_names: tuple[str, ...] = ("mse", "vb")
+
+    def _open_data(self, dataset: ImageDataset) -> None:
+        """The run generator (seeded with --seed), the epoch stream of indices and the images."""
+        config = self.config
         self.generator = torch.Generator().manual_seed(config.seed)
         self.stream = _IndexStream(len(dataset.images), self.generator)
         # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
@@ -259,17 +268,22 @@ class _TrainingStep:
         lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
         dev, nb = self.device, self.device.type == "cuda"
         local = index[lo:hi].to(self.images.device, non_blocking=nb)
-        images = self.images[local]
-        if flips is not None:
-            images = torch.where(flips[lo:hi].to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
-        # The 8-bit grid mapped onto [-1, 1] exactly as images.uint8_to_model does.
-        x_start = (images.to(dev, non_blocking=nb).float() / 127.5 - 1.0).contiguous(memory_format=self.layout)
+        x_start = self._local_images(local, flips[lo:hi] if flips is not None else None)
         kwargs = {}
         if self.labels is not None:
             kwargs["y"] = self.labels[local].to(dev, non_blocking=nb)
         return (x_start, torch.as_tensor(t[lo:hi]).to(dev, torch.int64),
                 torch.as_tensor(weights[lo:hi]).to(dev, torch.float32), noise[lo:hi].to(dev, non_blocking=nb),
                 kwargs)
+
+    def _local_images(self, local: torch.Tensor, flips: torch.Tensor | None) -> torch.Tensor:
+        """This rank's images (indices ``local``, flipped where ``flips``) in [-1, 1], on the device."""
+        nb = self.device.type == "cuda"
+        images = self.images[local]
+        if flips is not None:
+            images = torch.where(flips.to(images.device).view(-1, 1, 1, 1), images.flip(3), images)
+        # The 8-bit grid mapped onto [-1, 1] exactly as images.uint8_to_model does.
+        return (images.to(self.device, non_blocking=nb).float() / 127.5 - 1.0).contiguous(memory_format=self.layout)
 
     def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Forward and backward on the next batch: (loss, per-sample losses, t, gradient norm before clipping)."""
@@ -279,6 +293,10 @@ class _TrainingStep:
         self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
         loss.backward()
         return loss, losses, t, clip_gradients(self.params, self.config.grad_clip)
+
+    def extra_log(self) -> dict[str, Any]:
+        """Values of the step's own state for metrics.jsonl (none for IDDPM)."""
+        return {}
 
     def discard(self) -> None:
         """Drop this step's gradients (a skipped non-finite step)."""
@@ -290,6 +308,12 @@ class _TrainingStep:
         self.ema.update(self.model)
         if self.loss_aware:
             self.sampler.update_with_local_losses(t, per_sample.detach())
+
+    def _load_method_state(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """The optimizer moments and the timestep sampler's history."""
+        load_optimizer_state(self.optimizer, state)
+        self.sampler.load_state_dict({key[len("sampler."):]: value for key, value in state.items()
+                                      if key.startswith("sampler.")})
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Optimizer moments, sampler history, the data order and the run generator (not the per-rank RNGs)."""
@@ -309,10 +333,8 @@ class _TrainingStep:
         except (RuntimeError, KeyError) as err:
             raise CheckpointError(f"{folder}: saved weights do not fit the network "
                                   f"({str(err).splitlines()[0]})") from None
-        sampler_state = {key[len("sampler."):]: value for key, value in state.items() if key.startswith("sampler.")}
         try:
-            load_optimizer_state(self.optimizer, state)
-            self.sampler.load_state_dict(sampler_state)
+            self._load_method_state(state, meta)
             self.generator.set_state(state["rng.generator"])
             self.stream.perm = state["data.perm"].to(torch.int64)
         except (RuntimeError, KeyError, ValueError) as err:
@@ -325,6 +347,75 @@ class _TrainingStep:
         if self.device.type == "cuda" and cuda_key in state:
             torch.cuda.set_rng_state(state[cuda_key], self.device)
         self.stream.pos, self.stream.epoch = int(meta["data_position"]), int(meta["epoch"])
+
+
+class _DdganStep(_TrainingStep):
+    """The step of ``--method ddgan`` (:class:`~ddpmctl.ddgan_method.DdganMethod`: G, D, their optimisers) on this
+    loop's data stream: the D update, then G's loss for the loop to check and apply (G's Adam step and its EMA)."""
+
+    metric_names = ("loss_d", "r1", "d_real", "d_fake", "grad_norm_d")
+
+    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, local_batch: int,
+                 ckpt_config: CheckpointConfig, dataset: ImageDataset) -> None:
+        self.config, self.dist, self.device, self.local_batch = config, dist, dist.device, local_batch
+        torch.manual_seed(config.seed)  # the same initial G and D on every rank
+        self.layout = memory_format(self.device, training=True)
+        self.method = DdganMethod(config, ckpt_config, dist, self.layout)
+        torch.manual_seed(derive_seed(config.seed, dist.rank))
+        self.model, self.diffusion, self.optimizer = self.method.generator, self.method.diffusion, self.method.optimizer
+        self.params = list(self.model.parameters())
+        self.ema = EMA(self.model, config.ema, config.ema_warmup)
+        self.loss_aware = False
+        self.step_index = 0  # 0-based index of the next iteration: the learning rates' cosine and the lazy R1
+        self._open_data(dataset)
+
+    def wrap(self, precision: str) -> None:
+        """G under DDP with torchrun (D's gradients are averaged by the method itself), autocast in ``precision``."""
+        self.grads_set_to_none = not self.dist.distributed
+        if self.dist.distributed:
+            self.method.generator_call = dist_utils.data_parallel(self.model, self.dist)
+        self.method.autocast = torch.bfloat16 if precision == "bf16" else None
+
+    def losses(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """D's update, then G's loss and gradients: (G loss, metrics, G's t, G's gradient norm). A D step that was
+        not finite makes the returned loss NaN, so the loop's --nan-policy judges the whole iteration."""
+        g, batch, method = self.generator, self.config.batch_size, self.method
+        index = self.stream.take(batch)
+        flips = torch.rand(batch, generator=g) < 0.5 if self.config.flip else None
+        T, nz = self.diffusion.num_timesteps, self.config.nz or 0
+        d_draws = DdganDraws.draw(g, batch, method.shape, T, nz)
+        g_draws = DdganDraws.draw(g, batch, method.shape, T, nz)
+        lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
+        local = index[lo:hi].to(self.images.device, non_blocking=self.device.type == "cuda")
+        x_start = self._local_images(local, flips[lo:hi] if flips is not None else None)
+        method.set_learning_rates(self.step_index)
+        d_metrics = method.discriminator_step(x_start, d_draws.slice(lo, hi, self.device, self.layout),
+                                              self.step_index)
+        g_local = g_draws.slice(lo, hi, self.device, self.layout)
+        loss, per_sample = method.generator_losses(x_start, g_local)
+        loss = torch.where(d_metrics["d_ok"], loss, torch.full_like(loss, float("nan")))
+        return loss, {"loss": per_sample, **d_metrics}, g_local.t, clip_gradients(self.params, self.config.grad_clip)
+
+    def discard(self) -> None:
+        super().discard()
+        self.step_index += 1
+
+    def update(self, t: torch.Tensor, per_sample: torch.Tensor) -> None:
+        super().update(t, per_sample)
+        self.step_index += 1
+
+    def extra_log(self) -> dict[str, Any]:
+        return {"lr_d": self.method.disc_optimizer.param_groups[0]["lr"]}
+
+    def _load_method_state(self, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        self.method.load_state(state)
+        self.step_index = int(meta["step"])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self.method.state_tensors()
+        tensors["data.perm"] = self.stream.perm.clone()
+        tensors["rng.generator"] = self.generator.get_state()
+        return tensors
 
 
 class _Trainer:
@@ -355,7 +446,8 @@ class _Trainer:
                                             data=dataset.info())
         if saved is not None:
             self.folder.check_network(saved, model_config)
-        self.training = _TrainingStep(config, dist, self.local_batch, self.ckpt_config, dataset)
+        step_class = _DdganStep if config.method == "ddgan" else _TrainingStep
+        self.training = step_class(config, dist, self.local_batch, self.ckpt_config, dataset)
         self.num_parameters = sum(p.numel() for p in self.training.model.parameters())
         self.folder.open(self._run_config_payload())
         latest = self.folder.latest_save() if saved is not None else None
@@ -503,18 +595,19 @@ class _Trainer:
         acc = dist_utils.all_reduce_sum(self.dist, acc).cpu().double()
         n = max(float(acc[3]), 1.0)
         now = time.monotonic()
-        record: dict[str, Any] = {
-            "step": self.step,
-            "loss": float(acc[0]) / n,
-            "mse": float(acc[1]) / n,
-            "vb": float(acc[2]) / n,
-        }
+        record: dict[str, Any] = {"step": self.step, "loss": float(acc[0]) / n}
+        for i, name in enumerate(("mse", "vb")):
+            if name in self.training.metric_names:
+                record[name] = float(acc[1 + i]) / n
+        for i, name in enumerate(self._extra_metrics()):
+            record[name] = float(acc[13 + i]) / n
         for q in range(4):
             count = float(acc[8 + q])
             record[f"q{q}"] = float(acc[4 + q]) / count if count else None
         record.update({
             "grad_norm": float(acc[12]) / n,
             "lr": self.training.optimizer.param_groups[0]["lr"],
+            **self.training.extra_log(),
             "img_per_s": steps_since * self.config.batch_size / max(now - since, 1e-9),
             "elapsed": self.elapsed_before + now - self.t0,
             "nan_skips": self.nan_skips,
@@ -540,7 +633,8 @@ class _Trainer:
     def _accumulate(self, acc: torch.Tensor, loss: torch.Tensor, losses: dict[str, torch.Tensor], t: torch.Tensor,
                     ones: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """Add one step to the on-device metric sums: [loss, mse, vb, steps, loss by t-quartile (4), counts (4),
-        grad norm] (read back only at log steps, so logging costs no per-step sync)."""
+        grad norm, the step's other metrics] (read back only at log steps, so logging costs no per-step sync).
+        A DDGAN step has no mse and vb (0 there) and adds its D terms."""
         per_sample = losses["loss"].detach().float()
         quartile = torch.clamp(t * 4 // self.training.diffusion.num_timesteps, max=3)
         acc[0] += loss.detach()
@@ -550,13 +644,18 @@ class _Trainer:
         acc[4:8].index_add_(0, quartile, per_sample)
         acc[8:12].index_add_(0, quartile, ones)
         acc[12] += grad_norm.detach()
+        for i, name in enumerate(self._extra_metrics()):
+            acc[13 + i] += losses[name].detach().float()
+
+    def _extra_metrics(self) -> tuple[str, ...]:
+        return tuple(name for name in self.training.metric_names if name not in ("mse", "vb"))
 
     def run(self) -> TrainResult:
         c, dev = self.config, self.device
         start_step = self.step
         # --max-time, elapsed and img/s count training only, not loading data and building the network.
         self.t0 = time.monotonic()
-        acc = torch.zeros(13, device=dev)
+        acc = torch.zeros(13 + len(self._extra_metrics()), device=dev)
         ones = torch.ones(self.local_batch, device=dev)
         first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
         step_dev = torch.full((), self.step, dtype=torch.int64, device=dev)
