@@ -249,7 +249,7 @@ def default_training(image_size: int, num_images: int, data: str = "") -> dict[s
 
 
 def default_ddgan_training(image_size: int, num_images: int, data: str = "") -> dict[str, object]:
-    """``train --method ddgan`` defaults that fit the data (docs/ddgan.md; explicit values always win).
+    """``train --method ddgan`` defaults that fit the data (docs/ddgan.md "Optimisation and defaults"; explicit values always win).
 
     - T = 4, the official CIFAR-10 chain; the generator is train's U-Net for the image size, without dropout (the
       official generators have none: a GAN's discriminator, not dropout, is what keeps it from copying the data).

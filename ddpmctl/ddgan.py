@@ -1,6 +1,6 @@
 """The maths of denoising diffusion GANs (Xiao, Kreis and Vahdat, ICLR 2022), on the core's GaussianDiffusion.
 
-Notation (docs/conventions.md, "DDGAN"): a chain of T steps (2-8) from the discretised VP-SDE
+Notation (docs/ddgan.md "The chain"): a chain of T steps (2-8) from the discretised VP-SDE
 (``ddpmctl.schedules.vp_sde_betas``); index k = 0..T-1 as everywhere in ddpmctl, x_{-1} = x_0 the data. The
 generator G(x_k, z, k) predicts x_0', and p(x_{k-1} | x_k) = q(x_{k-1} | x_k, x_0') is the core's posterior
 (``GaussianDiffusion.q_posterior_mean_variance``; its variance is 0 at k = 0, where it returns x_0' itself). The

@@ -51,7 +51,7 @@ def cosine_betas(T: int, max_beta: float = 0.999) -> np.ndarray:
 
 def vp_sde_betas(T: int, beta_min: float = VP_BETA_MIN, beta_max: float = VP_BETA_MAX,
                  t_min: float = VP_T_MIN) -> np.ndarray:
-    """DDGAN's chain of T steps from the VP-SDE (docs/conventions.md, "DDGAN"), float64 [T].
+    """DDGAN's chain of T steps from the VP-SDE (docs/ddgan.md "The chain"), float64 [T].
 
     The SDE's signal scale is abar(tau) = exp(-beta_min tau - (beta_max - beta_min) tau^2 / 2); the times are
     tau_i = t_min + (1 - t_min) i / T for i = 0..T, and beta_k = 1 - abar(tau_{k+1}) / abar(tau_k), k = 0..T-1.

@@ -135,3 +135,20 @@ def test_ddgan_options_and_refusals() -> None:
         res = runner.invoke(app, ["train", "builtin:digits", "--out", "/nonexistent/never", *args])
         lines = [line for line in res.stderr.splitlines() if line.strip()]
         assert res.exit_code == 2 and len(lines) == 1 and words in lines[0], (args, res.output)
+
+
+def test_cifar10_recipe_is_the_official_one() -> None:
+    """examples/configs/cifar10_ddgan.toml names every choice of the official CIFAR-10 command (only the
+    generator's x0 prediction is implied)."""
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "configs" / "cifar10_ddgan.toml"
+    config = TrainConfig(data="x", **tomllib.loads(path.read_text()))
+    resolved = config.with_data_defaults(image_size=32, num_images=50_000)
+    assert resolved == config.model_copy(update={"mean_type": "x0"})
+    assert (config.timesteps, config.nz, config.batch_size, config.lr, config.lr_d, config.lr_min, config.r1_gamma,
+            config.lazy_reg, config.ema, config.disc_channels) == (4, 100, 256, 1.6e-4, 1.25e-4, 1e-5, 0.02, 15,
+                                                                   0.9999, 64)
+    model = resolved.make_model_config(image_size=32, channels=3, num_classes=None)
+    assert (model.model_channels, model.channel_mult, model.num_res_blocks, model.attention_resolutions,
+            model.latent.dim if model.latent else None) == (128, (1, 2, 2, 2), 2, (16,), 100)
