@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[test]"
+	# torch-fidelity for tests/test_fid_reference.py, without its dependencies: its torchvision would pull another
+	# torch (the test needs none of torchvision). Optional: without it that test is skipped.
+	$(PY) -m pip install -q --no-deps "torch-fidelity==0.4.0" "tqdm>=4" || echo "note: torch-fidelity not installed"
 	touch $(STAMP)
 
 test: install

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ChainSchedule", "ColorMode", "Method", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "NanPolicy", "Precision",
-           "PrecisionRequest", "EmaWarmup", "Schedule", "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
+__all__ = ["ChainSchedule", "ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "Method",
+           "NanPolicy", "Precision", "PrecisionRequest", "EmaWarmup", "FeatureName", "Schedule", "Spacing", "Split",
+           "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
            "is_learned_variance"]
 
 Schedule = Literal["cosine", "linear"]  # (the default first: --help lists them in this order)
@@ -34,6 +35,7 @@ StudentParam = Literal["v", "x", "both"]
 Weighting = Literal["truncated-snr", "snr+1"]
 Estimator = Literal["exact", "mc"]
 Spacing = Literal["even", "ddim", "logsnr"]  # how a sampler places its steps on the chain
+FeatureName = Literal["digits", "inception"]  # ddpmctl.features: the networks sample quality is measured with
 
 LEARNED_VARIANCES: tuple[str, ...] = ("learned", "learned_range")
 

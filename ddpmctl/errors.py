@@ -41,6 +41,10 @@ class UnknownSamplerError(SamplerError):
     """No installed sampler plugin has the requested name."""
 
 
+class FeaturesError(DdpmctlError):
+    """A feature network for sample quality (its weights file, or images it cannot take) cannot be used."""
+
+
 class TrainingError(DdpmctlError):
     """Training cannot continue (e.g. a non-finite loss)."""
 
