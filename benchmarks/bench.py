@@ -39,7 +39,7 @@ from ddpmctl.ema import EMA  # noqa: E402
 from ddpmctl.hardware import (PLAIN_PATHS, FastPaths, cpu_capability, cpu_native_bf16, fast_paths,  # noqa: E402
                               forced_fast_paths)
 from ddpmctl.inference import AutocastModel, inference_network  # noqa: E402
-from ddpmctl.loop import clip_gradients  # noqa: E402
+from ddpmctl.optim import clip_gradients  # noqa: E402
 from reference_unet import ReferenceUNet, reference_train_step  # noqa: E402
 
 # issue 7's two configs, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).

@@ -30,8 +30,12 @@ from bench import interleaved_medians  # noqa: E402
 from ddpmctl import distributed as dist_utils  # noqa: E402
 from ddpmctl.config import CheckpointConfig, TrainConfig  # noqa: E402
 from ddpmctl.data import load_dataset  # noqa: E402
+from ddpmctl.ddgan_method import DdganMethod  # noqa: E402
+from ddpmctl.ema import EMA  # noqa: E402
 from ddpmctl.hardware import cpu_capability, resolve_precision  # noqa: E402
-from ddpmctl.train import _DdganStep, _TrainingStep  # noqa: E402
+from ddpmctl.inference import AutocastModel  # noqa: E402
+from ddpmctl.method import Runtime  # noqa: E402
+from ddpmctl.train import IDDPMMethod  # noqa: E402
 
 # The generator of examples/configs/digits_ddgan.toml (= the demo's U-Net), batch 64.
 NETWORK = dict(model_channels=32, channel_mult=(1, 2), res_blocks=1, attention_resolutions=(4,), dropout=0.0,
@@ -39,7 +43,7 @@ NETWORK = dict(model_channels=32, channel_mult=(1, 2), res_blocks=1, attention_r
 
 
 def build_step(method: str, precision: str, **options: object) -> Callable[[], object]:
-    """One full training iteration of ``method`` (losses, update, EMA) as the loop runs it."""
+    """One full training iteration of ``method`` (forward/backward, update, EMA) as the loop runs it."""
     config = TrainConfig(data="builtin:digits", method=method, precision=precision,  # type: ignore[arg-type]
                          **NETWORK, **options)
     dataset = load_dataset("builtin:digits", image_size=None, color="auto", class_cond=False, split="train")
@@ -47,13 +51,21 @@ def build_step(method: str, precision: str, **options: object) -> Callable[[], o
     model = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels, num_classes=None)
     ckpt = CheckpointConfig(model=model, diffusion=config.make_diffusion_config(), data=dataset.info())
     dist = dist_utils.DistInfo()
-    step_class = _DdganStep if method == "ddgan" else _TrainingStep
-    step = step_class(config, dist, config.batch_size or 64, ckpt, dataset)
-    step.wrap(precision)
+    method_class = DdganMethod if method == "ddgan" else IDDPMMethod
+    trainer = method_class(config, dist, config.batch_size or 64, ckpt, dataset)
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    trainer.prepare(Runtime(device=dist.device, dist=dist, precision=precision,
+                            wrap=lambda module: AutocastModel(module, dtype)))
+    sampled = next(iter(trainer.networks().values()))
+    ema = EMA(sampled, config.ema, config.ema_warmup)
+    step = [0]
 
     def run() -> None:
-        loss, losses, t, _ = step.losses()
-        step.update(t, losses["loss"])
+        # As the loop runs a step: forward/backward (D's update inside for DDGAN), the update, the EMA.
+        out = trainer.forward_backward(step[0])
+        trainer.apply(out)
+        ema.update(sampled)
+        step[0] += 1
 
     return run
 

@@ -2,9 +2,9 @@
 
 Stage 1's teacher is the trained network run as deterministic DDIM on the ``from_steps`` grid; each stage's student
 (same architecture, dropout 0, a v / x / "both" head) takes one DDIM step where its teacher takes two, and becomes
-the next stage's teacher (the mathematics: ``ddpmctl.progressive``). A stage is a training loop on ``ddpmctl
-train``'s machinery: the run-folder checks of ``ddpmctl.runfolder``; the stop signals, seeds and optimizer state of
-``ddpmctl.loop``; the precision of ``ddpmctl.inference.AutocastModel``.
+the next stage's teacher (the mathematics: ``ddpmctl.progressive``). A stage is a method (``_DistillStage``) on the
+training loop of ``ddpmctl.loop``, which saves, resumes and stops it as it does ``ddpmctl train``; the run-folder
+checks are ``ddpmctl.runfolder``'s.
 
 Run folder (``--out``): ``distill.json`` (settings), ``state_{N}.safetensors`` (an unfinished stage: student,
 optimizer, iteration, RNG), ``student_{N}.safetensors`` (finished stages), ``report.json`` (the quality report).
@@ -13,7 +13,6 @@ optimizer, iteration, RNG), ``student_{N}.safetensors`` (finished stages), ``rep
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,8 +36,11 @@ from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, Stu
 from ddpmctl.data import ImageDataset, load_dataset_for
 from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
 from ddpmctl.images import uint8_to_model
-from ddpmctl.inference import AutocastModel
-from ddpmctl.loop import StopSignals, clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
+from ddpmctl.distributed import DistInfo
+from ddpmctl.hardware import resolve_precision
+from ddpmctl.loop import LoopEvent, LoopSettings, Save, StopSignals, TrainingLoop
+from ddpmctl.method import Method, Runtime, StepOutput
+from ddpmctl.optim import clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.progressive import (
     GridDenoiser,
     ddim_on_grid,
@@ -153,6 +155,8 @@ class _Run:
     previous_reports: dict[int, dict[str, Any]]
     emit: Callable[[DistillEvent], None]
     stop: Callable[[], bool]
+    on_signal: Callable[[int], None]
+    precision: str  # --precision as resolved for the device
 
 
 @dataclass
@@ -182,6 +186,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
     with StopSignals(on_first=stopping) as signals:
         run = _open_run(config, torch.device(device), resume=resume, force=force, emit=emit,
                         stop=lambda: signals.requested or (should_stop is not None and should_stop()))
+        run.on_signal = stopping
         from_steps = run.from_steps
         result = DistillResult(out=run.out, from_steps=from_steps, to_steps=config.to_steps, param=run.param)
         emit(DistillEvent("plan", num_stages=len(run.stage_steps), steps=config.to_steps, teacher_steps=from_steps,
@@ -236,7 +241,8 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     return _Run(config=config, device=device, parent=parent, data=data, out=out, param=param,
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
-                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop)
+                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop,
+                on_signal=lambda signum: None, precision=resolve_precision(config.precision, device)[0])
 
 
 def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[StageReport | None, GridDenoiser]:
@@ -336,84 +342,141 @@ def _seed_for_stage(seed: int, steps: int) -> int:
     return (seed * 1_000_003 + steps * 7_919 + 17) % (2**63)
 
 
-def _save_stage_state(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      generator: torch.Generator, iteration: int, recent: list[float], seconds: float) -> None:
-    tensors = {f"model.{k}": v for k, v in student.state_dict().items()}
-    tensors.update(optimizer_state_tensors(optimizer))
-    tensors["rng.generator"] = generator.get_state()
-    save_tensors(path, tensors, {"format": runfolder.DISTILLATION.format, "iteration": str(iteration),
-                                 "recent_losses": json.dumps(recent), "seconds": repr(seconds)}, what="stage state")
+class _StageSaves:
+    """Where an unfinished stage saves: one ``state_{N}.safetensors`` (student, optimizer, generator, iteration),
+    replaced at each save; the finished student is written by :func:`_run_stage`, not here."""
+
+    def __init__(self, path: Path, resumable: bool) -> None:
+        self.path = path
+        self.exists = resumable and path.exists()
+
+    def latest(self) -> int | None:
+        return 0 if self.exists else None  # (one file: read() ignores the step and returns the saved iteration)
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.path
+
+    def state_path(self, step: int) -> Path:
+        return self.path
+
+    def log(self, record: dict[str, Any]) -> None:
+        pass  # a stage's progress reaches the caller as events; report.json keeps the result
+
+    def write(self, save: Save) -> Path:
+        tensors = {f"model.{k}": v for k, v in save.weights["model"].items()}
+        tensors.update(save.tensors)
+        save_tensors(self.path, tensors, {"format": runfolder.DISTILLATION.format, "iteration": str(save.step),
+                                          "recent_losses": json.dumps(save.meta["recent_losses"]),
+                                          "seconds": repr(save.meta["elapsed"])}, what="stage state")
+        return self.path
+
+    def read(self, step: int) -> Save:
+        tensors, meta = load_tensors(self.path)
+        tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
+        weights = {k[len("model."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("model.")]}
+        try:
+            values = {"iteration": int(meta["iteration"]), "elapsed": float(meta.get("seconds", "0")),
+                      "recent_losses": json.loads(meta.get("recent_losses", "[]"))}
+        except (KeyError, ValueError) as err:
+            raise CheckpointError(f"{self.path}: the stage state does not fit this run ({err})") from None
+        return Save(step=values["iteration"], weights={"model": weights}, ema={}, tensors=tensors, meta=values)
 
 
-def _load_stage_state(path: Path, student: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                      generator: torch.Generator) -> tuple[int, list[float], float]:
-    """Restore what _save_stage_state wrote; (iteration, recent losses, seconds)."""
-    tensors, meta = load_tensors(path)
-    tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
-    try:
-        student.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        load_optimizer_state(optimizer, tensors)
-        generator.set_state(tensors["rng.generator"])
-        return int(meta["iteration"]), json.loads(meta.get("recent_losses", "[]")), float(meta.get("seconds", "0"))
-    except (RuntimeError, KeyError, ValueError) as err:
-        raise CheckpointError(f"{path}: the stage state does not fit this run ({str(err).splitlines()[0]})") from None
+class _DistillStage(Method):
+    """One stage as a training method: Adam with linear decay to 0, grad clip, no EMA; the loss of
+    :func:`_stage_loss` on a fresh batch drawn with replacement from the stage's own generator."""
+
+    syncs_every_step = True  # the recent-loss window reads every step's loss
+    nan_advice = "try a lower --lr"
+
+    def __init__(self, run: _Run, stage: int, steps: int, teacher: GridDenoiser, student: torch.nn.Module) -> None:
+        self.run, self.stage, self.steps, self.student = run, stage, steps, student
+        self.iters = run.config.iters_per_stage
+        self.optimizer = torch.optim.Adam(student.parameters(), lr=run.config.lr)
+        self.generator = torch.Generator().manual_seed(_seed_for_stage(run.config.seed, steps))
+        self.teacher = teacher
+        self.recent: list[float] = []
+        self.window = max(1, min(100, self.iters // 10))
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"model": self.student}
+
+    def prepare(self, runtime: Runtime) -> None:
+        self.batch_loss = _stage_loss(self.run, self.steps, self.teacher, runtime.wrap(self.student))
+
+    def forward_backward(self, step: int) -> StepOutput:
+        self.lr = self.run.config.lr * (1.0 - step / self.iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr
+        loss = self.batch_loss(self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        return StepOutput(loss=loss, grad_norm=clip_gradients(self.student.parameters(), self.run.config.grad_clip))
+
+    def apply(self, out: StepOutput) -> None:
+        self.optimizer.step()
+        self.recent = (self.recent + [out.loss.item()])[-self.window:]
+
+    def discard(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {**optimizer_state_tensors(self.optimizer), "rng.generator": self.generator.get_state()}
+
+    def state_meta(self) -> dict[str, Any]:
+        return {"recent_losses": self.recent}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        load_optimizer_state(self.optimizer, tensors)
+        self.generator.set_state(tensors["rng.generator"])
+        self.recent = [float(v) for v in meta["recent_losses"]]
+
+    def describe_step(self, step: int) -> str:
+        return f"stage {self.stage} ({self.steps} steps) iteration {step}"
 
 
 def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, student: torch.nn.Module,
                  state_path: Path) -> StageReport | None:
-    """One stage: Adam with linear decay to 0, grad clip, no EMA. None when stopped (state saved)."""
+    """One stage on the training loop. None when stopped (state saved)."""
     config, iters = run.config, run.config.iters_per_stage
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
-    generator = torch.Generator().manual_seed(_seed_for_stage(config.seed, steps))
-    iteration, recent, seconds = 0, [], 0.0
-    if run.continuing and state_path.exists():
-        iteration, recent, seconds = _load_stage_state(state_path, student, optimizer, generator)
-    batch_loss = _stage_loss(run, steps, teacher, student)
-    window = max(1, min(100, iters // 10))
+    method = _DistillStage(run, stage, steps, teacher, student)
     where = {"stage": stage, "num_stages": len(run.stage_steps), "steps": steps, "teacher_steps": 2 * steps}
-    run.emit(DistillEvent("stage_start", **where, iteration=iteration, total=iters))
-    student.train()
-    started = time.perf_counter()
-    while iteration < iters:
-        if run.stop():
-            _save_stage_state(state_path, student, optimizer, generator, iteration, recent,
-                              seconds + time.perf_counter() - started)
-            run.emit(DistillEvent("saved", stage=stage, steps=steps, iteration=iteration, total=iters,
-                                  message=f"interrupted: stage state saved to {state_path}"))
-            return None
-        loss = batch_loss(generator)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"stage {stage} ({steps} steps): the loss became {loss.item()} at iteration "
-                                f"{iteration}: try a lower --lr")
-        lr = config.lr * (1.0 - iteration / iters)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(student.parameters(), config.grad_clip)
-        optimizer.step()
-        iteration += 1
-        recent = (recent + [loss.item()])[-window:]
-        run.emit(DistillEvent("step", **where, iteration=iteration, total=iters, loss=recent[-1], lr=lr))
-        if iteration % config.save_every == 0 and iteration < iters:
-            _save_stage_state(state_path, student, optimizer, generator, iteration, recent,
-                              seconds + time.perf_counter() - started)
-    seconds += time.perf_counter() - started
+
+    def on_event(event: LoopEvent) -> None:
+        if event.kind == "step":
+            run.emit(DistillEvent("step", **where, iteration=event.step, total=iters, loss=method.recent[-1],
+                                  lr=method.lr))
+
+    settings = LoopSettings(max_steps=iters, save_every=config.save_every, log_every=max(iters, 1),
+                            save_at_end=False, batch_size=config.batch_size)
+    loop = TrainingLoop(method, _StageSaves(state_path, run.continuing), settings,
+                        dist=DistInfo(rank=0, world_size=1, device=run.device), precision=run.precision,
+                        callback=on_event, should_stop=run.stop, on_first_signal=run.on_signal)
+    loop.resume()
+    if run.stop():
+        return None  # stopped before the stage began: nothing of it to save
+    run.emit(DistillEvent("stage_start", **where, iteration=loop.step, total=iters))
+    done = loop.run()
+    if done.stop_reason != "max_steps":
+        run.emit(DistillEvent("saved", stage=stage, steps=steps, iteration=done.step, total=iters,
+                              message=f"interrupted: stage state saved to {state_path}"))
+        return None
+    recent = method.recent
     return StageReport(stage=stage, steps=steps, teacher_steps=2 * steps, iters=iters,
-                       loss=sum(recent) / len(recent) if recent else None, seconds=seconds, student="",
-                       student_distance=None, ddim_distance=None)
+                       loss=sum(recent) / len(recent) if recent else None,
+                       seconds=loop.elapsed_before + done.elapsed, student="", student_distance=None,
+                       ddim_distance=None)
 
 
 def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser,
-                student: torch.nn.Module) -> Callable[[torch.Generator], torch.Tensor]:
+                network: Callable[..., torch.Tensor]) -> Callable[[torch.Generator], torch.Tensor]:
     """The stage's loss on a fresh random batch: the student's weighted x_hat error against the two-step target.
 
     Student step i (1..N) goes k_i -> k_{i-1}; the teacher passes through the midpoint k'_i on its own grid. The
-    teacher runs in fp32; the student in ``--precision`` (its output, and the loss, in fp32).
+    teacher runs in fp32; ``network``, the student, in ``--precision`` (its output, and the loss, in fp32).
     """
     config, device = run.config, run.device
     starts, mids, ends = (torch.tensor(v, dtype=torch.int64) for v in stage_times(run.alphas_cumprod.numel(), steps))
-    network = AutocastModel(student, torch.bfloat16 if config.precision == "bf16" else None)
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
         x_start, labels = _batch(run.data, config.batch_size, config.flip, generator, device)

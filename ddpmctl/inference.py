@@ -40,11 +40,12 @@ class AutocastModel:
     def __init__(self, module: nn.Module, dtype: torch.dtype | None) -> None:
         self.module, self.dtype = module, dtype
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # (Any signature whose first argument is a tensor on the network's device: model(x, t), D(x_prev, x_t, t).)
         if self.dtype is None:
-            return self.module(x, t, **kwargs)
+            return self.module(x, *args, **kwargs)
         with torch.autocast(x.device.type, dtype=self.dtype):
-            out = self.module(x, t, **kwargs)
+            out = self.module(x, *args, **kwargs)
         return out.float()
 
 

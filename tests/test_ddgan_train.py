@@ -47,7 +47,10 @@ def test_stopped_and_resumed_run_ends_bit_identical(tmp_path: Path) -> None:
     assert_same_files(full, stopped, ["ema_0.9999_000010.safetensors", "model_000010.safetensors",
                                       "state_000010.safetensors"])
     state = load_tensors(full / "state_000010.safetensors")[0]
-    assert any(k.startswith("disc.") for k in state) and any(k.startswith("disc_optim.optim.") for k in state)
+    # D's weights (saved by the loop) and both optimizers' moments are in the training state.
+    assert any(k.startswith("net.discriminator.") for k in state)
+    assert any(k.startswith("optim.discriminator.") for k in state) and any(k.startswith("optim.generator.")
+                                                                             for k in state)
 
     def numbers(path: Path) -> list[dict[str, object]]:
         return [{k: v for k, v in json.loads(line).items() if k not in ("img_per_s", "elapsed")}

@@ -1,0 +1,126 @@
+"""The contract between the training loop (:mod:`ddpmctl.loop`) and a training method.
+
+A **method** is one objective with everything that is its own: its networks, their optimizers, how it draws a batch,
+its loss and its update, its metrics, and the tensors it must save to continue bit for bit. The **loop** owns the
+rest, the same for every method: the run folder and its saves (``--keep``), exact resume, Ctrl-C / SIGTERM, the NaN
+policy, precision and autocast, DDP under torchrun, the metrics file, progress events, ``--max-steps`` /
+``--max-time``, periodic work, and an EMA of each network the method names in :attr:`Method.ema_networks`.
+(The split of EDM's ``training/loss.py`` objects, or of Lightning's ``training_step``.)
+
+One step, as the loop drives it::
+
+    out = method.forward_backward(step)      # this rank's share of the batch, losses, gradients; no update yet
+    if the loss or gradient norm is not finite (checked at control steps, see loop.py):
+        method.discard()                     # --nan-policy skip (stop raises instead)
+    else:
+        method.apply(out)                    # optimizer step(s), schedules, loss-aware samplers
+        (the loop updates every EMA)
+        method.accumulate(out)               # on-device metric sums, read back only at log steps
+
+A method with two networks (a GAN: generator and discriminator) does both of its updates in ``forward_backward`` /
+``apply`` as it needs, for example the discriminator's step inside ``forward_backward`` before the generator's
+gradients; ``discard`` then only drops what is not yet applied. Lazy regularisation is the method's business: it
+knows the step number.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpmctl.distributed import DistInfo
+
+__all__ = ["Method", "Runtime", "StepOutput"]
+
+
+@dataclass
+class StepOutput:
+    """What ``forward_backward`` hands back: the scalar loss and gradient norm the NaN policy checks (device tensors,
+    read without a host sync), and whatever the method's own ``apply`` / ``accumulate`` need."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor
+    extra: Any = None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how the loop runs a method: device, ranks, precision (as resolved), and the network wrapper."""
+
+    device: torch.device
+    dist: DistInfo
+    precision: str  # "fp32" | "bf16"
+    wrap: Callable[[nn.Module], Callable[..., torch.Tensor]]  # DDP under torchrun, then autocast in ``precision``
+
+    @property
+    def grads_set_to_none(self) -> bool:
+        """Under DDP the gradients are the all-reduce buckets themselves: zero them, never set them to None."""
+        return not self.dist.distributed
+
+
+class Method(ABC):
+    """A training objective. Subclasses set the class attributes and implement the abstract methods.
+
+    ``networks()`` names every network the method trains; the loop saves and restores their weights and keeps an
+    EMA of those listed in ``ema_networks``. The first network is the sampled one (its EMA and raw weights are a
+    run folder's ``ema_*`` and ``model_*`` checkpoints); the others' weights and EMAs live in the training state.
+    """
+
+    #: Networks (names in ``networks()``) the loop keeps an exponential moving average of.
+    ema_networks: tuple[str, ...] = ()
+    #: True when ``forward_backward`` already reads a device value every step: the loop then checks the NaN policy
+    #: and stop requests every step too (otherwise, on a GPU, only at log and save steps).
+    syncs_every_step: bool = False
+    #: What the NaN-policy message suggests after "stopped, ...".
+    nan_advice: str = "try a lower --lr, --grad-clip 1, or --nan-policy skip"
+
+    @abstractmethod
+    def networks(self) -> dict[str, nn.Module]:
+        """Every trained network by name, the sampled one first (unwrapped: no DDP, no autocast)."""
+
+    def prepare(self, runtime: Runtime) -> None:
+        """Called once, after any resume and before the first step: wrap the networks with ``runtime.wrap``."""
+
+    @abstractmethod
+    def forward_backward(self, step: int) -> StepOutput:
+        """Step ``step + 1`` (``step`` steps are done): draw this rank's share of the batch, compute the loss and
+        its gradients. No optimizer step yet: the loop first applies the NaN policy."""
+
+    @abstractmethod
+    def apply(self, out: StepOutput) -> None:
+        """Apply the gradients of a good step (optimizer steps, schedules); the loop updates the EMAs after it."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Drop the gradients of a step the NaN policy skips."""
+
+    def accumulate(self, out: StepOutput) -> None:
+        """Add an applied step to the method's on-device metric sums (no host sync)."""
+
+    def log_record(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """The metrics of the steps since the last log (``reduce_sum`` sums a tensor over the ranks), then zero the
+        sums. The loop adds step, img/s, elapsed, nan_skips and precision around it."""
+        return {}
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a resume needs besides the networks and EMAs (optimizer moments, data order, the method's RNG):
+        contiguous CPU tensors. Every rank calls it; rank 0's are saved."""
+
+    def state_meta(self) -> dict[str, Any]:
+        """JSON-able values a resume needs (saved beside the tensors)."""
+        return {}
+
+    @abstractmethod
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Restore what ``state_tensors`` and ``state_meta`` returned (KeyError / ValueError / RuntimeError when it
+        does not fit: the loop turns them into one CheckpointError line)."""
+
+    def describe_step(self, step: int) -> str:
+        """How messages name step ``step`` (a distillation stage says which stage and iteration)."""
+        return f"step {step}"
