@@ -6,6 +6,7 @@ through ``ddpmctl train``, non-finite losses, out-of-memory, and a torchrun rank
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import pickle
@@ -109,6 +110,56 @@ def test_untrusted_checkpoint_is_one_line_naming_the_file(files: dict[str, Path]
     assert not (tmp_path / "s").exists() and not (tmp_path / "r.safetensors").exists()
     if bad in ("pickle", "pt"):
         assert "pickle" in line
+
+
+class _RunsCode:
+    """Unpickling this runs os.system (a classic pickle exploit): it must never be unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def _hostile_pt(root: Path, kind: str) -> Path:
+    """improved-diffusion's checkpoint layout (a torch.save zip of a pickled dict) holding what it must not."""
+    path = root / f"{kind}.pt"
+    weight = torch.zeros(2, 2)
+    payload: Any = {
+        "non-tensor": {"input_blocks.0.0.weight": weight, "step": 500000},
+        "nested": {"state_dict": {"input_blocks.0.0.weight": weight}},
+        "optimizer": {"state": {0: {"exp_avg": weight}}, "param_groups": [{"lr": 1e-4, "params": [0]}]},
+        "object": {"input_blocks.0.0.weight": weight, "args": argparse.Namespace(lr=1e-4)},
+        "exploit": {"input_blocks.0.0.weight": weight, "x": _RunsCode(root / "pwned")},
+        "int-tensor": {"input_blocks.0.0.weight": torch.zeros(2, dtype=torch.int64)},
+        "list": [weight],
+        "empty": {},
+    }[kind]
+    torch.save(payload, path)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "words"), [
+    ("non-tensor", "entry 'step' is a int"), ("nested", "entry 'state_dict' is a dict"),
+    ("optimizer", "entry 'state' is a dict"), ("object", "Python object"),
+    ("exploit", "Python object"), ("int-tensor", "not a dense floating-point"),
+    ("list", "holds a list, not a state dict"), ("empty", "empty state dict"),
+])
+def test_convert_reads_tensors_only(tmp_path: Path, kind: str, words: str) -> None:
+    path = _hostile_pt(tmp_path, kind)
+    out = tmp_path / "out.safetensors"
+    line = one_line(invoke("convert", str(path), "--out", str(out)), 1)
+    assert words in line and str(path) in line, line
+    assert not out.exists() and not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("bad", ["truncated", "random", "good", "foreign", "pickle", "empty", "directory", "missing"])
+def test_convert_refuses_what_is_no_state_dict(files: dict[str, Path], tmp_path: Path, bad: str) -> None:
+    out = tmp_path / "out.safetensors"
+    line = one_line(invoke("convert", str(files[bad]), "--out", str(out)), 1)
+    assert str(files[bad]) in line, line
+    assert not out.exists()
 
 
 # ----------------------------------------------------------------------------------- commands x bad inputs

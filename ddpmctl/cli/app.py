@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from ddpmctl import __version__
-from ddpmctl.cli import distill, eval_nll, info, respace, sample, samplers, train
+from ddpmctl.cli import convert, distill, eval_nll, info, respace, sample, samplers, train
 
 try:  # typer >= 0.26 ships its own copy of click
     from typer._click.exceptions import ClickException
@@ -108,6 +108,7 @@ app.command("respace")(respace.respace_command)
 app.command("distill")(distill.distill_command)
 app.command("samplers")(samplers.samplers_command)
 app.command("info")(info.info_command)
+app.command("convert")(convert.convert_command)
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
@@ -143,3 +144,28 @@ def device_option(help: str = DEVICE_HELP, **kwargs: Any) -> Any:
     """A fresh ``--device`` option, for ``Annotated[str, device_option()] = "auto"`` (typer mutates option objects,
     so each command needs its own)."""
     return typer.Option("--device", help=help, metavar="DEVICE", **kwargs)
+
+
+def output_file(out: str | None, source: Path, name: str, *, force: bool) -> Path:
+    """Where a command that writes one file from ``source`` writes it (``--out``), checked before any work.
+
+    An existing folder, or a path ending in a slash, means "into this folder" as ``name``; no ``--out`` means
+    beside ``source``. Refused with one line (exit 1): the input file itself, an existing file without
+    ``--force``, a folder that does not exist."""
+    from ddpmctl.errors import CheckpointError
+
+    if out is None:
+        target = source.with_name(name)
+    elif out.endswith(("/", "\\")) or Path(out).is_dir():
+        target = Path(out) / name
+    else:
+        target = Path(out)
+    if target.is_dir():
+        raise CheckpointError(f"--out {target} is a folder: give a file name")
+    if target.exists() and target.resolve() == source.resolve():
+        raise CheckpointError(f"--out {target} is the input file: write the result elsewhere")
+    if target.exists() and not force:
+        raise CheckpointError(f"--out {target} exists: use --force to overwrite it")
+    if not target.parent.is_dir():
+        raise CheckpointError(f"cannot write --out {target}: folder {target.parent} does not exist")
+    return target
