@@ -31,18 +31,23 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from ddpmctl.cpuclass import lower_kernels_to_cpu_class  # noqa: E402
+
+lower_kernels_to_cpu_class()  # DDPMCTL_CPU below this machine: time that class's kernels, as `ddpmctl` would run
+
 from ddpmctl import train as train_loop  # noqa: E402
 from ddpmctl.build import build_diffusion, build_model  # noqa: E402
 from ddpmctl.config import CheckpointConfig, TrainConfig  # noqa: E402
 from ddpmctl.allocator import tune_malloc  # noqa: E402
 from ddpmctl.ema import EMA  # noqa: E402
-from ddpmctl.hardware import (PLAIN_PATHS, FastPaths, cpu_capability, cpu_native_bf16, fast_paths,  # noqa: E402
-                              forced_fast_paths)
+from ddpmctl.hardware import (PLAIN_PATHS, FastPaths, cpu_capability, cpu_class, cpu_native_bf16,  # noqa: E402
+                              fast_paths, forced_fast_paths, hardware_cpu_class, kernel_capability,
+                              simulated_cpu_class)
 from ddpmctl.inference import AutocastModel, inference_network  # noqa: E402
 from ddpmctl.optim import clip_gradients  # noqa: E402
 from reference_unet import ReferenceUNet, reference_train_step  # noqa: E402
 
-# issue 7's two configs, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
+# The two benchmark configs of benchmarks/README.md, as `ddpmctl train` options (hybrid loss, learned-range sigma, cosine, T = 4000).
 CONFIGS: dict[str, dict[str, object]] = {
     # (a) 32px, 64 channels, mult 1,2,2,2, 2 res blocks, attention 16 and 8, learned sigma, batch 32
     "a": dict(model_channels=64, channel_mult=(1, 2, 2, 2), res_blocks=2, attention_resolutions=(16, 8), heads=4,
@@ -59,7 +64,7 @@ Clock = Callable[[], float]
 def train_config(name: str, precision: str, *, quick: bool) -> TrainConfig:
     spec = dict(CONFIGS[name])
     batch = int(spec.pop("batch_size")) // (4 if quick else 1)  # type: ignore[call-overload]
-    # T = 4000 and eps as issue 7 measured; the rest of the data defaults as for a 32 px, CIFAR-sized set.
+    # T = 4000 and eps as benchmarks/README.md measures; the rest of the data defaults as for a 32 px, CIFAR-sized set.
     return TrainConfig(data="bench", max_steps=1, precision=precision, batch_size=batch,  # type: ignore[arg-type]
                        timesteps=4000, mean_type="eps", **spec).with_data_defaults(image_size=32, num_images=50000)
 
@@ -168,7 +173,7 @@ def matmul(dtype: torch.dtype, size: int) -> Callable[[], object]:
 
 # A 3x3 convolution the size of config (a)'s middle levels (channels_last, forward): the oneDNN kernels the U-Net's
 # convolutions run on. On CPUs where torch.mm's BLAS takes a slow path (MKL on AMD runs at about a third of the FMA
-# peak), this probe shows what the convolutions can reach; the issue's fractions stay those of the matmul probe.
+# peak), this probe shows what the convolutions can reach; the README's fractions stay those of the matmul probe.
 CONV_PROBE = (32, 128, 128, 16)  # batch, in channels, out channels, pixels per side
 
 
@@ -421,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
           f"malloc tuning {'on' if malloc_tuned else 'off'}")
     print(f"CPU capability {cpu_capability()}, native bf16 {'yes' if native else 'no (AVX-512-BF16/AMX absent)'}: "
           f"--precision auto picks {'bf16' if native else 'fp32'}; bench precisions {', '.join(precisions)}")
+    simulated = simulated_cpu_class() is not None
+    print(f"CPU class {cpu_class()}{' (simulated: DDPMCTL_CPU)' if simulated else ''}, this machine "
+          f"{hardware_cpu_class()}, torch kernels {kernel_capability()}")
     print(f"fast paths chosen here: {chosen.describe()}")
     size, repeats = (1024, 3) if args.quick else (2048, 5)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -509,7 +517,9 @@ def main(argv: list[str] | None = None) -> int:
     load_end = loadavg()
     print(f"load average: {load_start} at start, {load_end} at end")
     result = {"quick": args.quick, "threads": args.threads, "clock": args.clock, "torch": torch.__version__,
-              "cpu_capability": cpu_capability(), "native_bf16": native, "precisions": list(precisions),
+              "cpu_capability": cpu_capability(), "cpu_class": cpu_class(), "cpu_class_simulated": simulated,
+              "hardware_cpu_class": hardware_cpu_class(), "kernel_capability": kernel_capability(),
+              "native_bf16": native, "precisions": list(precisions),
               "fast_paths": asdict(chosen), "malloc_tuned": malloc_tuned,
               "load_average": {"start": load_start, "end": load_end}, "peaks_gflop_per_s": peaks,
               "conv_probe_gflop_per_s": conv_probes, "configs": configs, "rows": rows, "malloc_ab": malloc,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU smoke benchmark (issue 13): train, sample, eval-nll and a short distill on CUDA, about a minute each, with
+# GPU smoke benchmark: train, sample, eval-nll and a short distill on CUDA, about a minute each, with
 # the precision left to --precision's default (auto: bf16 where the GPU has it). Prints img/s and peak CUDA memory
 # (torch.cuda.max_memory_allocated) per command. Nothing in CI depends on it.
 #   bash benchmarks/gpu_check.sh [PYTHON]      (default: .venv/bin/python)
@@ -21,7 +21,7 @@ $RUN 1024 -- sample "$CKPT" --out "$OUT/samples" --num 1024 --batch-size 256 --s
 $RUN 300 -- eval-nll "$CKPT" --device cuda -q
 $RUN distill:128 -- distill "$CKPT" --data builtin:digits --out "$OUT/distill" --iters-per-stage 200 \
     --from-steps 16 --to-steps 4 --batch-size 128 --report-samples 0 --device cuda --json -q
-# Several GPUs (issue 17): one torchrun process per GPU (nccl; LOCAL_RANK picks the device), --batch-size is the
+# Several GPUs: one torchrun process per GPU (nccl; LOCAL_RANK picks the device), --batch-size is the
 # global batch. `--quiet` must leave stderr empty on every rank.
 NGPU="$("$PY" -c "import torch; print(torch.cuda.device_count())")"
 if [ "$NGPU" -ge 2 ]; then

@@ -1,5 +1,5 @@
 """An independent re-implementation of improved-diffusion's U-Net and training step, the yardstick `make bench`
-holds ddpmctl's fp32 training against (issue 13: ddpmctl must train at >= 1.1x the reference).
+holds ddpmctl's fp32 training against (benchmarks/README.md: ddpmctl's goal is to train at >= 1.1x the reference).
 
 Written from the architecture as improved-diffusion runs it, not copied: NCHW fp32 tensors; a SiLU module that
 computes x * sigmoid(x); GroupNorm32 normalising a float32 copy and casting back; attention on [N, 3C, HW] from a

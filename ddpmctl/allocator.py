@@ -1,4 +1,4 @@
-"""Keep glibc malloc from handing big tensors back to the OS after every use (CPU speed, issue 7).
+"""Keep glibc malloc from handing big tensors back to the OS after every use (CPU speed; benchmarks/README.md).
 
 glibc serves a request above its mmap threshold with a fresh mapping and unmaps it on free, and trims the heap
 top above its trim threshold. A U-Net forward pass allocates and frees feature maps of several MiB per layer, so

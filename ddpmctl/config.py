@@ -25,7 +25,6 @@ from ddpmctl.choices import (
     EmaWarmup,
     Method,
     NanPolicy,
-    Precision,
     PrecisionRequest,
     Schedule,
     StudentParam,
@@ -462,7 +461,8 @@ class DistillConfig(_Frozen):
     param: StudentParam | None = Field(None, description="None: v for a v model, x for an x0 model; for eps: both "
                                                          "with 2C outputs, else v")
     weighting: Weighting = "truncated-snr"
-    precision: Precision = "fp32"
+    # The request, resolved on each device (so a resumed auto run may continue in another precision).
+    precision: PrecisionRequest = "fp32"
     grad_clip: float = Field(1.0, gt=0.0)
     flip: bool = True
     seed: int = Field(0, ge=0)

@@ -26,10 +26,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ddpmctl.build import build_model
-from ddpmctl.checkpoint import file_sha256, load_tensors, save_checkpoint
+from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.choices import Schedule
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig
 from ddpmctl.errors import CheckpointError, OptionError, validation_problem
+from ddpmctl.fileio import file_sha256, load_tensors
 from ddpmctl.respace import space_timesteps
 
 __all__ = ["ReferenceFlags", "ConvertResult", "convert_checkpoint", "map_state_dict", "read_reference_state_dict",

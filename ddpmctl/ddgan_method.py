@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpmctl import distributed as dist_utils
-from ddpmctl.batches import IndexStream, local_images
+from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_model
 from ddpmctl.config import CheckpointConfig, TrainConfig
 from ddpmctl.data import ImageDataset
@@ -117,10 +117,10 @@ class DdganMethod(Method):
                                                                                          config.lr_d or 0.0)
         self.shape = (model.in_channels, model.image_size, model.image_size)
         self.rng = torch.Generator().manual_seed(config.seed)
-        self.stream = IndexStream(len(dataset.images), self.rng)
-        self.images = dataset.images
-        if self.device.type == "cuda" and self.images.numel() <= 2**30:
-            self.images = self.images.to(self.device)
+        lo = dist.rank * local_batch
+        self.data = ImageBatches(dataset, self.rng, batch_size=config.batch_size or 1, flip=bool(config.flip),
+                                 labels=False, device=self.device, rank_slice=slice(lo, lo + local_batch),
+                                 layout=self.layout)
         self.generator_call: Callable[..., torch.Tensor] = self.generator
         self.autocast: torch.dtype | None = None
         self.grads_set_to_none = True
@@ -195,14 +195,10 @@ class DdganMethod(Method):
     def forward_backward(self, step: int) -> StepOutput:
         """The D update, then G's loss and gradients; ``extra`` holds (L_G per sample, G's t, D's metrics)."""
         g, batch, T = self.rng, self.config.batch_size or 1, self.diffusion.num_timesteps
-        index = self.stream.take(batch)
-        flips = torch.rand(batch, generator=g) < 0.5 if self.config.flip else None
+        x_start, _ = self.data.next()  # the global batch's order and flips from the run generator, then ours
         d_draws = DdganDraws.draw(g, batch, self.shape, T, self.config.nz or 1)
         g_draws = DdganDraws.draw(g, batch, self.shape, T, self.config.nz or 1)
         lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
-        local = index[lo:hi].to(self.images.device, non_blocking=self.device.type == "cuda")
-        x_start = local_images(self.images, local, flips[lo:hi] if flips is not None else None, self.device,
-                               self.layout)
         self._set_learning_rates(step)
         d_metrics = self.discriminator_step(x_start, d_draws.slice(lo, hi, self.device, self.layout), step)
         g_local = g_draws.slice(lo, hi, self.device, self.layout)
@@ -251,16 +247,15 @@ class DdganMethod(Method):
         """Both optimizers' moments, the data order and the run generator (the loop saves D's weights)."""
         tensors = {**optimizer_state_tensors(self.optimizer, G_OPTIM),
                    **optimizer_state_tensors(self.d_optimizer, D_OPTIM)}
-        tensors["data.perm"] = self.stream.perm.clone()
+        tensors.update(self.data.stream.state()[0])
         tensors["rng.generator"] = self.rng.get_state()
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
-        return {"epoch": self.stream.epoch, "data_position": self.stream.pos}
+        return self.data.stream.state()[1]
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         load_optimizer_state(self.optimizer, tensors, G_OPTIM)
         load_optimizer_state(self.d_optimizer, tensors, D_OPTIM)
         self.rng.set_state(tensors["rng.generator"])
-        self.stream.perm = tensors["data.perm"].to(torch.int64)
-        self.stream.pos, self.stream.epoch = int(meta["data_position"]), int(meta["epoch"])
+        self.data.stream.load(tensors, meta)

@@ -14,29 +14,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ddpmctl import runfolder
+from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
-from ddpmctl.checkpoint import (
-    LoadedCheckpoint,
-    file_sha256,
-    load_checkpoint,
-    load_tensors,
-    save_checkpoint,
-    save_tensors,
-    write_json_atomic,
-)
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from ddpmctl.choices import StudentParam
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, DistillConfig, StudentConfig
 from ddpmctl.data import ImageDataset, load_dataset_for
-from ddpmctl.errors import CheckpointError, ConfigError, TrainingError
-from ddpmctl.images import uint8_to_model
 from ddpmctl.distributed import DistInfo
+from ddpmctl.errors import CheckpointError, ConfigError
+from ddpmctl.fileio import file_sha256, load_tensors, save_tensors, write_json_atomic
 from ddpmctl.hardware import resolve_precision
 from ddpmctl.loop import LoopEvent, LoopSettings, Save, StopSignals, TrainingLoop
 from ddpmctl.method import Method, Runtime, StepOutput
@@ -52,8 +45,9 @@ from ddpmctl.progressive import (
     student_predict_xstart,
     teacher_target,
 )
+from ddpmctl.seeds import DISTILL_REPORT, DISTILL_STAGE, derive_seed
 
-__all__ = ["DistillConfig", "DistillEvent", "DistillResult", "StageReport", "distill", "zero_extra_head"]
+__all__ = ["DistillConfig", "DistillResult", "StageReport", "distill", "zero_extra_head"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -79,24 +73,6 @@ class StageReport:
         if self.student_distance is None or not self.ddim_distance:
             return None
         return self.student_distance / self.ddim_distance
-
-
-@dataclass
-class DistillEvent:
-    """Progress for a caller to render: kind = plan | reference | stage_start | step | stage_end | saved | stopping
-    (the first Ctrl-C / SIGTERM arrived: the run saves and returns after this iteration)."""
-
-    kind: str
-    stage: int = 0
-    num_stages: int = 0
-    steps: int = 0
-    teacher_steps: int = 0
-    iteration: int = 0
-    total: int = 0
-    loss: float | None = None
-    lr: float | None = None
-    report: StageReport | None = None
-    message: str = ""
 
 
 @dataclass
@@ -153,7 +129,7 @@ class _Run:
     alphas_cumprod: torch.Tensor
     continuing: bool
     previous_reports: dict[int, dict[str, Any]]
-    emit: Callable[[DistillEvent], None]
+    emit: Callable[[LoopEvent], None]
     stop: Callable[[], bool]
     on_signal: Callable[[int], None]
     precision: str  # --precision as resolved for the device
@@ -170,7 +146,7 @@ class _Teacher:
 
 
 def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume: bool = False, force: bool = False,
-            callback: Callable[[DistillEvent], None] | None = None,
+            callback: Callable[[LoopEvent], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> DistillResult:
     """Progressive distillation from ``config.from_steps`` to ``config.to_steps`` (Salimans & Ho Alg. 2).
 
@@ -180,8 +156,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
     emit = callback or (lambda event: None)
 
     def stopping(signum: int) -> None:
-        emit(DistillEvent("stopping", message="stopping after this iteration (Ctrl-C again to abort without "
-                                              "saving)"))
+        emit(LoopEvent.note("stopping", "stopping after this iteration (Ctrl-C again to abort without saving)"))
 
     with StopSignals(on_first=stopping) as signals:
         run = _open_run(config, torch.device(device), resume=resume, force=force, emit=emit,
@@ -189,9 +164,8 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
         run.on_signal = stopping
         from_steps = run.from_steps
         result = DistillResult(out=run.out, from_steps=from_steps, to_steps=config.to_steps, param=run.param)
-        emit(DistillEvent("plan", num_stages=len(run.stage_steps), steps=config.to_steps, teacher_steps=from_steps,
-                          message=f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stages, "
-                                  f"param {run.param}"))
+        emit(LoopEvent.note("info", f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stages, "
+                                    f"param {run.param}"))
         original = GridDenoiser(run.parent.model, head_of(run.parent), run.alphas_cumprod)
         reference = _reference_samples(run, original, from_steps)
         teacher = _Teacher(original, run.parent.path.name, run.parent.sha256, list(run.parent.lineage))
@@ -206,8 +180,6 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
             write_json_atomic(run.out / "report.json", {
                 **result.to_json(), "parent": str(config.checkpoint),
                 "reference": {"steps": from_steps, "samples": config.report_samples, "seed": config.seed}})
-            emit(DistillEvent("stage_end", stage=stage, num_stages=len(run.stage_steps), steps=steps,
-                              teacher_steps=2 * steps, report=report))
             student_path = run.out / report.student
             teacher = _Teacher(student, student_path.name, file_sha256(student_path),
                                teacher.lineage + [_lineage_entry(run, stage, steps, teacher)])
@@ -215,7 +187,7 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
 
 
 def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, force: bool,
-              emit: Callable[[DistillEvent], None], stop: Callable[[], bool]) -> _Run:
+              emit: Callable[[LoopEvent], None], stop: Callable[[], bool]) -> _Run:
     """Load the teacher and the data, check the plan and the run folder (as ``train`` does), write the settings."""
     parent = load_checkpoint(config.checkpoint, device=device)
     from_steps, param, stage_steps = plan_stages(config, parent)
@@ -232,9 +204,16 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     except OSError as err:
         raise ConfigError(f"cannot create --out {out}: {err.strerror or err}") from None
     runfolder.remove_temp_files(out, layout)
+    precision = resolve_precision(config.precision, device)[0]
+    if saved is not None and saved.get("precision", precision) != precision:
+        # --precision auto resolves on each machine (docs/design.md, "CPU classes"): resuming elsewhere works, but
+        # only a resume in the same precision repeats the uninterrupted run bit for bit.
+        emit(LoopEvent.note("warning", f"resuming in {precision}: the run so far trained in {saved['precision']} "
+                                       f"(--precision {config.precision} on this device), so it continues, but not "
+                                       "bit-identically to an uninterrupted run"))
     runfolder.write_run_config(out, {"config": config.model_dump(mode="json"), "parent_sha256": parent.sha256,
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
-                                     "stages": stage_steps}, layout)
+                                     "stages": stage_steps, "precision": precision}, layout)
     report_path = out / "report.json"
     previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
     parent.model.eval().requires_grad_(False)
@@ -242,7 +221,7 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
                 previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop,
-                on_signal=lambda signum: None, precision=resolve_precision(config.precision, device)[0])
+                on_signal=lambda signum: None, precision=precision)
 
 
 def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[StageReport | None, GridDenoiser]:
@@ -290,8 +269,8 @@ def _reference_samples(run: _Run, original: GridDenoiser, from_steps: int) -> to
     """The original teacher's ``from_steps``-step DDIM samples of the report's noises (None: no report)."""
     if not run.config.report_samples:
         return None
-    run.emit(DistillEvent("reference", teacher_steps=from_steps, message=f"teacher reference: "
-                          f"{run.config.report_samples} samples, {from_steps} DDIM steps"))
+    run.emit(LoopEvent.note("info", f"teacher reference: {run.config.report_samples} samples, {from_steps} DDIM "
+                                    "steps"))
     return _sample_in_batches(run, original, student_grid(run.alphas_cumprod.numel(), from_steps))
 
 
@@ -303,22 +282,10 @@ def _distances(run: _Run, reference: torch.Tensor, student: GridDenoiser, origin
             _distance(_sample_in_batches(run, original, grid), reference))
 
 
-def _batch(data: ImageDataset, batch_size: int, flip: bool, generator: torch.Generator,
-           device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A random batch in [-1, 1] (with replacement), horizontally flipped per image with probability 1/2."""
-    index = torch.randint(len(data.images), (batch_size,), generator=generator)
-    x = uint8_to_model(data.images[index])
-    if flip:
-        mask = torch.rand(batch_size, generator=generator) < 0.5
-        x = torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
-    labels = data.labels[index].to(device) if data.labels is not None else None
-    return x.to(device), labels
-
-
 def _sample_in_batches(run: _Run, denoiser: GridDenoiser, grid: list[int]) -> torch.Tensor:
     """DDIM samples on ``grid`` of the report's noises (the same ones every call: seeded from --seed)."""
     config, model = run.config, run.parent.config.model
-    generator = torch.Generator().manual_seed(config.seed + 0x5EED_0000)
+    generator = torch.Generator().manual_seed(derive_seed(config.seed, DISTILL_REPORT))
     noise = torch.randn((config.report_samples, model.in_channels, model.image_size, model.image_size),
                         generator=generator)
     labels = None if model.num_classes is None else torch.arange(config.report_samples) % model.num_classes
@@ -333,13 +300,6 @@ def _sample_in_batches(run: _Run, denoiser: GridDenoiser, grid: list[int]) -> to
 
 def _distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean())
-
-
-def _seed_for_stage(seed: int, steps: int) -> int:
-    # Each stage has its own stream: a resumed stage never depends on how earlier stages were run. Kept as this
-    # arithmetic rather than loop.derive_seed (SeedSequence, as training's ranks): switching would change every
-    # distilled student of a given --seed.
-    return (seed * 1_000_003 + steps * 7_919 + 17) % (2**63)
 
 
 class _StageSaves:
@@ -366,8 +326,8 @@ class _StageSaves:
         tensors = {f"model.{k}": v for k, v in save.weights["model"].items()}
         tensors.update(save.tensors)
         save_tensors(self.path, tensors, {"format": runfolder.DISTILLATION.format, "iteration": str(save.step),
-                                          "recent_losses": json.dumps(save.meta["recent_losses"]),
-                                          "seconds": repr(save.meta["elapsed"])}, what="stage state")
+                                          "seconds": repr(save.meta["elapsed"]), "values": json.dumps(save.meta)},
+                     what="stage state")
         return self.path
 
     def read(self, step: int) -> Save:
@@ -375,16 +335,20 @@ class _StageSaves:
         tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
         weights = {k[len("model."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("model.")]}
         try:
-            values = {"iteration": int(meta["iteration"]), "elapsed": float(meta.get("seconds", "0")),
-                      "recent_losses": json.loads(meta.get("recent_losses", "[]"))}
-        except (KeyError, ValueError) as err:
+            # (States of ddpmctl before 0.2 kept only the iteration, the seconds and the recent losses.)
+            values = json.loads(meta.get("values", "{}"))
+            values.setdefault("recent_losses", json.loads(meta.get("recent_losses", "[]")))
+            values["elapsed"] = float(meta.get("seconds", "0"))
+            iteration = int(meta["iteration"])
+        except (KeyError, ValueError, AttributeError) as err:
             raise CheckpointError(f"{self.path}: the stage state does not fit this run ({err})") from None
-        return Save(step=values["iteration"], weights={"model": weights}, ema={}, tensors=tensors, meta=values)
+        return Save(step=iteration, weights={"model": weights}, ema={}, tensors=tensors, meta=values)
 
 
 class _DistillStage(Method):
     """One stage as a training method: Adam with linear decay to 0, grad clip, no EMA; the loss of
-    :func:`_stage_loss` on a fresh batch drawn with replacement from the stage's own generator."""
+    :func:`_stage_loss` on the next batch (epoch permutations, as training draws them) from the stage's own
+    generator."""
 
     syncs_every_step = True  # the recent-loss window reads every step's loss
     nan_advice = "try a lower --lr"
@@ -393,16 +357,19 @@ class _DistillStage(Method):
         self.run, self.stage, self.steps, self.student = run, stage, steps, student
         self.iters = run.config.iters_per_stage
         self.optimizer = torch.optim.Adam(student.parameters(), lr=run.config.lr)
-        self.generator = torch.Generator().manual_seed(_seed_for_stage(run.config.seed, steps))
+        self.generator = torch.Generator().manual_seed(derive_seed(run.config.seed, DISTILL_STAGE, steps))
+        self.data = ImageBatches(run.data, self.generator, batch_size=run.config.batch_size, flip=run.config.flip,
+                                 labels=run.data.labels is not None, device=run.device)
         self.teacher = teacher
         self.recent: list[float] = []
+        self.lr = run.config.lr
         self.window = max(1, min(100, self.iters // 10))
 
     def networks(self) -> dict[str, torch.nn.Module]:
         return {"model": self.student}
 
     def prepare(self, runtime: Runtime) -> None:
-        self.batch_loss = _stage_loss(self.run, self.steps, self.teacher, runtime.wrap(self.student))
+        self.batch_loss = _stage_loss(self.run, self.steps, self.teacher, self.data, runtime.wrap(self.student))
 
     def forward_backward(self, step: int) -> StepOutput:
         self.lr = self.run.config.lr * (1.0 - step / self.iters)
@@ -420,15 +387,23 @@ class _DistillStage(Method):
     def discard(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def log_record(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        return {"loss": self.recent[-1] if self.recent else None, "lr": self.lr}
+
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        return {**optimizer_state_tensors(self.optimizer), "rng.generator": self.generator.get_state()}
+        return {**optimizer_state_tensors(self.optimizer), **self.data.stream.state()[0],
+                "rng.generator": self.generator.get_state()}
 
     def state_meta(self) -> dict[str, Any]:
-        return {"recent_losses": self.recent}
+        return {**self.data.stream.state()[1], "recent_losses": self.recent}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        if "data.perm" not in tensors:
+            raise ValueError("a stage state of ddpmctl before 0.2, whose batches were drawn another way: delete it "
+                             "to restart this stage")
         load_optimizer_state(self.optimizer, tensors)
         self.generator.set_state(tensors["rng.generator"])
+        self.data.stream.load(tensors, meta)
         self.recent = [float(v) for v in meta["recent_losses"]]
 
     def describe_step(self, step: int) -> str:
@@ -440,26 +415,22 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
     """One stage on the training loop. None when stopped (state saved)."""
     config, iters = run.config, run.config.iters_per_stage
     method = _DistillStage(run, stage, steps, teacher, student)
-    where = {"stage": stage, "num_stages": len(run.stage_steps), "steps": steps, "teacher_steps": 2 * steps}
 
     def on_event(event: LoopEvent) -> None:
-        if event.kind == "step":
-            run.emit(DistillEvent("step", **where, iteration=event.step, total=iters, loss=method.recent[-1],
-                                  lr=method.lr))
+        run.emit(replace(event, stage=stage, stages=len(run.stage_steps), label=f"{2 * steps}->{steps}"))
 
-    settings = LoopSettings(max_steps=iters, save_every=config.save_every, log_every=max(iters, 1),
-                            save_at_end=False, batch_size=config.batch_size)
+    # A log record every iteration: the progress shows each iteration's loss (which the method reads anyway).
+    settings = LoopSettings(max_steps=iters, save_every=config.save_every, log_every=1, save_at_end=False,
+                            batch_size=config.batch_size)
     loop = TrainingLoop(method, _StageSaves(state_path, run.continuing), settings,
                         dist=DistInfo(rank=0, world_size=1, device=run.device), precision=run.precision,
                         callback=on_event, should_stop=run.stop, on_first_signal=run.on_signal)
     loop.resume()
     if run.stop():
         return None  # stopped before the stage began: nothing of it to save
-    run.emit(DistillEvent("stage_start", **where, iteration=loop.step, total=iters))
     done = loop.run()
     if done.stop_reason != "max_steps":
-        run.emit(DistillEvent("saved", stage=stage, steps=steps, iteration=done.step, total=iters,
-                              message=f"interrupted: stage state saved to {state_path}"))
+        run.emit(LoopEvent.note("info", f"interrupted: stage state saved to {state_path}"))
         return None
     recent = method.recent
     return StageReport(stage=stage, steps=steps, teacher_steps=2 * steps, iters=iters,
@@ -468,7 +439,7 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
                        ddim_distance=None)
 
 
-def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser,
+def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatches,
                 network: Callable[..., torch.Tensor]) -> Callable[[torch.Generator], torch.Tensor]:
     """The stage's loss on a fresh random batch: the student's weighted x_hat error against the two-step target.
 
@@ -479,11 +450,10 @@ def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser,
     starts, mids, ends = (torch.tensor(v, dtype=torch.int64) for v in stage_times(run.alphas_cumprod.numel(), steps))
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
-        x_start, labels = _batch(run.data, config.batch_size, config.flip, generator, device)
+        x_start, kwargs = batches.next()
         i = torch.randint(steps, (config.batch_size,), generator=generator)
         noise = torch.randn(x_start.shape, generator=generator).to(device)
         t, t_mid, t_prev = starts[i], mids[i], ends[i]
-        kwargs = {} if labels is None else {"y": labels}
         alpha, sigma = teacher.alpha_sigma(t, x_start)
         z_t = alpha * x_start + sigma * noise
         with torch.no_grad():

@@ -80,7 +80,10 @@ def split_batch(global_batch: int, world_size: int) -> int:
 
 
 def cpu_threads_per_rank(local_ranks: int) -> int:
-    """Torch threads for one of ``local_ranks`` processes sharing this machine's usable cores (at least 1)."""
+    """Torch threads for one of ``local_ranks`` processes on this machine: ``OMP_NUM_THREADS`` where set (the user's
+    choice, or torchrun's default of 1), else the usable cores shared among the ranks (at least 1)."""
+    if os.environ.get("OMP_NUM_THREADS", "").strip():
+        return max(1, _env_int("OMP_NUM_THREADS", 1))
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores // max(local_ranks, 1))
 
@@ -106,6 +109,7 @@ def setup(device: torch.device, *, timeout_s: float | None = None) -> DistInfo:
         torch.cuda.set_device(device)
     else:
         # The ranks on this machine share its cores: oversubscription costs far more than it gains.
+        # (OMP_NUM_THREADS, where set, is the user's own split.)
         torch.set_num_threads(cpu_threads_per_rank(_env_int("LOCAL_WORLD_SIZE", world_size)))
     owns = False
     if not dist.is_initialized():

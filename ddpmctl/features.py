@@ -172,7 +172,7 @@ def _fill(network: nn.Module, state: Mapping[str, torch.Tensor], path: str, what
 
 
 def _file_sha256(path: Path) -> str:
-    from ddpmctl.checkpoint import file_sha256
+    from ddpmctl.fileio import file_sha256
 
     try:
         return file_sha256(path)
@@ -192,7 +192,7 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             raise FeaturesError(f"{path} was refused: it is not a plain file of tensors (torch.load with "
                                 f"weights_only=True: {reason})") from None
     else:
-        from ddpmctl.checkpoint import load_tensors
+        from ddpmctl.fileio import load_tensors
 
         try:
             state, _ = load_tensors(path)
@@ -226,7 +226,7 @@ def inception_extractor(weights: str | os.PathLike[str] | None = None, *,
 def digits_extractor(*, device: str | torch.device = "cpu",
                      weights: str | os.PathLike[str] | None = None) -> FeatureExtractor:
     """The digits classifier's features; the packaged weights unless ``weights`` names another safetensors file."""
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     path = Path(weights) if weights is not None else Path(str(resources.files("ddpmctl") / "assets" / DIGITS_WEIGHTS))
     try:

@@ -8,48 +8,71 @@ an explicit request gets one warning line.
 
 Every probe is guarded: a torch build without one of its private probes, or a system without ``/proc/cpuinfo``, just
 answers "not native".
+
+``DDPMCTL_CPU=default|avx2|avx512|avx512-bf16`` makes ddpmctl choose as it would on a CPU of that class (precision
+for ``auto``, the fast paths, the training layout); ``native`` or unset is this machine. A class below the hardware's
+also lowers the kernels that really run (:func:`ddpmctl.cpuclass.lower_kernels_to_cpu_class`); a class above it can
+only be chosen, never executed (docs/design.md, "CPU classes").
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import Literal
 
 import torch
 
+from ddpmctl import cpuclass
 from ddpmctl.choices import Precision
+from ddpmctl.errors import ConfigError
 
 PrecisionRequest = Literal["auto", "fp32", "bf16"]
 PRECISION_REQUESTS: tuple[str, ...] = ("auto", "fp32", "bf16")
 
-# /proc/cpuinfo flags that give the CPU native bf16 dot products (AVX-512-BF16) or bf16 matrix tiles (AMX).
-_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+# ------------------------------------------------------------------------------------------ the CPU class
+# What torch's get_cpu_capability() answers on a CPU of each class.
+_CLASS_CAPABILITY = {"default": "DEFAULT", "avx2": "AVX2", "avx512": "AVX512", "avx512-bf16": "AVX512"}
 
 
-def cpu_capability() -> str:
-    """The SIMD level torch dispatches its CPU kernels to: 'AVX512', 'AVX2', 'DEFAULT', ... ('unknown' if absent)."""
+def simulated_cpu_class() -> str | None:
+    """The class ``DDPMCTL_CPU`` names, or None for this machine's own; ConfigError (one line) for a bad value."""
+    try:
+        return cpuclass.simulated_cpu_class()
+    except cpuclass.CpuClassError as err:
+        raise ConfigError(str(err)) from None
+
+
+def hardware_cpu_class() -> str:
+    """This machine's own class, whatever ``DDPMCTL_CPU`` says (bf16 from torch's probes where present)."""
+    flags_class = cpuclass.flags_cpu_class(cpuclass.cpuinfo_flags())
+    if _real_cpu_native_bf16():
+        return "avx512-bf16"
+    return "avx512" if flags_class == "avx512-bf16" else flags_class
+
+
+def cpu_class() -> str:
+    """The class ddpmctl chooses for: the one ``DDPMCTL_CPU`` names, else this machine's."""
+    return simulated_cpu_class() or hardware_cpu_class()
+
+
+def kernel_capability() -> str:
+    """The SIMD level torch really dispatches its CPU kernels to here ('unknown' if torch cannot say)."""
     try:
         return str(torch.backends.cpu.get_cpu_capability())
     except (AttributeError, RuntimeError):
         return "unknown"
 
 
-@lru_cache(maxsize=1)
-def _cpuinfo_flags() -> frozenset[str]:
-    """The ``flags`` of the first CPU in /proc/cpuinfo (empty where there is no such file, e.g. macOS)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return frozenset(value.split())
-    return frozenset()
+def cpu_capability() -> str:
+    """The SIMD level ddpmctl chooses for: 'AVX512', 'AVX2', 'DEFAULT', ... -- torch's, or that of the class
+    ``DDPMCTL_CPU`` names."""
+    simulated = simulated_cpu_class()
+    return _CLASS_CAPABILITY[simulated] if simulated is not None else kernel_capability()
 
 
 def _torch_probe(name: str) -> bool | None:
@@ -64,11 +87,19 @@ def _torch_probe(name: str) -> bool | None:
 
 
 def cpu_native_bf16() -> bool:
-    """Whether this CPU has AVX-512-BF16 or AMX (torch's own probes where present, else /proc/cpuinfo flags)."""
+    """Whether the CPU chosen for has AVX-512-BF16 or AMX: the class ``DDPMCTL_CPU`` names, else this machine."""
+    simulated = simulated_cpu_class()
+    if simulated is not None:
+        return simulated == "avx512-bf16"
+    return _real_cpu_native_bf16()
+
+
+def _real_cpu_native_bf16() -> bool:
+    """Whether this machine has AVX-512-BF16 or AMX (torch's own probes where present, else /proc/cpuinfo flags)."""
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         if _torch_probe(name):
             return True
-    return any(flag in _cpuinfo_flags() for flag in _BF16_CPU_FLAGS)
+    return any(flag in cpuclass.cpuinfo_flags() for flag in cpuclass.BF16_CPU_FLAGS)
 
 
 def native_bf16(device: torch.device | str) -> bool:
@@ -136,18 +167,30 @@ PLAIN_PATHS = FastPaths(channels_last=False, conv_projections=False, bf16_math_a
                         mixed_groupnorm=False)
 
 
-@lru_cache(maxsize=8)
 def choose_fast_paths(device_type: str) -> FastPaths:
-    """The paths that win on this machine (issue 13, measured on AVX2-only and AVX-512-BF16 CPUs).
+    """The paths that win on this machine, or on the CPU class ``DDPMCTL_CPU`` names (measured on AVX2-only and
+    AVX-512-BF16 CPUs; benchmarks/README.md).
 
     channels_last for sampling, the 1x1-conv projections and the mixed-type GroupNorm won on both CPUs;
     channels_last for training only with AVX-512 (and on GPUs). The bf16 attention GEMMs won only where bf16 is
     native: with emulated bf16 (AVX2) the fused kernel is about 2x faster.
     """
+    # The network asks on every call: the answer is cached per device type and DDPMCTL_CPU value.
+    return _choose_fast_paths(device_type, os.environ.get(cpuclass.CPU_ENV, ""))
+
+
+@lru_cache(maxsize=16)
+def _choose_fast_paths(device_type: str, cpu_setting: str) -> FastPaths:
     native = device_type == "cpu" and cpu_native_bf16()
     training_channels_last = device_type != "cpu" or cpu_capability().startswith("AVX512")
     return FastPaths(channels_last=True, conv_projections=True, bf16_math_attention=native, mixed_groupnorm=True,
                      training_channels_last=training_channels_last)
+
+
+def clear_caches() -> None:
+    """Forget every cached choice (the fast paths, the cpuinfo flags): after a probe or the environment changed."""
+    _choose_fast_paths.cache_clear()
+    cpuclass.cpuinfo_flags.cache_clear()
 
 
 _forced: FastPaths | None = None

@@ -3,7 +3,7 @@ likelihood evaluation).
 
 Samplers and eval-nll hand the network whatever batch the user asked for (64 images, or 256 (image, t) pairs).
 On the CPU ``InferenceNetwork`` runs a call larger than about 2**22 values in its first-level feature map (64
-images for issue 7's config (a), 32 for the CIFAR-10 model) in micro-batches of that size, so the memory of a
+images for benchmark config (a) of benchmarks/README.md, 32 for the CIFAR-10 model) in micro-batches of that size, so the memory of a
 call stops growing with ``--batch-size`` (config (a), one batch of 256: peak RSS 1347 -> 768 MiB). The cap sits
 where splitting costs nothing: with malloc tuned (ddpmctl.allocator), micro-batches of 16 or 32 images ran ~5%
 slower than one call of 64 (``make bench`` times the split call against one call). It can also run the network

@@ -40,14 +40,13 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, TrainingError
 from ddpmctl.inference import AutocastModel
 from ddpmctl.method import Method, Runtime, StepOutput
-from ddpmctl.optim import clip_gradients, dotted_keys, load_optimizer_state, optimizer_state_tensors
-from ddpmctl.seeds import derive_seed
 
 __all__ = ["LoopEvent", "LoopResult", "LoopSettings", "Periodic", "PeriodicContext", "Save", "Saves",
-           "StopSignals", "TrainingLoop", "clip_gradients", "derive_seed", "dotted_keys", "load_optimizer_state",
-           "optimizer_state_tensors"]
+           "StopSignals", "TrainingLoop"]
 
-EventKind = Literal["start", "step", "log", "save", "warning", "end"]
+# "stopping": the first Ctrl-C / SIGTERM arrived, the run saves and returns after this step; "info": a job's own
+# milestone (a plan, a report); the others are the loop's.
+EventKind = Literal["start", "step", "log", "save", "warning", "info", "stopping", "end"]
 StopReason = Literal["max_steps", "max_time", "interrupted", "stopped"]
 
 
@@ -87,7 +86,9 @@ class StopSignals:
 
 @dataclass(frozen=True)
 class LoopEvent:
-    """Progress report for the caller (the CLI draws its progress bar from these)."""
+    """Progress report for the caller (the CLI draws its progress bar from these). A job of several loop runs
+    (distillation's stages) says which run an event belongs to in ``stage`` / ``stages`` / ``label``, and reports
+    its own milestones as "info" events."""
 
     kind: EventKind
     step: int
@@ -97,6 +98,14 @@ class LoopEvent:
     metrics: dict[str, Any] | None = None
     path: Path | None = None
     message: str | None = None
+    stage: int | None = None
+    stages: int | None = None
+    label: str | None = None
+
+    @classmethod
+    def note(cls, kind: EventKind, message: str) -> LoopEvent:
+        """An event outside any loop run (set-up, a plan, a report)."""
+        return cls(kind=kind, step=0, max_steps=None, elapsed=0.0, max_time=None, message=message)
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,7 @@ class TrainingLoop:
         self.elapsed_before, self.nan_skips = 0.0, 0
         self.last_saved: int | None = None
         self.last_metrics: dict[str, Any] | None = None
+        self.resumed_precision: str | None = None  # the precision the resumed save trained in (when it says)
 
     # ------------------------------------------------------------------------------------------ set-up
     def emit(self, kind: EventKind, **kwargs: Any) -> None:
@@ -263,6 +273,7 @@ class TrainingLoop:
             ema.updates = int(save.meta.get("ema_updates", self.step - self.nan_skips))
         self.elapsed_before = float(save.meta.get("elapsed", 0.0))
         self.last_saved = self.step
+        self.resumed_precision = save.meta.get("precision")
 
     def _wrap(self, module: nn.Module) -> Callable[..., torch.Tensor]:
         net = dist_utils.data_parallel(module, self.dist) if self.dist.distributed else module
@@ -298,6 +309,7 @@ class TrainingLoop:
             "images_seen": step * s.batch_size, "world_size": self.dist.world_size,
             "ema_rate": s.ema_rate, "ema_warmup": s.ema_warmup,
             "ema_updates": next(iter(self.emas.values())).updates if self.emas else step - self.nan_skips,
+            "precision": self.precision,
         }
         if digests:
             # Each rank hashed its own parameters: equal digests prove the replicas never diverged.

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
 import torch
 
 from ddpmctl.choices import Estimator
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.images import uint8_to_model
 from ddpmctl.inference import MicroBatch, Precision, inference_network
+from ddpmctl.seeds import derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
@@ -114,12 +114,6 @@ def _stderr(values: torch.Tensor) -> float:
     return float(values.std(correction=1) / math.sqrt(n)) if n > 1 else float("nan")
 
 
-def _key(seed: int, purpose: int, index: int, block: int) -> int:
-    """A 63-bit generator seed that depends only on (seed, purpose, image index, block)."""
-    state = np.random.SeedSequence([seed, purpose, index, block]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
 def _generator(device: torch.device, key: int) -> torch.Generator:
     generator = torch.Generator(device=device)
     generator.manual_seed(key)
@@ -128,7 +122,7 @@ def _generator(device: torch.device, key: int) -> torch.Generator:
 
 def _noise_block(seed: int, purpose: int, index: int, block: int, shape: tuple[int, ...],
                  device: torch.device) -> torch.Tensor:
-    return torch.randn((NOISE_BLOCK, *shape), generator=_generator(device, _key(seed, purpose, index, block)),
+    return torch.randn((NOISE_BLOCK, *shape), generator=_generator(device, derive_seed(seed, purpose, index, block)),
                        device=device)
 
 
@@ -198,7 +192,7 @@ class _MCPairs:
 
     def _draw(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cached is None or self._cached[0] != index:
-            generator = _generator(self.device, _key(self.seed, _PURPOSE_MC, index, 0))
+            generator = _generator(self.device, derive_seed(self.seed, _PURPOSE_MC, index, 0))
             # p has no mass at t = 0, so every draw is a KL term t >= 1.
             t_mc = torch.multinomial(self.proposal, self.terms, replacement=True, generator=generator)
             noise_mc = torch.randn((self.terms, *self.shape), generator=generator, device=self.device)

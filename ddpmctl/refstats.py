@@ -70,7 +70,7 @@ def images_sha256(images: torch.Tensor) -> str:
 
 def save_reference(path: str | os.PathLike[str], stats: ReferenceStats) -> Path:
     """Write ``stats`` as ddpmctl's statistics file (safetensors, atomic)."""
-    from ddpmctl.checkpoint import save_tensors
+    from ddpmctl.fileio import save_tensors
 
     tensors = {"mu": stats.mu, "sigma": stats.sigma}
     if stats.features is not None:
@@ -82,7 +82,7 @@ def save_reference(path: str | os.PathLike[str], stats: ReferenceStats) -> Path:
 
 
 def _from_safetensors(path: Path) -> ReferenceStats:
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     try:
         tensors, metadata = load_tensors(path)

@@ -19,10 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ddpmctl.checkpoint import write_json_atomic
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
-from ddpmctl.fileio import atomic_write
+from ddpmctl.fileio import atomic_write, write_json_atomic
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -31,25 +30,13 @@ from ddpmctl.errors import SamplerError, UnknownSamplerError, validation_problem
 from ddpmctl.images import model_to_uint8
 from ddpmctl.inference import MicroBatch, inference_network
 from ddpmctl.respace import space_timesteps
+from ddpmctl.seeds import SAMPLE_LABEL, SAMPLE_NOISE, derive_seed
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
 
 ENTRY_POINT_GROUP = "ddpmctl.samplers"
 API_VERSION = 2  # the contract a plugin declares with ``api_version``; v1 handed plugins the loaded checkpoint
-
-# Independent streams derived from one user seed: image noise and class labels never share a generator.
-_NOISE_STREAM = 0
-_LABEL_STREAM = 1
-
-
-def derive_seed(seed: int, index: int, stream: int = _NOISE_STREAM) -> int:
-    """A 63-bit seed for image ``index`` of a run seeded with ``seed`` (numpy SeedSequence: well mixed, portable)."""
-    if seed < 0 or index < 0:
-        raise ValueError("seed and index must be >= 0")
-    state = np.random.SeedSequence([seed, index, stream]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
 
 class SampleRNG:
     """One torch.Generator per image, so image i's initial noise and every per-step noise depend only on (seed, i).
@@ -64,7 +51,7 @@ class SampleRNG:
         if not self.indices:
             raise ValueError("SampleRNG needs at least one image index")
         self.device = torch.device(device)
-        self.generators = [torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, i))
+        self.generators = [torch.Generator(device="cpu").manual_seed(derive_seed(self.seed, i, SAMPLE_NOISE))
                            for i in self.indices]
 
     def __len__(self) -> int:
@@ -321,7 +308,7 @@ def draw_labels(seed: int, indices: Iterable[int], num_classes: int) -> torch.Te
     """Class labels drawn per image from (seed, i) on a stream separate from the noise (int64 [N], CPU)."""
     return torch.tensor([
         int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(
-            derive_seed(seed, i, _LABEL_STREAM))))
+            derive_seed(seed, i, SAMPLE_LABEL))))
         for i in indices
     ], dtype=torch.int64)
 

@@ -25,19 +25,20 @@ from torch import nn
 from ddpmctl import __version__
 from ddpmctl import distributed as dist_utils
 from ddpmctl import runfolder
-from ddpmctl.batches import IndexStream, local_images
+from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
-from ddpmctl.checkpoint import load_tensors, save_checkpoint, save_tensors, write_json_atomic
+from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
 from ddpmctl.data import ImageDataset, load_dataset
 from ddpmctl.ddgan_method import DdganMethod
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
+from ddpmctl.fileio import load_tensors, save_tensors, write_json_atomic
 from ddpmctl.hardware import memory_format, resolve_precision
 from ddpmctl.loop import LoopEvent, LoopSettings, Periodic, Save, StopReason, TrainingLoop
 from ddpmctl.method import Method, Runtime, StepOutput
 from ddpmctl.optim import clip_gradients, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
-from ddpmctl.seeds import derive_seed
+from ddpmctl.seeds import TRAIN_DROPOUT, derive_seed
 
 __all__ = ["IDDPMMethod", "RunFolderSaves", "TrainEvent", "TrainResult", "compute_losses", "make_optimizer",
            "train"]
@@ -221,7 +222,7 @@ class IDDPMMethod(Method):
         # channels_last where it wins (hardware.fast_paths): oneDNN's convolutions run without layout round trips.
         self.layout = memory_format(self.device, training=True)
         self.model = build_model(ckpt_config).to(self.device, memory_format=self.layout)
-        torch.manual_seed(derive_seed(config.seed, dist.rank))
+        torch.manual_seed(derive_seed(config.seed, TRAIN_DROPOUT, dist.rank))
         self.diffusion = build_diffusion(ckpt_config.diffusion)
         self.params = list(self.model.parameters())
         self.optimizer = make_optimizer(self.params, config, self.device)
@@ -229,13 +230,10 @@ class IDDPMMethod(Method):
         # Only a loss-aware sampler needs the per-sample losses (feeding it costs a host sync per step).
         self.syncs_every_step = config.timestep_sampler != "uniform"
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.stream = IndexStream(len(dataset.images), self.generator)
-        # uint8 [N, C, H, W]; on a GPU the whole set moves there once when it is small (no per-step copies).
-        self.images = dataset.images
-        self.labels = dataset.labels if config.class_cond else None
-        if self.device.type == "cuda" and self.images.numel() <= 2**30:
-            self.images = self.images.to(self.device)
-            self.labels = self.labels.to(self.device) if self.labels is not None else None
+        lo = dist.rank * local_batch
+        self.data = ImageBatches(dataset, self.generator, batch_size=config.batch_size, flip=config.flip,
+                                 labels=config.class_cond, device=self.device, rank_slice=slice(lo, lo + local_batch),
+                                 layout=self.layout)
         # On-device metric sums: [loss, mse, vb, steps, loss by t-quartile (4), counts (4), grad norm].
         self.acc = torch.zeros(13, device=self.device)
         self.ones = torch.ones(local_batch, device=self.device)
@@ -249,22 +247,13 @@ class IDDPMMethod(Method):
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's slice of the next global batch: x_start, t, importance weights, noise, model kwargs."""
-        g, batch = self.generator, self.config.batch_size
-        # Draw for the whole global batch on every rank (same generator, same order), then slice.
-        index = self.stream.take(batch)
-        flips = torch.rand(batch, generator=g) < 0.5 if self.config.flip else None
+        g, batch, part = self.generator, self.config.batch_size, self.data.slice
+        x_start, kwargs = self.data.next()
         t, weights = self.sampler.sample(batch, torch.device("cpu"), generator=g)
-        noise = torch.randn((batch, *self.images.shape[1:]), generator=g)
-        lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
+        noise = torch.randn((batch, *x_start.shape[1:]), generator=g)
         dev, nb = self.device, self.device.type == "cuda"
-        local = index[lo:hi].to(self.images.device, non_blocking=nb)
-        x_start = local_images(self.images, local, flips[lo:hi] if flips is not None else None, dev, self.layout)
-        kwargs = {}
-        if self.labels is not None:
-            kwargs["y"] = self.labels[local].to(dev, non_blocking=nb)
-        return (x_start, torch.as_tensor(t[lo:hi]).to(dev, torch.int64),
-                torch.as_tensor(weights[lo:hi]).to(dev, torch.float32), noise[lo:hi].to(dev, non_blocking=nb),
-                kwargs)
+        return (x_start, torch.as_tensor(t[part]).to(dev, torch.int64),
+                torch.as_tensor(weights[part]).to(dev, torch.float32), noise[part].to(dev, non_blocking=nb), kwargs)
 
     def forward_backward(self, step: int) -> StepOutput:
         """Forward and backward on the next batch; ``extra`` holds (per-sample losses, t)."""
@@ -320,21 +309,19 @@ class IDDPMMethod(Method):
         tensors = optimizer_state_tensors(self.optimizer)
         for key, value in self.sampler.state_dict().items():
             tensors[f"sampler.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-        tensors["data.perm"] = self.stream.perm.clone()
+        tensors.update(self.data.stream.state()[0])
         tensors["rng.generator"] = self.generator.get_state()
         return tensors
 
     def state_meta(self) -> dict[str, Any]:
-        return {"epoch": self.stream.epoch, "data_position": self.stream.pos,
-                "timestep_sampler": self.config.timestep_sampler}
+        return {**self.data.stream.state()[1], "timestep_sampler": self.config.timestep_sampler}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         sampler_state = {key[len("sampler."):]: value for key, value in tensors.items() if key.startswith("sampler.")}
         load_optimizer_state(self.optimizer, tensors)
         self.sampler.load_state_dict(sampler_state)
         self.generator.set_state(tensors["rng.generator"])
-        self.stream.perm = tensors["data.perm"].to(torch.int64)
-        self.stream.pos, self.stream.epoch = int(meta["data_position"]), int(meta["epoch"])
+        self.data.stream.load(tensors, meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -420,6 +407,12 @@ class _Setup:
         loop = TrainingLoop(self.method, self.folder, settings, dist=self.dist, precision=self.precision,
                             callback=self.callback, should_stop=should_stop, periodic=periodic)
         loop.resume()
+        if loop.resumed_precision is not None and loop.resumed_precision != self.precision:
+            # --precision auto resolves on each machine (docs/design.md, "CPU classes"): resuming elsewhere works,
+            # but only a resume in the same precision repeats the uninterrupted run bit for bit.
+            self._warn(f"resuming at step {loop.step} in {self.precision}: the run so far trained in "
+                       f"{loop.resumed_precision} (--precision {c.precision} on this device), so it continues, "
+                       "but not bit-identically to an uninterrupted run")
         if self.dist.is_main:
             runfolder.rewrite_metrics(self.folder.path, loop.step)
         return loop

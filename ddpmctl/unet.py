@@ -86,8 +86,8 @@ class GroupNorm32(nn.GroupNorm):
 
     def _mixed_channels_last_is_faster(self, x: torch.Tensor) -> bool:
         # The mixed-type kernel's channels_last forward is 1.6-3.6x faster than the float round trip on maps of
-        # at least 32x32 pixels and 4-7x slower on smaller ones; its backward is 2-5x slower everywhere (issue 7,
-        # measured on 2 cores). So only forward-only calls (sampling, eval-nll) on large maps take it.
+        # at least 32x32 pixels and 4-7x slower on smaller ones; its backward is 2-5x slower everywhere (measured
+        # on 2 cores; benchmarks/README.md). So only forward-only calls (sampling, eval-nll) on large maps take it.
         grad_needed = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
         return not grad_needed and x.shape[-1] * x.shape[-2] >= _MIXED_CHANNELS_LAST_MIN_PIXELS
 
@@ -148,7 +148,7 @@ class ResBlock(nn.Module):
 
 
 # bf16 attention on the CPU: where bf16 is native (AVX-512-BF16, AMX), two bf16 GEMMs around the softmax kernel
-# beat the fused kernel at every size the IDDPM configs use (its bf16 backward is 2-6x slower; issue 7). With
+# beat the fused kernel at every size the IDDPM configs use (its bf16 backward is 2-6x slower; benchmarks/README.md). With
 # emulated bf16 (AVX2) the fused kernel is about 2x faster, so hardware.choose_fast_paths turns this off there.
 # Beyond this many attention weights per call the fused kernel takes over again, so a large map never
 # materialises its [N, heads, L, L] weights.
@@ -183,7 +183,7 @@ class AttentionBlock(nn.Module):
         self.norm = GroupNorm32(channels)
         # 1x1 convs over the flattened map, as in the reference (weights [3C, C, 1]). They run as 1x1 conv2d on the
         # channels_last map, whose memory is already token-major [N, HW, C]: no transposing copy, and oneDNN's
-        # convolution beats torch.mm's BLAS on the CPU (fp32 1.8-2.1x, bf16 1.2x forward+backward; issue 7).
+        # convolution beats torch.mm's BLAS on the CPU (fp32 1.8-2.1x, bf16 1.2x forward+backward; benchmarks/README.md).
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
 

@@ -1,10 +1,16 @@
 """Shared test set-up: serial, one thread (the test models are tiny: threads only add overhead, and
-oversubscription on 2 cores is brutal), deterministic."""
+oversubscription on 2 cores is brutal), deterministic, and one fixed CPU class whatever machine runs the suite.
+
+The CPU class (``--cpu-profile``, else ``DDPMCTL_CPU``, else DEFAULT_CPU_PROFILE) is exported as ``DDPMCTL_CPU``,
+so subprocesses and torchrun ranks choose as this process does; a class below the machine's also runs that class's
+kernels (ddpmctl.cpuclass). ``@pytest.mark.every_cpu`` runs a test once per class (the ``cpu_class`` fixture):
+there the class decides precision and fast paths in this process, and its kernels too in child processes.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -12,34 +18,94 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 import torch
 
+from ddpmctl import cpuclass
+
 TEST_THREADS = int(os.environ.get("DDPMCTL_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
 
+# A fixed class, not the machine's, so the suite takes the same paths everywhere: AVX-512 without bf16 (auto = fp32,
+# channels_last training). .ci/run runs the fast suite again under a second class; every_cpu tests run under all.
+DEFAULT_CPU_PROFILE = "avx512"
+KERNEL_LIMIT_NAMES = sorted({name for limits in cpuclass.KERNEL_LIMITS.values() for name in limits})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cpu-profile", choices=("native", *cpuclass.CPU_CLASSES), default=None,
+                     help=f"the CPU class ddpmctl chooses for in every test and subprocess (default: $DDPMCTL_CPU, "
+                          f"else {DEFAULT_CPU_PROFILE}; native = this machine)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "every_cpu: run the test once under every CPU class (fixture cpu_class)")
+    profile = config.getoption("--cpu-profile") or os.environ.get(cpuclass.CPU_ENV) or DEFAULT_CPU_PROFILE
+    os.environ[cpuclass.CPU_ENV] = profile
+    try:
+        cpuclass.simulated_cpu_class()
+    except cpuclass.CpuClassError as err:
+        raise pytest.UsageError(str(err)) from None
+    # Before any test runs a tensor operation: torch and oneDNN read their kernel limits once per process.
+    cpuclass.lower_kernels_to_cpu_class()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    from ddpmctl import hardware
+
+    limits = " ".join(f"{name}={os.environ[name]}" for name in KERNEL_LIMIT_NAMES if name in os.environ)
+    return (f"ddpmctl CPU profile: {os.environ[cpuclass.CPU_ENV]} (chooses as {hardware.cpu_class()}, torch kernels "
+            f"{hardware.kernel_capability()}{', ' + limits if limits else ''}); this machine: "
+            f"{hardware.hardware_cpu_class()}")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("every_cpu"):
+        if "cpu_class" not in metafunc.fixturenames:
+            metafunc.fixturenames.append("cpu_class")
+        metafunc.parametrize("cpu_class", cpuclass.CPU_CLASSES, indirect=True)
+
+
+@pytest.fixture
+def cpu_class(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The class this test runs under: its every_cpu parameter (exported with its kernel limits, for child
+    processes), else the session's profile."""
+    name = getattr(request, "param", None)
+    if name is None:
+        return os.environ[cpuclass.CPU_ENV]
+    monkeypatch.setenv(cpuclass.CPU_ENV, name)
+    for limit in KERNEL_LIMIT_NAMES:
+        monkeypatch.delenv(limit, raising=False)
+    for limit, value in cpuclass.lower_kernels_to_cpu_class({}).items():
+        monkeypatch.setenv(limit, value)
+    return name
+
+
+def auto_precision(cpu_class: str) -> str:
+    """What ``--precision auto`` must pick on the CPU ``cpu_class``: bf16 only where it is native."""
+    return "bf16" if cpu_class == "avx512-bf16" else "fp32"
+
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads() -> Iterator[None]:
-    """Every test starts seeded and on TEST_THREADS threads, whatever the previous test (or train()) set."""
+def _seed_threads_and_fresh_choices() -> Iterator[None]:
+    """Every test starts seeded, on TEST_THREADS threads, and with no fast-path choice cached by an earlier test."""
+    from ddpmctl import hardware
+
+    hardware.clear_caches()
     torch.manual_seed(0)
     torch.set_num_threads(TEST_THREADS)
     yield
     torch.set_num_threads(TEST_THREADS)
+    hardware.clear_caches()
 
 
-@pytest.fixture(autouse=True)
-def _cpu_without_native_bf16(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--precision auto resolves to fp32 in every test, whatever CPU runs the suite (test_hardware probes for real)."""
-    if request.module.__name__.rsplit(".", 1)[-1] != "test_hardware":
-        import ddpmctl.hardware
+class LossPoison:
+    """``poison(value, calls)``: add ``value`` (nan, inf) to the loss of those 1-based compute_losses calls;
+    ``poison.stop()`` takes every such patch away again (and nothing else the test patched)."""
 
-        monkeypatch.setattr(ddpmctl.hardware, "cpu_native_bf16", lambda: False)
+    def __init__(self) -> None:
+        self._patch = pytest.MonkeyPatch()
 
+    def __call__(self, value: float, bad_calls: set[int]) -> None:
+        import ddpmctl.train as train_module
 
-@pytest.fixture
-def poison_losses(monkeypatch: pytest.MonkeyPatch) -> Callable[[float, set[int]], None]:
-    """``poison_losses(value, calls)``: add ``value`` (nan, inf) to the loss of those 1-based compute_losses calls."""
-    import ddpmctl.train as train_module
-
-    def poison(value: float, bad_calls: set[int]) -> None:
         real = train_module.compute_losses
         calls = {"n": 0}
 
@@ -50,16 +116,24 @@ def poison_losses(monkeypatch: pytest.MonkeyPatch) -> Callable[[float, set[int]]
                 losses = {**losses, "loss": losses["loss"] + value}
             return losses
 
-        monkeypatch.setattr(train_module, "compute_losses", fake)
+        self._patch.setattr(train_module, "compute_losses", fake)
 
-    return poison
+    def stop(self) -> None:
+        self._patch.undo()
+
+
+@pytest.fixture
+def poison_losses() -> Iterator[LossPoison]:
+    poison = LossPoison()
+    yield poison
+    poison.stop()
 
 
 # ------------------------------------------------------------------------------------- helpers shared by test files
 # Test files import these with ``from conftest import ...`` (pytest puts tests/ on sys.path).
 def tensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file (checkpoint or training state)."""
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     return load_tensors(path)[0]
 

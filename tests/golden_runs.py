@@ -51,7 +51,7 @@ config = DistillConfig(checkpoint=ckpt, data="builtin:digits", out=out, from_ste
                        precision="fp32")
 seen = []
 def stop():
-    return any(e.kind == "step" and e.stage == 2 and e.iteration == stop_at for e in seen)
+    return any(e.kind == "step" and e.stage == 2 and e.step == stop_at for e in seen)
 distill(config, device="cpu", resume=resume, callback=seen.append, should_stop=stop)
 """
 
@@ -73,7 +73,7 @@ def _stable(value: object) -> object:
 def _tensor_digest(path: Path) -> tuple[str, str]:
     """sha256 of the tensors (names, dtypes, shapes, bytes in name order) and of the metadata (keys sorted).
     Not of the file: safetensors writes its metadata map in a hash order that changes from process to process."""
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     tensors, meta = load_tensors(path)
     digest = hashlib.sha256()

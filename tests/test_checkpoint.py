@@ -1,4 +1,4 @@
-"""Checkpoint format (docs/design.md "The checkpoint format"; issue 8 "untrusted checkpoints"): round trips, atomic
+"""Checkpoint format (docs/design.md "The checkpoint format": loading treats the file as untrusted): round trips, atomic
 writes, and every kind of bad file giving one CheckpointError line that names the file, never running code."""
 
 from __future__ import annotations
@@ -21,16 +21,8 @@ from hypothesis import strategies as st
 import ddpmctl
 import ddpmctl.checkpoint as checkpoint_module
 from ddpmctl.build import build_model
-from ddpmctl.checkpoint import (
-    FORMAT,
-    file_sha256,
-    load_checkpoint,
-    load_tensors,
-    read_checkpoint_info,
-    save_checkpoint,
-    save_tensors,
-    write_json_atomic,
-)
+from ddpmctl.checkpoint import FORMAT, load_checkpoint, read_checkpoint_info, save_checkpoint
+from ddpmctl.fileio import file_sha256, load_tensors, save_tensors, write_json_atomic
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig, StudentConfig
 from ddpmctl.errors import CheckpointError
 
@@ -396,14 +388,14 @@ def test_failed_write_keeps_previous_checkpoint(good: Path, state: dict[str, tor
     path = tmp_path / "model.safetensors"
     path.write_bytes(good.read_bytes())
     before = path.read_bytes()
-    monkeypatch.setattr(safetensors.torch, "save_file", _no_space)
-    with pytest.raises(CheckpointError) as caught:
-        save_checkpoint(path, state, CONFIG, kind="model", lineage=[])
+    with monkeypatch.context() as patch:
+        patch.setattr(safetensors.torch, "save_file", _no_space)
+        with pytest.raises(CheckpointError) as caught:
+            save_checkpoint(path, state, CONFIG, kind="model", lineage=[])
     assert str(caught.value) == (f"could not write {path}: {os.strerror(errno.ENOSPC)}; "
                                  "the previous checkpoint is untouched")
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["model.safetensors"]
-    monkeypatch.undo()
     assert load_checkpoint(path).lineage == LINEAGE
 
 
@@ -417,10 +409,10 @@ def test_failed_first_write_leaves_nothing(state: dict[str, torch.Tensor], tmp_p
 
 def test_failed_fsync_keeps_previous_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_json_atomic(tmp_path / "state.json", {"step": 1})
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
-    with pytest.raises(CheckpointError, match="previous file is untouched"):
-        write_json_atomic(path, {"step": 2})
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+        with pytest.raises(CheckpointError, match="previous file is untouched"):
+            write_json_atomic(path, {"step": 2})
     assert json.loads(path.read_text()) == {"step": 1}
     assert os.listdir(tmp_path) == ["state.json"]
 

@@ -17,7 +17,8 @@ from ddpmctl.build import build_model
 from ddpmctl.checkpoint import load_checkpoint, save_checkpoint
 from ddpmctl.cli.app import app
 from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelConfig
-from conftest import perturb_weights
+from ddpmctl.samplers import generate, get_sampler
+from conftest import auto_precision, perturb_weights
 
 T = 40
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -83,7 +84,7 @@ def test_sample_writes_pngs_grid_npz(ckpt: Path, tmp_path: Path) -> None:
     assert len({arrays["arr_0"][i].tobytes() for i in range(6)}) == 6  # different noise per image
 
 
-def test_same_seed_identical_files_and_batch_size_invariance(ckpt: Path, tmp_path: Path) -> None:
+def test_same_seed_identical_files(ckpt: Path, tmp_path: Path) -> None:
     a, b, c, d = (tmp_path / n for n in "abcd")
     _sample(ckpt, a, "--steps", "4", "--num", "10", "--batch-size", "8", "--seed", "3")
     _sample(ckpt, b, "--steps", "4", "--num", "10", "--batch-size", "8", "--seed", "3")
@@ -91,15 +92,25 @@ def test_same_seed_identical_files_and_batch_size_invariance(ckpt: Path, tmp_pat
     _sample(ckpt, d, "--steps", "4", "--num", "10", "--batch-size", "8", "--seed", "4")
     for name in [f"{i:06d}.png" for i in range(10)] + ["grid.png", "samples.npz"]:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
-    assert np.array_equal(_npz(a)["arr_0"], _npz(c)["arr_0"])
-    assert not np.array_equal(_npz(a)["arr_0"], _npz(d)["arr_0"])
+    # Another batch size changes a float only at rounding (see below), which may tip a pixel to the next level.
+    levels = _npz(a)["arr_0"].astype(int) - _npz(c)["arr_0"].astype(int)
+    assert np.abs(levels).max() <= 1
+    assert np.abs(_npz(a)["arr_0"].astype(int) - _npz(d)["arr_0"].astype(int)).max() > 10
 
 
-def test_stochastic_sampler_batch_invariance(ckpt: Path, tmp_path: Path) -> None:
-    # Per-step noise too (strided draws at every step) comes from image i's own stream.
-    _sample(ckpt, tmp_path / "x", "--sampler", "strided", "--steps", "6", "--num", "5", "--batch-size", "2")
-    _sample(ckpt, tmp_path / "y", "--sampler", "strided", "--steps", "6", "--num", "5", "--batch-size", "5")
-    assert np.array_equal(_npz(tmp_path / "x")["arr_0"], _npz(tmp_path / "y")["arr_0"])
+@pytest.mark.every_cpu
+@pytest.mark.parametrize(("sampler", "steps", "splits"), [("ddim", 4, (10, 8, 5)), ("strided", 6, (5, 2))])
+def test_batch_size_changes_images_only_at_float_rounding(ckpt: Path, sampler: str, steps: int,
+                                                          splits: tuple[int, ...], cpu_class: str) -> None:
+    # Image i's noise (x_T and, for strided, every step's) comes from its own stream: a batch of 10 and splits of
+    # 8 + 2 or 5 x 2 differ only in the order of float sums. Measured: up to 2.6e-6 (fp32) on [-1, 1]; a shared
+    # stream moves an image by O(1).
+    loaded, instance = load_checkpoint(ckpt), get_sampler(sampler)()
+    num = 10 if sampler == "ddim" else 5
+    images = [generate(loaded, instance, num=num, batch_size=size, seed=3, steps=steps)[0] for size in splits]
+    for other in images[1:]:
+        torch.testing.assert_close(other, images[0], rtol=0, atol=5e-5)
+    assert len({tuple(image.flatten().tolist()) for image in images[0]}) == num  # different noise per image
 
 
 def test_class_conditional_labels(class_ckpt: Path, tmp_path: Path) -> None:
@@ -186,11 +197,18 @@ def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expect
     assert not (tmp_path / "s").exists()  # nothing is written before the inputs are known to be good
 
 
-def test_dpmpp_2m_samples_through_the_cli(ckpt: Path, tmp_path: Path) -> None:
+def test_dpmpp_2m_samples_through_the_cli(ckpt: Path, tmp_path: Path, cpu_class: str) -> None:
     result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", "--sampler", "dpmpp-2m",
                      "--steps", "6", "--num", "2", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 6
+    # The images are dpmpp-2m's at 6 steps (the library's, same seed 0, batch and precision), not another count.
+    loaded, sampler = load_checkpoint(ckpt), get_sampler("dpmpp-2m")()
+    saved = _npz(tmp_path / "s")["arr_0"]
+    for steps in (3, 6, 12):
+        expected = generate(loaded, sampler, num=2, batch_size=64, seed=0, steps=steps, output="uint8",
+                            precision=auto_precision(cpu_class))[0]
+        assert np.array_equal(saved, expected.permute(0, 2, 3, 1).numpy()) is (steps == 6), steps
 
 
 def test_bad_class_and_bad_checkpoint(class_ckpt: Path, tmp_path: Path) -> None:

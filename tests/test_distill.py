@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from ddpmctl.build import build_diffusion, build_model
-from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, load_tensors, save_checkpoint, save_tensors
+from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
+from ddpmctl.fileio import load_tensors, save_tensors
 from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
-from ddpmctl.distill import DistillConfig, DistillEvent, distill
+from ddpmctl.distill import DistillConfig, distill
+from ddpmctl.loop import LoopEvent
 from ddpmctl.progressive import (
     CLEAN,
     GridDenoiser,
@@ -279,7 +281,7 @@ def test_resume_of_an_interrupted_stage_equals_uninterrupted(tiny_teacher: Path,
     events: list = []
 
     def stop() -> bool:  # Ctrl-C in stage 2 after its 3rd update (not on a save_every boundary)
-        return any(e.kind == "step" and e.stage == 2 and e.iteration == 3 for e in events)
+        return any(e.kind == "step" and e.stage == 2 and e.step == 3 for e in events)
 
     first = distill(_config(tiny_teacher, tmp_path / "b"), callback=events.append, should_stop=stop)
     assert first.interrupted and (tmp_path / "b" / "state_2.safetensors").exists()
@@ -307,8 +309,8 @@ def test_sigint_saves_the_stage_and_a_0_1_state_with_slash_keys_still_resumes(ti
                                                                               tmp_path: Path) -> None:
     straight = distill(_config(tiny_teacher, tmp_path / "a"))
 
-    def ctrl_c(event: DistillEvent) -> None:  # Ctrl-C in stage 1 after its 3rd update
-        if event.kind == "step" and event.stage == 1 and event.iteration == 3:
+    def ctrl_c(event: LoopEvent) -> None:  # Ctrl-C in stage 1 after its 3rd update
+        if event.kind == "step" and event.stage == 1 and event.step == 3:
             os.kill(os.getpid(), signal.SIGINT)
 
     first = distill(_config(tiny_teacher, tmp_path / "b"), callback=ctrl_c)

@@ -1,15 +1,20 @@
 """The per-machine fast paths (ddpmctl.hardware.fast_paths): each changes speed only, never a result beyond float
-rounding, and the machine's choice follows its bf16 capability."""
+rounding; the choice follows the CPU class, and across the classes every path and precision runs."""
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
-from ddpmctl import hardware
-from ddpmctl.config import ModelConfig
+from ddpmctl import cpuclass, hardware
+from ddpmctl.checkpoint import load_checkpoint
+from ddpmctl.config import ModelConfig, TrainConfig
+from ddpmctl.hardware import resolve_precision
+from ddpmctl.samplers import generate, get_sampler
+from ddpmctl.train import train
 from ddpmctl.hardware import FAST_PATH_NAMES, PLAIN_PATHS, FastPaths, choose_fast_paths, fast_paths, forced_fast_paths
 from ddpmctl.unet import AttentionBlock, UNetModel
 
@@ -91,21 +96,16 @@ def test_the_linear_projections_really_run_when_conv_projections_are_off(monkeyp
     assert projections > 0 and plain[0] - conv[0] == projections and conv[1] - plain[1] == projections
 
 
-def test_the_machine_choice_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    for native in (False, True):
-        choose_fast_paths.cache_clear()
-        monkeypatch.setattr(hardware, "cpu_native_bf16", lambda native=native: native)
-        chosen = choose_fast_paths("cpu")
-        assert chosen.bf16_math_attention is native
-        assert chosen.channels_last and chosen.conv_projections and chosen.mixed_groupnorm
-    choose_fast_paths.cache_clear()
-    # Training in channels_last only where its backward convolutions win: AVX-512 CPUs and GPUs.
-    for capability, expected in (("AVX2", False), ("AVX512", True), ("DEFAULT", False)):
-        monkeypatch.setattr(hardware, "cpu_capability", lambda capability=capability: capability)
-        assert choose_fast_paths("cpu").training_channels_last is expected
-        choose_fast_paths.cache_clear()
+@pytest.mark.every_cpu
+def test_the_choice_follows_the_cpu_class(cpu_class: str) -> None:
+    chosen = choose_fast_paths("cpu")
+    # The bf16 attention GEMMs only where bf16 is native; training in channels_last only where its backward
+    # convolutions win (AVX-512 CPUs, and GPUs); the rest won everywhere.
+    assert chosen.bf16_math_attention is (cpu_class == "avx512-bf16")
+    assert chosen.training_channels_last is cpu_class.startswith("avx512")
+    assert chosen.channels_last and chosen.conv_projections and chosen.mixed_groupnorm
+    assert fast_paths("cpu") == chosen
     assert choose_fast_paths("cuda").training_channels_last
-    choose_fast_paths.cache_clear()
 
 
 def test_forced_paths_apply_inside_the_block_only() -> None:
@@ -119,3 +119,65 @@ def test_forced_paths_apply_inside_the_block_only() -> None:
         assert hardware.memory_format("cpu", training=True) == torch.contiguous_format
     assert fast_paths("cpu") == before
     assert "channels_last on" in ALL_ON.describe()
+
+
+def test_every_path_and_precision_is_taken_across_the_cpu_classes(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under each class: one training step and a 2-step sample, --precision auto, with the network's functions
+    watched. Across the four classes every path and both precisions must have run (both sides of each choice)."""
+    taken: set[str] = set()
+    phase = {"now": ""}
+    functional = torch.nn.functional
+    real = {name: getattr(functional, name) for name in ("conv2d", "linear", "scaled_dot_product_attention",
+                                                         "group_norm")}
+    real_matmul = torch.matmul
+
+    def conv2d(x: torch.Tensor, weight: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        layout = "channels_last" if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else "NCHW"
+        taken.add(f"{phase['now']} {layout}")
+        if weight.shape[-2:] == (1, 1) and x.shape[-1] > 1:
+            taken.add("projections as 1x1 convs")
+        return real["conv2d"](x, weight, *args, **kwargs)
+
+    def linear(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if x.dim() == 3:  # tokens [N, HW, C]: attention's projections as matmuls
+            taken.add("projections as matmuls")
+        return real["linear"](x, *args, **kwargs)
+
+    def sdpa(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        taken.add(f"fused attention {q.dtype}")
+        return real["scaled_dot_product_attention"](q, *args, **kwargs)
+
+    def group_norm(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        if x.dtype == torch.bfloat16:
+            taken.add("mixed-type GroupNorm")
+        return real["group_norm"](x, *args, **kwargs)
+
+    def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        taken.add(f"attention GEMMs {a.dtype}")
+        return real_matmul(a, b)
+
+    for name, spy in (("conv2d", conv2d), ("linear", linear), ("scaled_dot_product_attention", sdpa),
+                      ("group_norm", group_norm)):
+        monkeypatch.setattr(functional, name, spy)
+    monkeypatch.setattr(torch, "matmul", matmul)
+    auto = {}
+    for cpu_class in cpuclass.CPU_CLASSES:
+        monkeypatch.setenv("DDPMCTL_CPU", cpu_class)
+        # --precision auto, then an explicit bf16 (emulated below avx512-bf16: the fused kernel, NCHW bf16 maps).
+        for request in ("auto", "bf16"):
+            phase["now"] = "training"
+            config = TrainConfig(data="builtin:digits", out=str(tmp_path / cpu_class / request), model_channels=16,
+                                 channel_mult=(1, 2), res_blocks=1, attention_resolutions=(4,), timesteps=10,
+                                 batch_size=4, max_steps=1, save_every=1, precision=request)
+            result = train(config, device=torch.device("cpu"))
+            phase["now"] = "sampling"
+            precision = resolve_precision(request, "cpu")[0]
+            generate(load_checkpoint(result.ema_checkpoint), get_sampler("ddim")(), num=2, batch_size=2, seed=0,
+                     steps=2, precision=precision)
+            if request == "auto":
+                auto[cpu_class] = {result.precision, precision}
+    assert auto == {"default": {"fp32"}, "avx2": {"fp32"}, "avx512": {"fp32"}, "avx512-bf16": {"bf16"}}
+    assert taken >= {"training NCHW", "training channels_last", "sampling channels_last",
+                     "projections as 1x1 convs", "projections as matmuls", "fused attention torch.float32",
+                     "fused attention torch.bfloat16", "attention GEMMs torch.bfloat16", "mixed-type GroupNorm"}, taken

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpmctl.checkpoint import save_tensors
+from ddpmctl.fileio import save_tensors
 from ddpmctl.data import load_dataset
 from ddpmctl.errors import FeaturesError
 from ddpmctl.features import (DIGITS_WEIGHTS, DigitsClassifier, digits_extractor, inception_extractor,

@@ -97,7 +97,7 @@ def test_options_are_validated() -> None:
 
 def test_default_micro_batch() -> None:
     cpu = torch.device("cpu")
-    assert default_micro_batch(cpu, 32, 64) == 64  # issue 7's config (a)
+    assert default_micro_batch(cpu, 32, 64) == 64  # benchmark config (a) (benchmarks/README.md)
     assert default_micro_batch(cpu, 32, 128) == 32  # the CIFAR-10 model
     assert default_micro_batch(cpu, 512, 256) == 1  # never 0
     assert default_micro_batch(torch.device("cuda"), 32, 64) is None  # accelerators take the whole batch
@@ -105,6 +105,7 @@ def test_default_micro_batch() -> None:
     assert inference_network(torch.nn.Identity(), cpu, 32, 64, micro_batch=None).micro_batch is None
 
 
+@pytest.mark.every_cpu
 def test_generate_micro_batch_keeps_every_image(ckpt_path: Path) -> None:
     ckpt = load_checkpoint(ckpt_path)
     sampler = get_sampler("strided")()
@@ -114,6 +115,7 @@ def test_generate_micro_batch_keeps_every_image(ckpt_path: Path) -> None:
     assert isinstance(ckpt.model, torch.nn.Module) and not isinstance(ckpt.model, InferenceNetwork)  # not mutated
 
 
+@pytest.mark.every_cpu
 def test_generate_bf16_is_close_to_fp32_and_reproducible(ckpt_path: Path) -> None:
     ckpt = load_checkpoint(ckpt_path)
     sampler = get_sampler("ddim")()
@@ -125,6 +127,7 @@ def test_generate_bf16_is_close_to_fp32_and_reproducible(ckpt_path: Path) -> Non
     assert (bf16 - fp32).abs().mean() < 0.02, (bf16 - fp32).abs().mean()
 
 
+@pytest.mark.every_cpu
 def test_eval_nll_micro_batch_keeps_the_result(ckpt_path: Path) -> None:
     ckpt = load_checkpoint(ckpt_path)
     images = torch.randint(0, 256, (3, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)

@@ -109,12 +109,23 @@ def test_named_samplers() -> None:
         create_named_schedule_sampler("magic", _diffusion(3))
 
 
-def test_update_with_local_losses_takes_the_all_gather_path_in_a_process_group(one_rank_group: object) -> None:
+def test_update_with_local_losses_takes_the_all_gather_path_in_a_process_group(one_rank_group: object,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     # The path every torchrun rank takes (one rank here); that 2 ranks gather each other's losses is checked
     # against a single process in test_distributed.py.
     assert dist.is_initialized()
+    gathered: list[torch.Tensor] = []
+    real_all_gather = dist.all_gather
+
+    def all_gather(outputs: list[torch.Tensor], tensor: torch.Tensor, *args: object, **kwargs: object) -> object:
+        gathered.append(tensor.clone())
+        return real_all_gather(outputs, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
     s = LossSecondMomentResampler(_diffusion(4))
     s.update_with_local_losses(torch.tensor([0, 2, 2]), torch.tensor([1.5, 2.0, 4.0], dtype=torch.float64))
+    # The batch size, then the timesteps and the losses went through the collective.
+    assert [g.tolist() for g in gathered] == [[3], [0, 2, 2], [1.5, 2.0, 4.0]]
     state = s.state_dict()
     assert state["loss_counts"].tolist() == [1, 0, 2, 0]
     assert state["loss_history"][2, :2].tolist() == [2.0, 4.0]

@@ -1,4 +1,4 @@
-"""Hardening of training (issue 8): kill -9 at seeded moments, a disk that fills up, non-finite losses.
+"""Hardening of training: kill -9 at seeded moments, a disk that fills up, non-finite losses.
 
 The kill trials fork this (already imported) test process instead of starting Python afresh: a fork costs
 milliseconds where a new interpreter costs seconds on this machine, so ten and more trials fit the time budget.
@@ -17,20 +17,20 @@ import stat
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
-import ddpmctl.checkpoint as checkpoint_module
+import ddpmctl.fileio as fileio_module
 import ddpmctl.train as train_module
 from ddpmctl import runfolder
-from ddpmctl.checkpoint import load_checkpoint, load_tensors
+from ddpmctl.checkpoint import load_checkpoint
+from ddpmctl.fileio import load_tensors
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, TrainingError
 from ddpmctl.train import train
-from conftest import assert_same_files, tensors
+from conftest import LossPoison, assert_same_files, tensors
 
 CPU = torch.device("cpu")
 STEPS = 8
@@ -199,7 +199,7 @@ def test_leftover_temp_files_do_not_break_resume_or_keep(tmp_path: Path) -> None
 # ------------------------------------------------------------------------------------------------ a full disk
 def _disk_full_on_save(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> None:
     """The ``failing_call``-th safetensors write raises ENOSPC after writing part of its file."""
-    real = checkpoint_module.safetensors.torch.save_file
+    real = fileio_module.safetensors.torch.save_file
     calls = {"n": 0}
 
     def save_file(tensors: dict, filename: str, metadata: dict | None = None) -> None:
@@ -209,7 +209,7 @@ def _disk_full_on_save(monkeypatch: pytest.MonkeyPatch, failing_call: int) -> No
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(tensors, filename, metadata=metadata)
 
-    monkeypatch.setattr(checkpoint_module.safetensors.torch, "save_file", save_file)
+    monkeypatch.setattr(fileio_module.safetensors.torch, "save_file", save_file)
 
 
 @pytest.mark.parametrize("which", [1, 2, 3])  # the EMA checkpoint, the raw model, the training state
@@ -244,8 +244,7 @@ def test_disk_full_on_the_first_save_says_nothing_was_saved(tmp_path: Path, monk
 
 # ------------------------------------------------------------------------------------------------ numbers
 @pytest.mark.parametrize("value", [float("inf"), float("-inf")])
-def test_infinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: float,
-                                             poison_losses: Callable[[float, set[int]], None]) -> None:
+def test_infinite_loss_stops_naming_the_step(tmp_path: Path, value: float, poison_losses: LossPoison) -> None:
     run = tmp_path / "run"
     poison_losses(value, {3})
     with pytest.raises(TrainingError, match=r"non-finite loss \(-?inf\) at step 3") as err:
@@ -254,12 +253,12 @@ def test_infinite_loss_stops_naming_the_step(tmp_path: Path, monkeypatch: pytest
     assert runfolder.complete_saves(run) == [2]
     assert all(torch.isfinite(v).all() for v in tensors(run / "model_000002.safetensors").values())
     # The saved state is good: resuming (without the poison) finishes.
-    monkeypatch.undo()
+    poison_losses.stop()
     assert train(tiny(run, max_steps=4, save_every=2), device=CPU, resume=True).step == 4
 
 
 def test_skip_policy_survives_resume_and_keeps_counting(tmp_path: Path,
-                                                       poison_losses: Callable[[float, set[int]], None]) -> None:
+                                                       poison_losses: LossPoison) -> None:
     run = tmp_path / "run"
     poison_losses(float("nan"), {2})
     assert train(tiny(run, max_steps=3, nan_policy="skip"), device=CPU).nan_skips == 1

@@ -1,4 +1,4 @@
-"""Hardening through the command line (issue 8): every command x bad input gives one line and the right exit code
+"""Hardening through the command line: every command x bad input gives one line and the right exit code
 (2: the command line itself is wrong; 1: a file, folder, checkpoint or the data is), never a traceback, and
 ``--out`` never overwrites silently. Also: untrusted checkpoints through every command that reads one, hostile data
 through ``ddpmctl train``, non-finite losses, out-of-memory, and a torchrun rank that dies.
@@ -410,7 +410,7 @@ def test_giant_image_size_in_a_checkpoint_is_refused(files: dict[str, Path], tmp
 
     import safetensors.torch
 
-    from ddpmctl.checkpoint import load_tensors
+    from ddpmctl.fileio import load_tensors
 
     tensors, metadata = load_tensors(files["good"])
     config = json.loads(metadata["config"])

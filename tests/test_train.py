@@ -17,7 +17,7 @@ from ddpmctl.checkpoint import load_checkpoint
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import ConfigError, TrainingError
 from ddpmctl.train import TrainEvent, train
-from conftest import assert_same, tensors
+from conftest import assert_same, auto_precision, tensors
 
 CPU = torch.device("cpu")
 # A tiny network (about 60k parameters) on the 8x8 digits: a training step takes a few milliseconds.
@@ -45,7 +45,7 @@ def test_loss_decreases(tmp_path: Path) -> None:
     assert result.step == 60 and result.stop_reason == "max_steps"
 
 
-def test_run_folder_contents(tmp_path: Path) -> None:
+def test_run_folder_contents(tmp_path: Path, cpu_class: str) -> None:
     run = tmp_path / "run"
     result = train(tiny(run, max_steps=4, save_every=2, ema=0.99), device=CPU)
     names = sorted(p.name for p in run.iterdir())
@@ -68,7 +68,7 @@ def test_run_folder_contents(tmp_path: Path) -> None:
     for key in ("step", "loss", "mse", "vb", "q0", "q1", "q2", "q3", "grad_norm", "lr", "img_per_s", "elapsed"):
         assert key in record
     assert record["lr"] == pytest.approx(2e-4)  # chosen for 8x8 data (config.default_training)
-    assert record["precision"] == result.precision == "fp32"  # auto, on a CPU without native bf16 (conftest)
+    assert record["precision"] == result.precision == auto_precision(cpu_class)
     assert saved["train"]["lr"] == 2e-4 and saved["train"]["timesteps"] == 20  # the values used, for --resume
 
 
@@ -101,13 +101,18 @@ def test_same_seed_is_bit_identical(tmp_path: Path) -> None:
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_resume_in_process_is_exact(tmp_path: Path) -> None:
-    kwargs = dict(save_every=3, dropout=0.1, timestep_sampler="loss-second-moment", batch_size=24)
+@pytest.mark.every_cpu
+def test_resume_in_process_is_exact(tmp_path: Path, cpu_class: str) -> None:
+    # Under every class: NCHW and channels_last training, fp32 and (avx512-bf16) bf16 steps all resume exactly.
+    # EMA rate 0.9: its warm-up's decay passes 0.9 only after 31 updates, so the resume at 3 is mid warm-up.
+    kwargs = dict(save_every=3, dropout=0.1, timestep_sampler="loss-second-moment", batch_size=24, ema=0.9)
     train(tiny(tmp_path / "full", max_steps=7, **kwargs), device=CPU)
     train(tiny(tmp_path / "part", max_steps=3, **kwargs), device=CPU)
+    state = json.loads((tmp_path / "part" / "state_000003.json").read_text())
+    assert state["ema_warmup"] == "power" and state["ema_updates"] == 3
     result = train(tiny(tmp_path / "part", max_steps=7, **kwargs), device=CPU, resume=True)
-    assert result.start_step == 3 and result.step == 7
-    for name in ("ema_0.9999_000007.safetensors", "model_000007.safetensors", "state_000007.safetensors"):
+    assert result.start_step == 3 and result.step == 7 and result.precision == auto_precision(cpu_class)
+    for name in ("ema_0.9_000007.safetensors", "model_000007.safetensors", "state_000007.safetensors"):
         assert_same(tensors(tmp_path / "full" / name), tensors(tmp_path / "part" / name))
     assert [m["step"] for m in metrics(tmp_path / "part")] == list(range(1, 8))
 
@@ -173,7 +178,7 @@ def test_keep_prunes_old_saves(tmp_path: Path) -> None:
 
 def test_bf16_trains_close_to_fp32(tmp_path: Path) -> None:
     kwargs = dict(max_steps=6, loss="simple", var_type="fixed_small", lr=1e-3)
-    fp32 = train(tiny(tmp_path / "fp32", **kwargs), device=CPU)
+    fp32 = train(tiny(tmp_path / "fp32", precision="fp32", **kwargs), device=CPU)
     bf16 = train(tiny(tmp_path / "bf16", precision="bf16", **kwargs), device=CPU)
     a, b = fp32.last_metrics["loss"], bf16.last_metrics["loss"]
     assert math.isfinite(b) and abs(a - b) < 0.1 * a

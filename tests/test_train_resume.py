@@ -1,6 +1,7 @@
 """Exact resume: a run killed with SIGKILL after a checkpoint, resumed, ends with the uninterrupted run's weights.
 
-Every run is a subprocess with the same environment (one thread), so only the kill and the resume differ.
+Every run is a subprocess with the same environment (one thread, the suite's CPU class), so only the kill and the
+resume differ. Bit-exact in fp32 and in bf16 alike: a resumed run repeats the same operations in the same precision.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ddpmctl.config import TrainConfig
 from ddpmctl.train import train
 
 out, max_steps, resume, hang_at = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4])
+precision = sys.argv[5]
 
 def callback(event):
     if event.kind == "step" and event.step == hang_at:
@@ -36,7 +38,8 @@ def callback(event):
 
 config = TrainConfig(data="builtin:digits", out=out, model_channels=16, channel_mult=(1, 2), res_blocks=1,
                      attention_resolutions=(4,), timesteps=20, batch_size=24, dropout=0.1,
-                     timestep_sampler="loss-second-moment", save_every=5, log_every=2, max_steps=max_steps)
+                     timestep_sampler="loss-second-moment", save_every=5, log_every=2, max_steps=max_steps,
+                     precision=precision)
 result = train(config, device=torch.device("cpu"), resume=resume, callback=callback)
 print(json.dumps({"start": result.start_step, "step": result.step}))
 """
@@ -44,17 +47,18 @@ print(json.dumps({"start": result.start_step, "step": result.step}))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-def run(out: Path, max_steps: int, *, resume: bool = False, hang_at: int = -1) -> dict:
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(max_steps), str(int(resume)), str(hang_at)],
+def run(out: Path, max_steps: int, precision: str, *, resume: bool = False, hang_at: int = -1) -> dict:
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(out), str(max_steps), str(int(resume)), str(hang_at),
+                           precision],
                           env=ENV, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_and_kill(out: Path, max_steps: int, hang_at: int) -> None:
+def run_and_kill(out: Path, max_steps: int, precision: str, hang_at: int) -> None:
     """Start a run, wait until it reaches ``hang_at`` (past its last checkpoint), then SIGKILL it."""
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(max_steps), "0", str(hang_at)],
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(out), str(max_steps), "0", str(hang_at), precision],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 240
@@ -73,21 +77,22 @@ def run_and_kill(out: Path, max_steps: int, hang_at: int) -> None:
     (out / "HUNG").unlink()
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path, precision: str) -> None:
     full, killed = tmp_path / "full", tmp_path / "killed"
-    assert run(full, 10) == {"start": 0, "step": 10}
+    assert run(full, 10, precision) == {"start": 0, "step": 10}
     # Killed at step 7: two steps past its step-5 checkpoint (those updates, RNG draws and sampler history are lost).
-    run_and_kill(killed, 10, hang_at=7)
+    run_and_kill(killed, 10, precision, hang_at=7)
     saves = sorted(p.name for p in killed.glob("state_*.json"))
     assert saves == ["state_000005.json"]
-    assert run(killed, 10, resume=True) == {"start": 5, "step": 10}
+    assert run(killed, 10, precision, resume=True) == {"start": 5, "step": 10}
     assert_same_files(full, killed, ["model_000010.safetensors", "ema_0.9999_000010.safetensors",
                                      "state_000010.safetensors"])
     # metrics.jsonl was rewound to the checkpoint: every step logged once, as in the uninterrupted run.
-    def logged(run_dir: Path) -> list[int]:
-        return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    def logged(run_dir: Path) -> list[tuple[int, str]]:
+        return [(m["step"], m["precision"]) for m in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
 
-    assert logged(killed) == logged(full) == [2, 4, 6, 8, 10]
+    assert logged(killed) == logged(full) == [(step, precision) for step in (2, 4, 6, 8, 10)]
 
 
 def test_sigterm_saves_at_the_current_step_and_resumes(tmp_path: Path) -> None:

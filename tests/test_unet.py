@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
+from ddpmctl import hardware
 from ddpmctl.config import ModelConfig
 from ddpmctl.errors import ConfigError
 import ddpmctl.unet as unet
@@ -277,8 +280,10 @@ def _reference_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor
     return (x + out).reshape(b, c, hh, ww)
 
 
+@pytest.mark.every_cpu
 @pytest.mark.parametrize("side,batch", [(8, 2), (16, 12)])
-def test_attention_matches_reference_layout_and_both_cpu_paths(side: int, batch: int) -> None:
+def test_attention_matches_reference_layout_and_both_cpu_paths(side: int, batch: int, cpu_class: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     block = AttentionBlock(64, 4)
     with torch.no_grad():
@@ -286,18 +291,31 @@ def test_attention_matches_reference_layout_and_both_cpu_paths(side: int, batch:
         block.proj_out.bias.normal_(0, 0.2)
     x = torch.randn(batch, 64, side, side)
     ref = _reference_attention(block, x)
+    fused: list[torch.dtype] = []
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def sdpa(q: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        fused.append(q.dtype)
+        return real_sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
     with torch.no_grad():
         torch.testing.assert_close(block(x).double(), ref, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(block(x.to(memory_format=torch.channels_last)).double(), ref,
                                    rtol=1e-4, atol=1e-4)
-        # bf16 on the CPU: materialised-weights path for small maps, the fused kernel for large ones; both close.
-        for limit in (0, 2**30):
-            old, unet._CPU_MATH_ATTENTION_MAX_WEIGHTS = unet._CPU_MATH_ATTENTION_MAX_WEIGHTS, limit
-            try:
-                with torch.autocast("cpu", dtype=torch.bfloat16):
-                    out = block(x.to(memory_format=torch.channels_last))
-            finally:
-                unet._CPU_MATH_ATTENTION_MAX_WEIGHTS = old
+        assert fused == [torch.float32, torch.float32]  # fp32 always takes the fused kernel
+        # bf16 on the CPU: the class's own choice (the bf16 GEMMs only where bf16 is native), then each path forced:
+        # the materialised weights for small maps, the fused kernel for large ones or with the GEMMs off.
+        math_on, math_off = (replace(hardware.fast_paths("cpu"), bf16_math_attention=on) for on in (True, False))
+        cases = [(None, 2**24, cpu_class != "avx512-bf16"), (math_on, 2**24, False), (math_on, 0, True),
+                 (math_off, 2**24, True)]
+        for paths, limit, expect_fused in cases:
+            fused.clear()
+            monkeypatch.setattr(unet, "_CPU_MATH_ATTENTION_MAX_WEIGHTS", limit)
+            with torch.autocast("cpu", dtype=torch.bfloat16), \
+                    (hardware.forced_fast_paths(paths) if paths else contextlib.nullcontext()):
+                out = block(x.to(memory_format=torch.channels_last))
+            assert fused == ([torch.bfloat16] if expect_fused else []), (paths, limit)
             assert (out.double() - ref).norm() / ref.norm() < 0.02
 
 

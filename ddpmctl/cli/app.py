@@ -114,6 +114,13 @@ app.command("convert")(convert.convert_command)
 def main() -> None:
     """The console script (and ``python -m ddpmctl``, torchrun's ``-m ddpmctl``)."""
     from ddpmctl.allocator import tune_malloc
+    from ddpmctl.cpuclass import CpuClassError, lower_kernels_to_cpu_class
 
     tune_malloc()
+    try:
+        # Before torch runs anything: a simulated lower CPU class runs that class's kernels too.
+        lower_kernels_to_cpu_class()
+    except CpuClassError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     app()

@@ -85,9 +85,9 @@ def distill_command(
     if resume and force:
         raise usage_error("--resume and --force contradict each other: pick one")
     torch_device = resolve_device(device)
-    precision = resolve_precision_option(precision, torch_device)
+    resolved = resolve_precision_option(precision, torch_device)
     try:
-        config = DistillConfig(
+        config = DistillConfig(  # the request is stored: --resume on another CPU resolves auto there
             checkpoint=str(checkpoint), data=data, out=str(out), from_steps=from_steps, to_steps=to_steps,
             iters_per_stage=iters_per_stage, batch_size=batch_size, lr=lr, param=param, weighting=weighting,
             precision=precision, seed=seed, report_samples=report_samples, save_every=save_every,
@@ -105,17 +105,18 @@ def distill_command(
     def on_event(event: Any) -> None:
         if event.kind == "stopping":
             console.print(Text(event.message, style="yellow"))
-        elif event.kind in ("plan", "reference", "saved") and not quiet:
+        elif event.kind == "warning":
+            console.print(Text(f"warning: {event.message}"), soft_wrap=True)
+        elif event.kind == "info" and not quiet:
             console.print(Text(event.message))
-        elif event.kind == "stage_start":
+        elif event.kind == "start" and event.stage is not None:
             if not tasks:  # the bars appear once set-up has succeeded, so a set-up error prints alone
                 progress.start()
-            tasks[event.stage] = progress.add_task(
-                f"stage {event.stage}/{event.num_stages} {event.teacher_steps}->{event.steps} {precision}",
-                total=event.total, completed=event.iteration, loss="-", speed="-")
-        elif event.kind == "step":
+            tasks[event.stage] = progress.add_task(f"stage {event.stage}/{event.stages} {event.label} {resolved}",
+                                                   total=event.max_steps, completed=event.step, loss="-", speed="-")
+        elif event.kind == "log" and event.stage in tasks and event.metrics:
             task = tasks[event.stage]
-            progress.update(task, completed=event.iteration, loss=_fmt(event.loss, ".3g"))
+            progress.update(task, completed=event.step, loss=_fmt(event.metrics.get("loss"), ".3g"))
             speed = progress.tasks[task].speed
             progress.update(task, speed="-" if not speed else f"{speed:.1f}")
 
@@ -125,7 +126,7 @@ def distill_command(
         if tasks:
             progress.stop()
     if json_output:
-        print_json({**result.to_json(), "precision": precision})
+        print_json({**result.to_json(), "precision": resolved})
     elif result.stages:
         out_console.print(report_table(result))
     if result.interrupted:

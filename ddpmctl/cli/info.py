@@ -1,4 +1,5 @@
-"""`ddpmctl info CKPT`: what a checkpoint holds (kind, config, lineage, sizes), as a table or JSON."""
+"""`ddpmctl info CKPT`: what a checkpoint holds (kind, config, lineage, sizes), as a table or JSON; without CKPT,
+the machine: the CPU class ddpmctl chooses for (real or simulated) and what it decides."""
 
 from __future__ import annotations
 
@@ -124,16 +125,65 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     return table
 
 
+def machine_payload() -> dict[str, Any]:
+    """This machine as ddpmctl sees it: the CPU class it chooses for (simulated with DDPMCTL_CPU or real), the
+    hardware's class, the kernels torch runs, and what that decides (``auto`` precision, fast paths)."""
+    from dataclasses import asdict
+
+    import torch
+
+    from ddpmctl import hardware
+
+    return {
+        "cpu_class": hardware.cpu_class(),
+        "simulated": hardware.simulated_cpu_class() is not None,
+        "hardware_class": hardware.hardware_cpu_class(),
+        "kernels": hardware.kernel_capability(),
+        "native_bf16": hardware.cpu_native_bf16(),
+        "auto_precision": hardware.resolve_precision("auto", "cpu")[0],
+        "fast_paths": asdict(hardware.fast_paths("cpu")),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def machine_table(machine: dict[str, Any]) -> Table:
+    """The rich table ``info`` prints without a checkpoint."""
+    table = Table(title="this machine (CPU)", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    simulated = " (simulated: DDPMCTL_CPU)" if machine["simulated"] else ""
+    rows = [("CPU class", f"{machine['cpu_class']}{simulated}"), ("hardware class", machine["hardware_class"]),
+            ("torch kernels", machine["kernels"]), ("--precision auto", machine["auto_precision"]),
+            ("fast paths", ", ".join(f"{k} {'on' if v else 'off'}" for k, v in machine["fast_paths"].items())),
+            ("torch", f"{machine['torch']}, CUDA {'available' if machine['cuda'] else 'not available'}")]
+    for name, value in rows:
+        table.add_row(Text(name), Text(value))
+    return table
+
+
 @guarded
 def info_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    checkpoint: Annotated[Optional[Path], typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
+        help="A ddpmctl checkpoint (.safetensors). Without one: this machine's CPU class and what it decides.",
+        show_default=False)] = None,
     device: Annotated[Optional[str], device_option(  # noqa: UP007 - typer needs Optional on 3.10
         "Also build the network and load every weight on this device (auto | cpu | cuda | cuda:N) to check the "
         "whole file.", show_default="none: read and validate the header only")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts."""
-    from ddpmctl.checkpoint import file_sha256, load_checkpoint, read_checkpoint_info
+    """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts (or, without one, this
+    machine's CPU class)."""
+    from ddpmctl.checkpoint import load_checkpoint, read_checkpoint_info
+    from ddpmctl.fileio import file_sha256
+
+    if checkpoint is None:
+        machine = machine_payload()
+        if json_output:
+            print_json({"machine": machine})
+        else:
+            out_console.print(machine_table(machine))
+        return
 
     torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)

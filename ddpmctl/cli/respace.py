@@ -43,7 +43,8 @@ def respace_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing on success.")] = False,
 ) -> None:
     """Write a checkpoint that samples in K steps: same weights, the diffusion respaced (learned variances rescale)."""
-    from ddpmctl.checkpoint import file_sha256, load_checkpoint, load_tensors, read_checkpoint_info, save_checkpoint
+    from ddpmctl.checkpoint import load_checkpoint, read_checkpoint_info, save_checkpoint
+    from ddpmctl.fileio import file_sha256, load_tensors
 
     torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)  # validated: a foreign or broken file fails here in one line
