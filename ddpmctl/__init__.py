@@ -29,6 +29,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "build_diffusion": ("ddpmctl.build", "build_diffusion"),
     "build_model": ("ddpmctl.build", "build_model"),
     "GaussianDiffusion": ("ddpmctl.diffusion", "GaussianDiffusion"),
+    "ddim_step": ("ddpmctl.diffusion", "ddim_step"),
     "respace_diffusion": ("ddpmctl.respace", "respace"),
     "space_timesteps": ("ddpmctl.respace", "space_timesteps"),
     "CheckpointConfig": ("ddpmctl.config", "CheckpointConfig"),
@@ -53,7 +54,7 @@ _LAZY: dict[str, tuple[str, str]] = {
     "CLEAN": ("ddpmctl.denoiser", "CLEAN"),
     "available_samplers": ("ddpmctl.samplers", "available_samplers"),
     "get_sampler": ("ddpmctl.samplers", "get_sampler"),
-    "choose_timesteps": ("ddpmctl.samplers", "choose_timesteps"),
+    "choose_timesteps": ("ddpmctl.timesteps", "choose_timesteps"),
     "student_predict_xstart": ("ddpmctl.denoiser", "student_predict_xstart"),
 }
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from ddpmctl.build import build_diffusion
+from ddpmctl.diffusion import alpha_sigma
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.config import DiffusionConfig
@@ -63,16 +64,22 @@ def student_predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: t
 class Prediction:
     """What the network says about x_t at one step (tensors shaped like x).
 
-    ``x0`` is pred_xstart (clipped to [-1, 1] when asked), ``eps`` the noise it implies. For a trained model
+    ``pred_xstart`` is the predicted clean image (clipped to [-1, 1] when asked; ``x0`` is an alias kept for
+    plugins written against earlier versions), ``eps`` the noise it implies. For a trained model
     ``mean``/``variance``/``log_variance`` describe p(x_s | x_t) for s = the next lower step of the run's
     timestep list (IDDPM eq. 10-15, learned variances interpolated on that step: Sec. 4); a student has none.
     """
 
-    x0: torch.Tensor
+    pred_xstart: torch.Tensor
     eps: torch.Tensor
     mean: torch.Tensor | None = None
     variance: torch.Tensor | None = None
     log_variance: torch.Tensor | None = None
+
+    @property
+    def x0(self) -> torch.Tensor:
+        """``pred_xstart`` under its earlier name (plugins of sampler API v2 written before 0.2 read ``pred.x0``)."""
+        return self.pred_xstart
 
 
 class Denoiser:
@@ -128,10 +135,7 @@ class Denoiser:
 
     def alpha_sigma(self, t: OriginalStep, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), computed in float64, shaped [1, 1, ...] like ``like``."""
-        abar = torch.tensor(self.alpha_bar(t), dtype=torch.float64)
-        shape = (1,) * like.dim()
-        return (abar.sqrt().to(like.device, like.dtype).view(shape),
-                (1.0 - abar).sqrt().to(like.device, like.dtype).view(shape))
+        return alpha_sigma(torch.tensor(self.alpha_bar(t), dtype=torch.float64), like)
 
     def log_snr(self, t: OriginalStep) -> float:
         """lambda_t = log alpha_t - log sigma_t (half the log signal-to-noise ratio; DPM-Solver's lambda)."""
@@ -154,14 +158,14 @@ class Denoiser:
         output = self.network(x, t_batch, **kwargs)
         if self.student:
             alpha, sigma = self.alpha_sigma(t, x)
-            x0 = student_predict_xstart(output.to(x.dtype), x, alpha, sigma, self.head)
+            pred_xstart = student_predict_xstart(output.to(x.dtype), x, alpha, sigma, self.head)
             if clip:
-                x0 = x0.clamp(-1.0, 1.0)
+                pred_xstart = pred_xstart.clamp(-1.0, 1.0)
             # eps re-derived from the (clipped) x_hat: the DDIM step the student was trained on.
-            return Prediction(x0=x0, eps=(x - alpha * x0) / sigma)
+            return Prediction(pred_xstart=pred_xstart, eps=(x - alpha * pred_xstart) / sigma)
         # A step of the run's chain (its variance rescaled to the run's step), else the training chain's own step.
         k = self._own_step.get(t)
         chain, k = (self._chain, k) if k is not None else (self._full, t)
         out = chain.p_mean_variance_from_output(output, x, torch.full_like(t_batch, k), clip_denoised=clip)
-        return Prediction(x0=out["pred_xstart"], eps=out["eps"], mean=out["mean"], variance=out["variance"],
+        return Prediction(pred_xstart=out["pred_xstart"], eps=out["eps"], mean=out["mean"], variance=out["variance"],
                           log_variance=out["log_variance"])

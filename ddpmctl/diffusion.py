@@ -93,6 +93,35 @@ def _tables(b: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
+def alpha_sigma(alpha_bar: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = sqrt(abar), sigma = sqrt(1 - abar) (the forward process x_t = alpha x_0 + sigma eps), computed in
+    abar's dtype (float64 from the schedule tables) and rounded once to ``like``'s dtype and device; a scalar or
+    per-sample [N] abar is shaped [1 or N, 1, ..., 1] to broadcast against ``like``."""
+    abar = alpha_bar.reshape(-1, *([1] * (like.dim() - 1)))
+    return abar.sqrt().to(like.device, like.dtype), (1.0 - abar).sqrt().to(like.device, like.dtype)
+
+
+def ddim_step(pred_xstart: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor, alpha_bar_prev: torch.Tensor,
+              *, eta: float = 0.0, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One DDIM step from abar_t to abar_s (Song et al. 2021 eq. 12), the one every DDIM in ddpmctl takes:
+
+        x_s = sqrt(abar_s) x0_hat + sqrt(1 - abar_s - sigma^2) eps_hat + sigma z,
+        sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s).
+
+    abar_s = 1 is clean data (the step returns x0_hat). The coefficients are computed in the dtype of the abar
+    tensors (broadcastable against x): float64 for the samplers and distillation, x's dtype for
+    ``GaussianDiffusion.ddim_sample`` as the reference computes it; float64 coefficients are rounded once to x's
+    dtype. ``noise`` None adds no noise (eta = 0, or the last step).
+    """
+    sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
+    # 1 - abar_s - sigma^2 >= 0 in exact math for eta <= 1; the clamp only absorbs rounding.
+    coef_x0, coef_eps = torch.sqrt(alpha_bar_prev), torch.sqrt((1 - alpha_bar_prev - sigma**2).clamp(min=0))
+    dtype = pred_xstart.dtype if coef_x0.dtype == torch.float64 else coef_x0.dtype
+    coef_x0, coef_eps, sigma = (c.to(pred_xstart.device, dtype) for c in (coef_x0, coef_eps, sigma))
+    x = pred_xstart * coef_x0 + coef_eps * eps
+    return x if noise is None else x + sigma * noise
+
+
 def _timestep_map(timestep_map: torch.Tensor | np.ndarray | list[int] | None, T: int) -> torch.Tensor:
     """Original index of each of the ``T`` steps, int64 (arange for an unrespaced chain)."""
     if timestep_map is None:
@@ -413,18 +442,12 @@ class GaussianDiffusion:
         entry of this (possibly respaced) diffusion's table, 1 before its first step.
         """
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
-        eps = out["eps"]
         tables = self._tables(x)
-        alpha_bar = self._gather(tables["alphas_cumprod"], t, x)
-        alpha_bar_prev = self._gather(tables["alphas_cumprod_prev"], t, x)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
         if noise is None:
             noise = torch.randn_like(x)
-        # 1 - abar_prev - sigma^2 >= 0 in exact math for eta <= 1; the clamp only absorbs rounding.
-        mean_pred = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(
-            (1 - alpha_bar_prev - sigma**2).clamp(min=0)
-        ) * eps
-        sample = mean_pred + self._nonzero_mask(t, x) * sigma * noise
+        sample = ddim_step(out["pred_xstart"], out["eps"], self._gather(tables["alphas_cumprod"], t, x),
+                           self._gather(tables["alphas_cumprod_prev"], t, x), eta=eta,
+                           noise=self._nonzero_mask(t, x) * noise)
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     # ----------------------------------------------------------------------------------- variational bound

@@ -19,6 +19,7 @@ import torch
 from ddpmctl.choices import StudentParam, Weighting
 from ddpmctl.config import DistillConfig
 from ddpmctl.denoiser import CLEAN, Head, student_predict_xstart
+from ddpmctl.diffusion import alpha_sigma, ddim_step
 from ddpmctl.errors import ConfigError, OptionError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -58,7 +59,8 @@ def stage_times(num_timesteps: int, steps: int) -> tuple[list[int], list[int], l
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parameterisations and the DDIM step (alpha = sqrt(abar), sigma = sqrt(1 - abar), broadcastable to z)
+# Parameterisations and the target (alpha = sqrt(abar), sigma = sqrt(1 - abar), broadcastable to z; the DDIM step
+# is ddpmctl.diffusion.ddim_step)
 
 
 def predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
@@ -72,16 +74,6 @@ def predict_xstart(model_output: torch.Tensor, z: torch.Tensor, alpha: torch.Ten
     if head == "x0":
         return model_output[:, :channels]
     return student_predict_xstart(model_output, z, alpha, sigma, head)
-
-
-def ddim_step(z: torch.Tensor, pred_xstart: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
-              alpha_next: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0): z_next = alpha_next x_hat + sigma_next eps_hat, eps_hat = (z - alpha x_hat)/sigma.
-
-    With alpha_next = 1, sigma_next = 0 (the step to clean data) it returns x_hat itself.
-    """
-    eps = (z - alpha * pred_xstart) / sigma
-    return alpha_next * pred_xstart + sigma_next * eps
 
 
 def distillation_target(z_t: torch.Tensor, z_tpp: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
@@ -116,28 +108,28 @@ class GridDenoiser:
     def num_timesteps(self) -> int:
         return self.abar.numel() - 1
 
+    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """abar_t (float64, on the CPU) as [N, 1, ..., 1] to broadcast against ``like``."""
+        return self.abar[t.detach().cpu() + 1].reshape(-1, *([1] * (like.dim() - 1)))
+
     def alpha_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha_t, sigma_t as [N, 1, ..., 1] in like's dtype/device (computed in float64)."""
-        abar = self.abar[t.detach().cpu() + 1]
-        shape = (-1,) + (1,) * (like.dim() - 1)
-        alpha = abar.sqrt().to(like.device, like.dtype).view(shape)
-        sigma = (1.0 - abar).sqrt().to(like.device, like.dtype).view(shape)
-        return alpha, sigma
+        return alpha_sigma(self.abar[t.detach().cpu() + 1], like)
 
     def predict_xstart(self, z: torch.Tensor, t: torch.Tensor, *, clip: bool,
                        model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         output = self.model(z, t.to(z.device), **(model_kwargs or {}))
         alpha, sigma = self.alpha_sigma(t, z)
-        x_hat = predict_xstart(output.to(z.dtype), z, alpha, sigma, self.head)
-        return x_hat.clamp(-1.0, 1.0) if clip else x_hat
+        pred_xstart = predict_xstart(output.to(z.dtype), z, alpha, sigma, self.head)
+        return pred_xstart.clamp(-1.0, 1.0) if clip else pred_xstart
 
     def step(self, z: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, *, clip: bool = True,
              model_kwargs: dict[str, Any] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DDIM step z_t -> z_{t_next} (per-sample t); returns (z_next, x_hat)."""
-        x_hat = self.predict_xstart(z, t, clip=clip, model_kwargs=model_kwargs)
+        """One DDIM step z_t -> z_{t_next} (per-sample t); returns (z_next, pred_xstart)."""
+        pred_xstart = self.predict_xstart(z, t, clip=clip, model_kwargs=model_kwargs)
         alpha, sigma = self.alpha_sigma(t, z)
-        alpha_next, sigma_next = self.alpha_sigma(t_next, z)
-        return ddim_step(z, x_hat, alpha, sigma, alpha_next, sigma_next), x_hat
+        eps = (z - alpha * pred_xstart) / sigma  # re-derived from the (clipped) prediction, as for the students
+        return ddim_step(pred_xstart, eps, self.alpha_bar(t, z), self.alpha_bar(t_next, z)), pred_xstart
 
 
 def ddim_on_grid(denoiser: GridDenoiser, x_T: torch.Tensor, grid: list[int], *, clip: bool = True,

@@ -107,10 +107,10 @@ class ExactGaussianDenoiser(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         abar = self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
-        x0 = self.posterior_mean_x0(x, t)
+        pred_xstart = self.posterior_mean_x0(x, t)
         if self.head == "x":
-            return x0.to(x.dtype)
-        eps = ((x.to(torch.float64) - abar.sqrt() * x0) / (1.0 - abar).sqrt()).to(x.dtype)
+            return pred_xstart.to(x.dtype)
+        eps = ((x.to(torch.float64) - abar.sqrt() * pred_xstart) / (1.0 - abar).sqrt()).to(x.dtype)
         if self.learned_sigma:
             v = self.v[t].view(-1, *([1] * (x.dim() - 1))).to(x.dtype).expand_as(eps)
             eps = torch.cat([eps, v], dim=1)

@@ -105,12 +105,13 @@ class RunFolderSaves:
     ranks' RNGs, and any other network's weights and EMA as ``net.{name}.*`` / ``ema.{name}.*``) and
     ``state_{N}.json`` (written last: it marks the save complete)."""
 
-    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, kind: str = "model") -> None:
+    def __init__(self, config: TrainConfig, dist: dist_utils.DistInfo, kind: str = "model",
+                 sampled: str = "model") -> None:
         if config.out is None:
             raise ConfigError("no run folder: give --out DIR")
         self.path, self.config, self.dist, self.kind = Path(config.out), config, dist, kind
         self.ckpt_config: CheckpointConfig | None = None  # set once the network is known
-        self.sampled = "model"  # the name of the sampled network (Method.networks()'s first)
+        self.sampled = sampled  # the name of the sampled network (the method's first in networks())
 
     def claim(self, *, resume: bool, force: bool) -> dict[str, Any] | None:
         """Refuse to mix runs; on --resume return the saved config.json after checking it matches."""

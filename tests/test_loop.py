@@ -187,6 +187,7 @@ def test_periodic_work_sees_the_step_and_the_ema_network() -> None:
 
 def test_run_folder_keeps_a_second_network_and_its_ema_in_the_state(tmp_path: Path) -> None:
     from ddpmctl.build import build_model
+    from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, TrainConfig
     from ddpmctl.train import RunFolderSaves
 
@@ -195,15 +196,17 @@ def test_run_folder_keeps_a_second_network_and_its_ema_in_the_state(tmp_path: Pa
     ckpt_config = CheckpointConfig(model=model_config, diffusion=DiffusionConfig(timesteps=10))
     unet = build_model(ckpt_config).state_dict()
     disc = ToyGan().discriminator.state_dict()
-    folder = RunFolderSaves(TrainConfig(data="builtin:digits", out=str(tmp_path / "run")), CPU)
+    # The sampled network is the method's first: here a generator, as a GAN method names it.
+    folder = RunFolderSaves(TrainConfig(data="builtin:digits", out=str(tmp_path / "run")), CPU, sampled="generator")
     folder.ckpt_config = ckpt_config
     folder.path.mkdir()
     meta = {"ema_warmup": "power", "ema_updates": 3, "step": 3}
-    folder.write(Save(step=3, weights={"model": unet, "discriminator": disc}, ema={"model": unet},
+    folder.write(Save(step=3, weights={"generator": unet, "discriminator": disc}, ema={"generator": unet},
                       tensors={"optim.0.step": torch.tensor(3.0)}, meta=meta))
     back = folder.read(3)
     assert folder.latest() == 3 and back.step == 3
-    assert set(back.weights) == {"model", "discriminator"} and set(back.ema) == {"model"}
+    assert set(back.weights) == {"generator", "discriminator"} and set(back.ema) == {"generator"}
+    assert load_checkpoint(folder.checkpoint_path(3)).num_parameters == sum(v.numel() for v in unet.values())
     for key, value in disc.items():
         assert torch.equal(back.weights["discriminator"][key], value)
     assert set(back.tensors) == {"optim.0.step"}

@@ -194,7 +194,7 @@ def fake_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[li
         importlib.metadata.EntryPoint("old", "fake_ddpmctl_plugins:OldStyle", group),
         importlib.metadata.EntryPoint("twice", "fake_ddpmctl_plugins:Fine", group),
         importlib.metadata.EntryPoint("twice", "fake_ddpmctl_plugins:Misnamed", group),
-        *samplers._entry_points(),  # the real ones keep working beside the broken
+        *samplers.registry._entry_points(),  # the real ones keep working beside the broken
     ]
     calls: list[int] = []
 
@@ -202,7 +202,7 @@ def fake_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[li
         calls.append(1)
         return eps
 
-    monkeypatch.setattr(samplers, "_entry_points", fake)
+    monkeypatch.setattr(samplers.registry, "_entry_points", fake)
     samplers.reset_registry()
     yield calls
     samplers.reset_registry()
@@ -356,3 +356,12 @@ def test_the_readme_plugin_passes_the_contract() -> None:
     namespace: dict[str, Any] = {}
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - our own README
     check_sampler(namespace["EulerSampler"])
+
+
+def test_a_plugin_reading_pred_x0_keeps_working() -> None:
+    """``Prediction.x0``, the name plugins written before 0.2 use, is the predicted clean image ``pred_xstart``."""
+    from ddpmctl import Prediction
+
+    pred_xstart, eps = torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4)
+    prediction = Prediction(pred_xstart=pred_xstart, eps=eps)
+    assert prediction.x0 is pred_xstart and prediction.pred_xstart is pred_xstart

@@ -16,7 +16,7 @@ Spacing = Literal["even", "ddim"]  # the sampler spacings a respaced checkpoint 
 def respaced_config(config: Any, steps: int, spacing: Spacing) -> Any:
     """The parent's config with ``use_timesteps`` = K of its chain's steps, as ORIGINAL indices (composes)."""
     from ddpmctl.config import CheckpointConfig
-    from ddpmctl.samplers import choose_timesteps
+    from ddpmctl.timesteps import choose_timesteps
 
     diffusion = config.diffusion
     chain = diffusion.use_timesteps if diffusion.use_timesteps is not None else tuple(range(diffusion.timesteps))

@@ -120,13 +120,16 @@ def sample_command(
             label = resolve_class(class_label, ckpt.config.model.num_classes,
                                   data.class_names if data is not None else None, checkpoint.name)
         instance = sampler_cls(options)
-        total_steps = len(sampling_timesteps(ckpt, instance, steps))  # bad --steps fails before --out is touched
+        # Chosen once for the run (a bad --steps fails before --out is touched); generate() takes them as they are.
+        run_steps = sampling_timesteps(ckpt, instance, steps)
+        total_steps = len(run_steps)
     created = prepare_out_dir(out, force=force)
     try:
         started = time.perf_counter()
         if quiet:
-            images, labels = generate(ckpt, instance, num=num, batch_size=batch_size, seed=seed, steps=steps,
-                                      class_label=label, output="uint8", precision=precision)  # type: ignore[arg-type]
+            images, labels = generate(ckpt, instance, num=num, batch_size=batch_size, seed=seed, steps=None,
+                                      timesteps=run_steps, class_label=label, output="uint8",
+                                      precision=precision)  # type: ignore[arg-type]
         else:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -139,9 +142,9 @@ def sample_command(
                     progress.update(image_task, completed=event.images_done)
                     progress.update(step_task, completed=event.step if event.batch_size else total_steps)
 
-                images, labels = generate(ckpt, instance, num=num, batch_size=batch_size, seed=seed, steps=steps,
-                                          class_label=label, callback=on_progress, output="uint8",
-                                          precision=precision)  # type: ignore[arg-type]
+                images, labels = generate(ckpt, instance, num=num, batch_size=batch_size, seed=seed, steps=None,
+                                          timesteps=run_steps, class_label=label, callback=on_progress,
+                                          output="uint8", precision=precision)  # type: ignore[arg-type]
         seconds = time.perf_counter() - started
 
         for i in range(num):

@@ -36,5 +36,5 @@ class AncestralSampler(Sampler):
             last = i == len(timesteps) - 1
             x = pred.mean if last else pred.mean + torch.exp(0.5 * pred.log_variance) * z  # no noise onto x_0
             if callback is not None:
-                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.x0))
+                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.pred_xstart))
         return x

@@ -39,5 +39,5 @@ class DDGANSampler(Sampler):
             last = i == len(timesteps) - 1
             x = pred.mean if last else pred.mean + pred.variance.sqrt() * step_noise
             if callback is not None:
-                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.x0))
+                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.pred_xstart))
         return x

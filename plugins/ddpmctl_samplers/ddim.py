@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ddpmctl import CLEAN, Denoiser, Sampler, SampleRNG, StepCallback, StepInfo
+from ddpmctl import CLEAN, Denoiser, Sampler, SampleRNG, StepCallback, StepInfo, ddim_step
 
 
 class DDIMSampler(Sampler):
@@ -16,6 +16,7 @@ class DDIMSampler(Sampler):
 
     eps_hat is re-derived from the clipped x0_hat; sigma = eta * sqrt((1 - abar_s)/(1 - abar_t)) *
     sqrt(1 - abar_t/abar_s); the learned-variance channels of the network are ignored; abar = 1 after the last step.
+    The step is ``ddpmctl.ddim_step`` (coefficients in float64), the one distillation's students are trained on.
     """
 
     api_version = 2
@@ -32,19 +33,15 @@ class DDIMSampler(Sampler):
 
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], *, noise: SampleRNG,
                callback: StepCallback | None = None) -> torch.Tensor:
-        eta = self.options.eta
+        eta = getattr(self.options, "eta", 0.0)
         x = x_T
         for i, t in enumerate(timesteps):
             s = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
             z = noise.randn_like(x)  # drawn at every step (even at eta = 0) so each image's stream stays aligned
             pred = denoiser.predict(x, t, clip=self.options.clip_denoised)
-            abar = torch.tensor(denoiser.alpha_bar(t), dtype=torch.float64).to(x.device, x.dtype)
-            abar_s = torch.tensor(denoiser.alpha_bar(s), dtype=torch.float64).to(x.device, x.dtype)
-            sigma = eta * torch.sqrt((1 - abar_s) / (1 - abar)) * torch.sqrt(1 - abar / abar_s)
-            # 1 - abar_s - sigma^2 >= 0 in exact math for eta <= 1; the clamp only absorbs rounding.
-            x = pred.x0 * torch.sqrt(abar_s) + torch.sqrt((1 - abar_s - sigma**2).clamp(min=0)) * pred.eps
-            if s != CLEAN:
-                x = x + sigma * z
+            abar_t, abar_s = (torch.tensor(denoiser.alpha_bar(k), dtype=torch.float64) for k in (t, s))
+            x = ddim_step(pred.pred_xstart, pred.eps, abar_t, abar_s, eta=eta,
+                          noise=z if s != CLEAN and eta > 0 else None)
             if callback is not None:
-                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.x0))
+                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.pred_xstart))
         return x

@@ -1,8 +1,8 @@
 """`dpmpp-2m`: DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), a second-order multistep probability-flow ODE solver.
 
 Notation: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log alpha_t - log sigma_t (half log-SNR),
-x_hat = the denoiser's (clipped) data prediction. The steps t_0 > ... > t_{n-1} default to the top step, then
-uniform in lambda over the range where the image forms (on an even-in-t cosine grid the first and last steps are
+x_hat = the denoiser's (clipped) data prediction (``pred_xstart``). The steps t_0 > ... > t_{n-1} default to the top
+step, then uniform in lambda over the range where the image forms (on an even-in-t cosine grid the first and last steps are
 5-20x longer in lambda than the others):
 
 - low end, lambda = -3 for an eps network and -1.5 for a v or x0 one. An eps network's x_hat = (x - sigma eps)/alpha
@@ -85,20 +85,21 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         sigma = [math.sqrt(1.0 - denoiser.alpha_bar(t)) for t in timesteps]
         lam = [denoiser.log_snr(t) for t in timesteps]
         x = x_T
-        x_hat_prev: torch.Tensor | None = None
+        pred_xstart_prev: torch.Tensor | None = None
         h_prev = 0.0
         for i, t in enumerate(timesteps):
-            x_hat = denoiser.predict(x, t, clip=self.options.clip_denoised).x0  # 1. data prediction
+            pred_xstart = denoiser.predict(x, t, clip=self.options.clip_denoised).pred_xstart  # 1. data prediction
             if i == n - 1:
-                x = x_hat  # 2. The final step, to sigma = 0: e^{-h} = 0 and the first-order update is x_hat
+                x = pred_xstart  # 2. The final step, to sigma = 0: e^{-h} = 0, the first-order update is x_hat
             else:
                 h = lam[i + 1] - lam[i]
                 # 3. D: x_hat at the first step (order 1, DDIM), then the 2M extrapolation of x_hat linear in lambda.
-                d = x_hat if x_hat_prev is None else x_hat + (x_hat - x_hat_prev) / (2.0 * (h_prev / h))
+                d = pred_xstart if pred_xstart_prev is None else (
+                    pred_xstart + (pred_xstart - pred_xstart_prev) / (2.0 * (h_prev / h)))
                 # 4. The linear part exactly, the x_hat integral by D (DPM-Solver++ eq. 9).
                 x = (sigma[i + 1] / sigma[i]) * x - alpha[i + 1] * math.expm1(-h) * d
                 h_prev = h
-            x_hat_prev = x_hat
+            pred_xstart_prev = pred_xstart
             if callback is not None:
-                callback(StepInfo(index=i, total=n, t=t, x=x, pred_xstart=x_hat))
+                callback(StepInfo(index=i, total=n, t=t, x=x, pred_xstart=pred_xstart))
         return x

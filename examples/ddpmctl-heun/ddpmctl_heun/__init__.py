@@ -44,7 +44,7 @@ class HeunSampler(Sampler):
             pred = denoiser.predict(x, t, clip=clip)
             t_next = timesteps[i + 1] if i + 1 < len(timesteps) else CLEAN
             if t_next == CLEAN:
-                x = pred.x0  # Euler to s = 0: y - s eps = x_0
+                x = pred.pred_xstart  # Euler to s = 0: y - s eps = x_0
             else:
                 alpha, sigma = math.sqrt(denoiser.alpha_bar(t)), math.sqrt(1 - denoiser.alpha_bar(t))
                 alpha_n, sigma_n = math.sqrt(denoiser.alpha_bar(t_next)), math.sqrt(1 - denoiser.alpha_bar(t_next))
@@ -60,5 +60,5 @@ class HeunSampler(Sampler):
                     eps_next = denoiser.predict(x, t_next, clip=clip).eps
                     x = scale * x_prev + step * 0.5 * (pred.eps + eps_next)
             if callback is not None:
-                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.x0))
+                callback(StepInfo(index=i, total=len(timesteps), t=t, x=x, pred_xstart=pred.pred_xstart))
         return x
