@@ -66,10 +66,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def cpu_class(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The class this test runs under: its every_cpu parameter (exported with its kernel limits, for child
-    processes), else the session's profile."""
+    processes), else the session's profile (``native`` as this machine's class)."""
+    from ddpmctl import hardware
+
     name = getattr(request, "param", None)
     if name is None:
-        return os.environ[cpuclass.CPU_ENV]
+        return hardware.cpu_class()
     monkeypatch.setenv(cpuclass.CPU_ENV, name)
     for limit in KERNEL_LIMIT_NAMES:
         monkeypatch.delenv(limit, raising=False)

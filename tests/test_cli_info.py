@@ -95,3 +95,17 @@ def test_bad_file_is_one_error_line(respaced: Path, tmp_path: Path, make: str) -
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0], result.stderr
         assert "Traceback" not in result.output and result.stdout == ""
+
+
+@pytest.mark.every_cpu
+def test_info_without_a_checkpoint_shows_the_machine(cpu_class: str) -> None:
+    from ddpmctl import hardware
+
+    payload = json.loads(_run("--json").stdout)["machine"]
+    assert (payload["cpu_class"], payload["simulated"]) == (cpu_class, True)
+    assert payload["hardware_class"] == hardware.hardware_cpu_class()
+    assert payload["auto_precision"] == ("bf16" if cpu_class == "avx512-bf16" else "fp32")
+    assert payload["fast_paths"]["training_channels_last"] is cpu_class.startswith("avx512")
+    table = _run()
+    assert table.exit_code == 0, table.output
+    assert f"{cpu_class} (simulated: DDPMCTL_CPU)" in table.stdout and "hardware class" in table.stdout
