@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Literal
 
 __all__ = ["ChainSchedule", "ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "Method",
-           "NanPolicy", "Precision", "PrecisionRequest", "EmaWarmup", "FeatureName", "Schedule", "Spacing", "Split",
-           "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
+           "NanPolicy", "Precision", "PrecisionRequest", "EmaWarmup", "FeatureName", "FeatureRequest", "Schedule",
+           "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
            "is_learned_variance"]
 
 Schedule = Literal["cosine", "linear"]  # (the default first: --help lists them in this order)
@@ -36,6 +36,7 @@ Weighting = Literal["truncated-snr", "snr+1"]
 Estimator = Literal["exact", "mc"]
 Spacing = Literal["even", "ddim", "logsnr"]  # how a sampler places its steps on the chain
 FeatureName = Literal["digits", "inception"]  # ddpmctl.features: the networks sample quality is measured with
+FeatureRequest = Literal["auto", "digits", "inception"]  # eval-samples --features: auto picks by the images
 
 LEARNED_VARIANCES: tuple[str, ...] = ("learned", "learned_range")
 

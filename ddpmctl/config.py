@@ -345,6 +345,9 @@ class TrainConfig(_OmitsUnusedExtensions):
     save_every: int = Field(1000, ge=1)
     keep: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
+    eval_every: int | None = Field(None, ge=1, description="steps between sample-quality probes; None: off")
+    eval_num: int = Field(300, ge=4, le=100_000)
+    eval_steps: int = Field(20, ge=1)
     precision: PrecisionRequest = "auto"
     seed: int = Field(0, ge=0)
     nan_policy: NanPolicy = "stop"

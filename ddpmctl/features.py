@@ -217,7 +217,8 @@ def inception_extractor(weights: str | os.PathLike[str] | None = None, *,
     if not path.is_file():
         raise FeaturesError(f"{path} does not exist or is not a file: --features inception needs "
                             f"{INCEPTION_WEIGHTS_HELP}")
-    network = FIDInceptionV3()
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+        network = FIDInceptionV3()
     _fill(network, _read_weights(path), str(path), "the FID Inception-v3 weights")
     return FeatureExtractor(name="inception", network=network.to(device), dims=2048, channels=3, image_size=None,
                             weights_sha256=_file_sha256(path))
@@ -234,7 +235,8 @@ def digits_extractor(*, device: str | torch.device = "cpu",
     except CheckpointError as err:
         hint = "" if weights is not None else " (the packaged digits feature network: reinstall ddpmctl)"
         raise FeaturesError(f"{err}{hint}") from None
-    classifier = DigitsClassifier()
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: leave the caller's RNG alone
+        classifier = DigitsClassifier()
     _fill(classifier, state, str(path), "the digits feature network's weights")
     return FeatureExtractor(name="digits", network=_DigitsFeatures(classifier).to(device), dims=64, channels=1,
                             image_size=DIGITS_SIZE, weights_sha256=_file_sha256(path))

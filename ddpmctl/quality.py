@@ -16,9 +16,13 @@ subsets come from a fixed seed).
 
 from __future__ import annotations
 
+import os
+import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from ddpmctl.choices import Split
@@ -28,7 +32,7 @@ from ddpmctl.metrics import frechet_distance, gaussian_stats, kernel_inception_d
 from ddpmctl.refstats import ReferenceStats, check_network, load_reference_file, reference_from_images
 
 __all__ = ["QualityReport", "evaluate_features", "evaluate_images", "load_feature_extractor", "load_reference_file",
-           "reference_for_dataset", "reference_from_images"]
+           "load_sample_images", "load_samples_npz", "reference_for_dataset", "reference_from_images"]
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -105,12 +109,60 @@ def evaluate_images(images: torch.Tensor, reference: ReferenceStats, extractor: 
 
 
 def reference_for_dataset(source: str, extractor: FeatureExtractor, *, split: Split = "test",
-                          image_size: int | None = None, cache: bool = True, batch_size: int = 64,
+                          image_size: int | None = None, channels: int | None = None, cache: bool = True,
+                          batch_size: int = 64, on_warning: Callable[[str], None] | None = None,
                           callback: Callable[[int, int], None] | None = None) -> ReferenceStats:
-    """Statistics of an image folder or ``builtin:NAME`` (its ``split``, held-out by default), cached."""
+    """Statistics of an image folder or ``builtin:NAME`` (its ``split``, held-out by default), cached.
+
+    ``image_size`` / ``channels`` load the images as the samples are (a folder is resized and center-cropped the
+    way training reads it); ``on_warning`` gets the loader's notes (resizing, skipped files).
+    """
     from ddpmctl.data import load_dataset
 
-    dataset = load_dataset(source, image_size=image_size, split=split, on_warning=lambda _: None)
+    color = {None: "auto", 1: "gray", 3: "rgb"}[channels]
+    dataset = load_dataset(source, image_size=image_size, color=color, split=split,  # type: ignore[arg-type]
+                           on_warning=on_warning or (lambda _: None))
     name = f"{source} ({split} split)" if source.startswith("builtin:") else source
     return reference_from_images(dataset.images, extractor, source=name, cache=cache, batch_size=batch_size,
                                  callback=callback)
+
+
+def load_samples_npz(path: str | os.PathLike[str]) -> torch.Tensor:
+    """Images [N, C, H, W] uint8 from a samples ``.npz`` as ``ddpmctl sample`` (and improved-diffusion) write it:
+    ``arr_0`` uint8 NHWC with 1 or 3 channels (NHW taken as grayscale). Nothing is unpickled."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            names = list(archive.files)
+            key = "arr_0" if "arr_0" in names else (names[0] if len(names) == 1 else None)
+            if key is None:
+                raise DataError(f"{path} holds {', '.join(names) or 'no arrays'}: samples are arr_0 (uint8 NHWC)")
+            array = archive[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"{path} cannot be read as an .npz of plain arrays: {' '.join(str(err).split())[:160]}") \
+            from None
+    if array.ndim == 3:
+        array = array[..., None]
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] not in (1, 3) or array.shape[0] < 1:
+        raise DataError(f"{path}: {key} must be uint8 images [N, H, W, 1 or 3] (NHWC, as `ddpmctl sample` writes), "
+                        f"got {array.dtype} {tuple(array.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_sample_images(path: str | os.PathLike[str], *,
+                       on_warning: Callable[[str], None] | None = None) -> torch.Tensor:
+    """Samples to evaluate from a ``.npz`` (``load_samples_npz``) or an image folder (read whole, at its own size).
+
+    A folder that ``ddpmctl sample`` wrote (it holds samples.npz next to its PNGs and grid.png) is read from its
+    samples.npz, so the grid is never taken for a sample."""
+    from ddpmctl.data import load_dataset
+
+    path = Path(path)
+    if path.is_dir() and (path / "samples.npz").is_file():
+        if on_warning is not None:
+            on_warning(f"{path} holds samples.npz (written by `ddpmctl sample`): evaluating that, not the PNGs")
+        return load_samples_npz(path / "samples.npz")
+    if path.is_dir():
+        return load_dataset(str(path), on_warning=on_warning or (lambda _: None)).images
+    if not path.exists():
+        raise DataError(f"{path} does not exist")
+    return load_samples_npz(path)

@@ -56,7 +56,8 @@ class RunLayout:
 TRAINING = RunLayout(
     what="training run", format="ddpmctl-run/1", config_file=CONFIG_FILE, section="train",
     files=r"config\.json|metrics\.jsonl|(?:ema_[^_]+|model|state)_\d+\.(?:safetensors|json)",
-    resumable=frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy"}))
+    resumable=frozenset({"out", "max_steps", "max_time", "save_every", "keep", "log_every", "nan_policy",
+                         "eval_every", "eval_num", "eval_steps"}))
 DISTILLATION = RunLayout(
     what="distillation run", format="ddpmctl-distill/1", config_file="distill.json", section="config",
     files=r"distill\.json|report\.json|(?:state|student)_\d+\.safetensors",

@@ -340,7 +340,7 @@ class _Setup:
         self.config, self.dist, self.device = config, dist, dist.device
         self.callback = callback if dist.is_main else None
         saved = self.folder.claim(resume=resume, force=force)
-        dataset = self._load_dataset()
+        dataset = self.dataset = self._load_dataset()
         config = self._fit_to_data(config, saved, dataset)
         model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
                                                 num_classes=dataset.num_classes if config.class_cond else None)
@@ -355,6 +355,17 @@ class _Setup:
         self.folder.sampled, sampled = next(iter(self.method.networks().items()))
         self.num_parameters = sum(p.numel() for p in sampled.parameters())
         self.folder.open(self._run_config_payload())
+
+    def quality_probe(self) -> tuple[Periodic, ...]:
+        """``--eval-every``: the sample-quality probe as periodic work of rank 0 (ddpmctl.train_eval)."""
+        c = self.config
+        if c.eval_every is None or not self.dist.is_main:
+            return ()
+        from ddpmctl.train_eval import QualityProbe
+
+        probe = QualityProbe(self.ckpt_config, self.dataset, c.data, every=c.eval_every, num=c.eval_num,
+                             steps=c.eval_steps, device=self.device)
+        return (probe.periodic(),)
 
     def _warn(self, message: str) -> None:
         if self.callback is not None:
@@ -431,7 +442,7 @@ def train(config: TrainConfig, *, device: torch.device, resume: bool = False, fo
     dist = dist_utils.setup(device)
     try:
         setup = _Setup(config, dist, resume, force, callback)
-        loop = setup.loop(should_stop, periodic)
+        loop = setup.loop(should_stop, (*periodic, *setup.quality_probe()))
         done = loop.run(start_message=f"{setup.num_parameters:,} parameters, {setup.precision}")
         # Every rank finishes before any tears the group down: a rank that exits while another still talks to the
         # store (hosted by rank 0) could abort in gloo's teardown ("terminate called without an active

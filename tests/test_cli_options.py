@@ -19,8 +19,8 @@ from ddpmctl.cli.app import app
 from ddpmctl.config import TrainConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-COMMANDS = ("train", "sample", "eval-nll", "respace", "distill", "samplers", "info", "convert")
-NETWORK_COMMANDS = ("train", "sample", "eval-nll", "respace", "distill", "info")
+COMMANDS = ("train", "sample", "eval-nll", "eval-samples", "respace", "distill", "samplers", "info", "convert")
+NETWORK_COMMANDS = ("train", "sample", "eval-nll", "eval-samples", "respace", "distill", "info")
 
 
 def invoke(*args: str) -> Any:

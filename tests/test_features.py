@@ -161,3 +161,16 @@ def test_garbage_weights_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(FeaturesError) as err:
         inception_extractor(junk)
     assert "\n" not in str(err.value)
+
+
+def test_loading_a_feature_network_leaves_the_global_random_state_alone(tmp_path: Path) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    digits_extractor()
+    weights = tmp_path / "w.safetensors"
+    save_tensors(weights, FIDInceptionV3().state_dict())
+    torch.manual_seed(123)
+    digits_extractor()
+    inception_extractor(weights)
+    assert torch.equal(torch.rand(3), expected)

@@ -15,7 +15,7 @@ import typer
 from typer.core import TyperGroup
 
 from ddpmctl import __version__
-from ddpmctl.cli import convert, distill, eval_nll, info, respace, sample, samplers, train
+from ddpmctl.cli import convert, distill, eval_nll, eval_samples, info, respace, sample, samplers, train
 
 try:  # typer >= 0.26 ships its own copy of click
     from typer._click.exceptions import ClickException
@@ -104,6 +104,7 @@ def root(
 app.command("train")(train.train_command)
 app.command("sample")(sample.sample_command)
 app.command("eval-nll")(eval_nll.eval_nll_command)
+app.command("eval-samples")(eval_samples.eval_samples_command)
 app.command("respace")(respace.respace_command)
 app.command("distill")(distill.distill_command)
 app.command("samplers")(samplers.samplers_command)

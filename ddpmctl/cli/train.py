@@ -143,7 +143,7 @@ class _ProgressView:
 
         self.config = config
         self.by_time = config.max_steps is None
-        fields = "loss {task.fields[loss]}  {task.fields[speed]}"
+        fields = "loss {task.fields[loss]}  {task.fields[speed]}{task.fields[quality]}"
         if self.by_time:
             columns: list[Any] = [TextColumn("step {task.fields[step]}"), BarColumn(), TimeElapsedColumn(),
                                   TextColumn("/ {task.fields[budget]}"), TextColumn(fields)]
@@ -178,14 +178,18 @@ class _ProgressView:
             self.progress.__enter__()
             total = self.config.max_time if self.by_time else self.config.max_steps
             self.task = self.progress.add_task("train", total=total, completed=0 if self.by_time else event.step,
-                                               loss="-", speed="", eta="-", step=event.step,
+                                               loss="-", speed="", eta="-", step=event.step, quality="",
                                                budget=("no limit: Ctrl-C saves and stops" if self.config.max_time is None
                                                        else self._clock(self.config.max_time)))
             self.start_step, self.start_time = event.step, event.elapsed
             return
         if self.task is None:
             return
-        if event.kind == "log" and event.metrics:
+        if event.kind == "log" and event.metrics and "eval_fd" in event.metrics:
+            m = event.metrics
+            name = "FID" if m["eval_features"] == "inception" else "FD"
+            self.progress.update(self.task, quality=f"  {name} {m['eval_fd']:.2f} (step {m['step']})")
+        elif event.kind == "log" and event.metrics:
             m = event.metrics
             self.progress.update(self.task, loss=f"{m['loss']:.4f}",
                                  speed=f"{m['img_per_s']:.0f} img/s {m.get('precision', '')}".rstrip())
@@ -323,6 +327,15 @@ def train_command(
     keep: Annotated[int, _opt("--keep", metavar="N", help="Keep the last N saves.", rich_help_panel=_RUN)] = 3,
     log_every: Annotated[int, _opt("--log-every", metavar="STEPS", help="metrics.jsonl interval.",
                                    rich_help_panel=_RUN)] = 10,
+    eval_every: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--eval-every", metavar="STEPS", help="Sample --eval-num images from the EMA weights (DDIM, --eval-steps) "
+        "every STEPS steps and log their FD (digits network; FID for other images, with "
+        "$DDPMCTL_INCEPTION_WEIGHTS) to metrics.jsonl and the progress line.", show_default="off",
+        rich_help_panel=_RUN)] = None,
+    eval_num: Annotated[int, _opt("--eval-num", metavar="N", help="Images per --eval-every probe.",
+                                  rich_help_panel=_RUN)] = 300,
+    eval_steps: Annotated[int, _opt("--eval-steps", metavar="STEPS", help="DDIM steps of an --eval-every probe.",
+                                    rich_help_panel=_RUN)] = 20,
     seed: Annotated[int, _opt("--seed", help="Same seed, same machine: a bit-identical run.", rich_help_panel=_RUN)
                     ] = 0,
     resume: Annotated[bool, _opt("--resume", help="Continue the run in --out from its newest save.",
