@@ -364,7 +364,7 @@ class _Setup:
         from ddpmctl.train_eval import QualityProbe
 
         probe = QualityProbe(self.ckpt_config, self.dataset, c.data, every=c.eval_every, num=c.eval_num,
-                             steps=c.eval_steps, device=self.device)
+                             steps=c.eval_steps, device=self.device, kind=self.folder.kind)
         return (probe.periodic(),)
 
     def _warn(self, message: str) -> None:
