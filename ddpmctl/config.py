@@ -11,16 +11,19 @@ and whether the variance is learned (:attr:`CheckpointConfig.out_channels`).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, \
+    model_validator
 
 from ddpmctl.choices import (
+    ChainSchedule,
     ColorMode,
     LossName,
     LossType,
     MeanType,
     EmaWarmup,
+    Method,
     NanPolicy,
     PrecisionRequest,
     Schedule,
@@ -36,9 +39,40 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
 
-class ModelConfig(_Frozen):
+class _OmitsUnusedExtensions(_Frozen):
+    """A model whose later, optional fields (``_EXTENSIONS``) are left out of its JSON while they hold their default,
+    so configs, checkpoints and run folders that do not use them stay byte-identical to those written before."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._EXTENSIONS:
+                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                    del data[name]
+        return data
+
+
+class LatentConfig(_Frozen):
+    """The latent input z ~ N(0, I_dim) of a DDGAN generator (Xiao et al. 2022 App. C; ``ddpmctl.unet``).
+
+    z goes through PixelNorm and an MLP of ``mlp_layers`` linear layers (SiLU between them) into the U-Net's
+    embedding, beside the timestep's, so it acts on every residual block through the scale-shift norms (AdaGN).
+    A network with a latent also squashes its output with tanh: it predicts x_0 in [-1, 1].
+    """
+
+    dim: int = Field(100, ge=1, le=4096)
+    mlp_layers: int = Field(4, ge=1, le=16)
+
+
+class ModelConfig(_OmitsUnusedExtensions):
     """The IDDPM U-Net's architecture (``ddpmctl.unet.UNetModel``); with a :class:`DiffusionConfig` it rebuilds the
-    network (the chain length T and the learned variance's extra output channels come from there)."""
+    network (the chain length T and the learned variance's extra output channels come from there). ``latent``
+    makes it a DDGAN generator G(x_t, z, t)."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("latent",)
 
     image_size: int = Field(ge=4, le=4096)  # bounded: an untrusted config must not ask for gigapixel images
     in_channels: int = Field(3, ge=1, le=4)
@@ -50,6 +84,7 @@ class ModelConfig(_Frozen):
     num_heads: int = Field(4, ge=1)
     use_scale_shift_norm: bool = True
     num_classes: int | None = Field(None, ge=1)
+    latent: LatentConfig | None = None
 
     @field_validator("channel_mult")
     @classmethod
@@ -62,7 +97,7 @@ class ModelConfig(_Frozen):
 class DiffusionConfig(_Frozen):
     """Everything that rebuilds the :class:`~ddpmctl.diffusion.GaussianDiffusion` a checkpoint samples with."""
 
-    schedule: Schedule = "cosine"
+    schedule: ChainSchedule = "cosine"
     timesteps: int = Field(4000, ge=1, le=100_000)
     mean_type: MeanType = "eps"
     var_type: VarType = "learned_range"
@@ -224,8 +259,42 @@ def default_training(image_size: int, num_images: int, data: str = "") -> dict[s
     }
 
 
-# TrainConfig fields that default to None = "chosen from the data" (default_training / default_model_shape).
+def default_ddgan_training(image_size: int, num_images: int, data: str = "") -> dict[str, object]:
+    """``train --method ddgan`` defaults that fit the data (docs/ddgan.md "Optimisation and defaults"; explicit values always win).
+
+    - T = 4, the official CIFAR-10 chain; the generator is train's U-Net for the image size, without dropout (the
+      official generators have none: a GAN's discriminator, not dropout, is what keeps it from copying the data).
+    - Adam (0.5, 0.9) with the official CIFAR-10 rates, G 1.6e-4 and D 1.25e-4, cosine-decayed to 1e-5 over
+      --max-steps; R1 gamma 0.02 every 15 D steps; nz = 100.
+    - batch: 64 from 16x16 up (the official per-GPU batch), 128 below, as train's; the discriminator's base width
+      64 from 32x32 up (official), 32 below (an 8x8 pair needs one halving to 4x4).
+    - flips as train's.
+    """
+    tiny = image_size < 16
+    return {
+        "timesteps": 4,
+        "mean_type": "x0",
+        "batch_size": 128 if tiny else 64,
+        "lr": 1.6e-4,
+        "dropout": 0.0,
+        "flip": data not in NOT_MIRRORABLE,
+        "lr_d": 1.25e-4,
+        "lr_min": 1e-5,
+        "r1_gamma": 0.02,
+        "lazy_reg": 15,
+        "nz": 100,
+        "disc_channels": 64 if image_size >= 32 else 32,
+    }
+
+
+# TrainConfig fields that default to None = "chosen from the data" (default_training / default_model_shape), and
+# those only a DDGAN run has (default_ddgan_training).
 DATA_DEFAULT_FIELDS = ("timesteps", "mean_type", "batch_size", "lr", "dropout", "flip")
+DDGAN_FIELDS = ("lr_d", "lr_min", "r1_gamma", "lazy_reg", "nz", "disc_channels")
+# What `--method ddgan` leaves to the generator and the posterior: IDDPM-only options it refuses when given.
+IDDPM_ONLY_FIELDS = ("schedule", "var_type", "loss", "timestep_sampler", "weight_decay")
+# A DDGAN chain is short: the generator replaces thousands of small steps by a few large ones.
+DDGAN_MAX_TIMESTEPS = 64
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -243,9 +312,17 @@ def parse_duration(text: str) -> float:
     return seconds
 
 
-class TrainConfig(_Frozen):
-    """A training run, as resolved from ``--config FILE.toml`` and flags (flags win). Saved in the run folder."""
+class TrainConfig(_OmitsUnusedExtensions):
+    """A training run, as resolved from ``--config FILE.toml`` and flags (flags win). Saved in the run folder.
 
+    ``method`` ddgan trains a denoising diffusion GAN (docs/ddgan.md): ``lr`` is then the generator's, and the
+    DDGAN_FIELDS configure the discriminator and its regulariser. Those fields, and ``method`` itself, are left
+    out of an IDDPM run's config.json.
+    """
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("method", *DDGAN_FIELDS)
+
+    method: Method = "iddpm"
     data: str
     out: str | None = None
     image_size: int | None = Field(None, ge=4, le=1024)
@@ -287,6 +364,14 @@ class TrainConfig(_Frozen):
     seed: int = Field(0, ge=0)
     nan_policy: NanPolicy = "stop"
 
+    # --method ddgan only (None: chosen by default_ddgan_training).
+    lr_d: float | None = Field(None, gt=0.0, le=1.0)
+    lr_min: float | None = Field(None, ge=0.0, le=1.0)
+    r1_gamma: float | None = Field(None, ge=0.0)
+    lazy_reg: int | None = Field(None, ge=1)
+    nz: int | None = Field(None, ge=1, le=4096)
+    disc_channels: int | None = Field(None, ge=4, le=1024)
+
     @field_validator("channel_mult", "attention_resolutions")
     @classmethod
     def _positive_ints(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -301,6 +386,11 @@ class TrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
+        if self.method == "ddgan":
+            return self._ddgan_combinations()
+        given = [f"--{f.replace('_', '-')}" for f in DDGAN_FIELDS if getattr(self, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure(s) a DDGAN run: add --method ddgan")
         if self.timesteps is not None:
             _check_linear_length(self.schedule, self.timesteps)
         learned = is_learned_variance(self.var_type)
@@ -311,19 +401,43 @@ class TrainConfig(_Frozen):
             raise ValueError("--loss vlb needs a learned variance (--var-type learned-range or learned)")
         return self
 
+    def _ddgan_combinations(self) -> TrainConfig:
+        if self.timesteps is not None and self.timesteps > DDGAN_MAX_TIMESTEPS:
+            raise ValueError(f"--method ddgan trains a chain of a few steps (2-8 in the paper), at most "
+                             f"{DDGAN_MAX_TIMESTEPS}, not {self.timesteps}")
+        changed = [f"--{f.replace('_', '-')}" for f in IDDPM_ONLY_FIELDS
+                   if getattr(self, f) != type(self).model_fields[f].default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} do(es) not apply to --method ddgan (its chain is DDGAN's VP-SDE, "
+                             "its objective a GAN's): drop it")
+        if self.mean_type not in (None, "x0"):
+            raise ValueError("--method ddgan: the generator predicts x0; drop --mean-type")
+        if self.class_cond:
+            raise ValueError("--method ddgan trains an unconditional generator: drop --class-cond")
+        return self
+
     @property
     def loss_type(self) -> LossType:
         return LOSS_TYPES[self.loss]
 
     def with_data_defaults(self, *, image_size: int, num_images: int) -> TrainConfig:
-        """This config with every None of DATA_DEFAULT_FIELDS replaced by the value chosen for the data."""
-        chosen = default_training(image_size, num_images, self.data)
-        fill = {field: chosen[field] for field in DATA_DEFAULT_FIELDS if getattr(self, field) is None}
+        """This config with every None of DATA_DEFAULT_FIELDS (and, for DDGAN, of DDGAN_FIELDS) replaced by the
+        value chosen for the data and the method."""
+        if self.method == "ddgan":
+            chosen = default_ddgan_training(image_size, num_images, self.data)
+            fields: tuple[str, ...] = (*DATA_DEFAULT_FIELDS, *DDGAN_FIELDS)
+        else:
+            chosen, fields = default_training(image_size, num_images, self.data), DATA_DEFAULT_FIELDS
+        fill = {field: chosen[field] for field in fields if getattr(self, field) is None}
         return self.model_copy(update=fill) if fill else self
 
     def make_diffusion_config(self) -> DiffusionConfig:
         if self.timesteps is None or self.mean_type is None:
             raise ValueError("resolve the data defaults first (with_data_defaults)")
+        if self.method == "ddgan":
+            # The generator's x_0' goes through the posterior q(x_{t-1} | x_t, x_0'): the fixed_small reverse step.
+            return DiffusionConfig(schedule="vp-sde", timesteps=self.timesteps, mean_type="x0",
+                                   var_type="fixed_small", loss_type="mse")
         return DiffusionConfig(schedule=self.schedule, timesteps=self.timesteps, mean_type=self.mean_type,
                                var_type=self.var_type, loss_type=self.loss_type)
 
@@ -343,6 +457,7 @@ class TrainConfig(_Frozen):
             channel_mult=self.channel_mult or shape["channel_mult"],
             num_heads=self.heads,
             num_classes=num_classes if self.class_cond else None,
+            latent=LatentConfig(dim=self.nz) if self.method == "ddgan" and self.nz is not None else None,
         )
 
 

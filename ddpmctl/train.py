@@ -4,6 +4,7 @@ loss, on the shared training loop (:mod:`ddpmctl.loop`: run folder, EMA, resume,
 Three pieces, one job each: ``RunFolderSaves`` (the run folder, ``--out``: --resume / --force, config.json, the
 files of each save, metrics.jsonl), ``IDDPMMethod`` (the objective: network, diffusion, optimizer, timestep sampler,
 data stream; batches, losses, updates) and :func:`train` (fits the settings to the data and runs the loop).
+``--method ddgan`` runs :class:`ddpmctl.ddgan_method.DdganMethod` on the same folder and loop instead.
 
 Determinism: one CPU ``torch.Generator`` seeded with ``--seed`` draws everything data-side for the GLOBAL batch
 (epoch permutations, flips, timesteps, noise); each rank takes its slice, so every rank's generator stays identical
@@ -29,6 +30,7 @@ from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
 from ddpmctl.data import ImageDataset, load_dataset
+from ddpmctl.ddgan_method import DdganMethod
 from ddpmctl.ema import decay_summary
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.fileio import load_tensors, save_tensors, write_json_atomic
@@ -347,8 +349,12 @@ class _Setup:
             model=model_config, diffusion=config.make_diffusion_config(), data=dataset.info())
         if saved is not None:
             self.folder.check_network(saved, model_config)
-        self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
-        self.num_parameters = sum(p.numel() for p in self.method.model.parameters())
+        method_class = DdganMethod if config.method == "ddgan" else IDDPMMethod
+        self.method: Method = method_class(config, dist, self.local_batch, self.ckpt_config, dataset)
+        # The sampled network (the method's first) makes the run's checkpoints: a DDGAN's generator is kind ddgan.
+        self.folder.kind = "ddgan" if config.method == "ddgan" else "model"
+        self.folder.sampled, sampled = next(iter(self.method.networks().items()))
+        self.num_parameters = sum(p.numel() for p in sampled.parameters())
         self.folder.open(self._run_config_payload())
 
     def quality_probe(self) -> tuple[Periodic, ...]:
@@ -359,7 +365,7 @@ class _Setup:
         from ddpmctl.train_eval import QualityProbe
 
         probe = QualityProbe(self.ckpt_config, self.dataset, c.data, every=c.eval_every, num=c.eval_num,
-                             steps=c.eval_steps, device=self.device)
+                             steps=c.eval_steps, device=self.device, kind=self.folder.kind)
         return (probe.periodic(),)
 
     def _warn(self, message: str) -> None:

@@ -50,6 +50,11 @@ def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
             f"the last {1 / (1 - decay):,.0f} steps)")
 
 
+def checkpoint_method(kind: str) -> str:
+    """What trained the weights: a denoising diffusion GAN (kind ddgan), else a diffusion model (train's iddpm)."""
+    return "ddgan" if kind == "ddgan" else "iddpm"
+
+
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
     """Everything ``info`` shows, as one JSON-ready object (``--json``)."""
     config = info.config
@@ -59,6 +64,7 @@ def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
         "file_size": info.file_size,
         "format": info.format,
         "kind": info.kind,
+        "method": checkpoint_method(info.kind),
         "created_with": info.created_with,
         "num_parameters": info.num_parameters,
         "num_tensors": info.num_tensors,
@@ -78,6 +84,8 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [
         ("kind", info.kind),
+        ("method", f"ddgan (denoising diffusion GAN, {diffusion.timesteps} generator steps)" if info.kind == "ddgan"
+         else "iddpm (diffusion model)"),
         ("format", info.format),
         ("created with", f"ddpmctl {info.created_with}"),
         ("sha256", sha256),
@@ -95,6 +103,9 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
         ("var type", diffusion.var_type),
         ("loss type", diffusion.loss_type),
     ]
+    if model.latent is not None:
+        rows.append(("latent", f"nz {model.latent.dim}, PixelNorm + {model.latent.mlp_layers}-layer MLP into the "
+                               "embedding, tanh output"))
     if diffusion.use_timesteps is not None:
         rows.append(("respaced steps", _steps_summary(diffusion.use_timesteps)))
     if student is not None:
