@@ -39,6 +39,18 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
 
+# The largest network `train` builds. A checkpoint's config is bounded by the same numbers, so a file of a few
+# hundred bytes cannot describe a network that no training run could have made (and that would cost memory to
+# build before its tensors are compared with the file's).
+MAX_MODEL_CHANNELS = 4096
+MAX_RES_BLOCKS = 16
+MAX_HEADS = 64
+MAX_CHANNEL_MULT = 16
+MAX_LEVELS = 13  # a 4096-pixel image halves 12 times
+MAX_CLASSES = 100_000
+MAX_TIMESTEPS = 100_000
+
+
 class _OmitsUnusedExtensions(_Frozen):
     """A model whose later, optional fields (``_EXTENSIONS``) are left out of its JSON while they hold their default,
     so configs, checkpoints and run folders that do not use them stay byte-identical to those written before."""
@@ -76,29 +88,33 @@ class ModelConfig(_OmitsUnusedExtensions):
 
     image_size: int = Field(ge=4, le=4096)  # bounded: an untrusted config must not ask for gigapixel images
     in_channels: int = Field(3, ge=1, le=4)
-    model_channels: int = Field(128, ge=1)
-    num_res_blocks: int = Field(3, ge=1)
-    attention_resolutions: tuple[int, ...] = (16, 8)
+    model_channels: int = Field(128, ge=1, le=MAX_MODEL_CHANNELS)
+    num_res_blocks: int = Field(3, ge=1, le=MAX_RES_BLOCKS)
+    attention_resolutions: tuple[int, ...] = Field((16, 8), max_length=MAX_LEVELS)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_heads: int = Field(4, ge=1)
+    channel_mult: tuple[int, ...] = Field((1, 2, 2, 2), max_length=MAX_LEVELS)
+    num_heads: int = Field(4, ge=1, le=MAX_HEADS)
     use_scale_shift_norm: bool = True
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
     latent: LatentConfig | None = None
 
     @field_validator("channel_mult")
     @classmethod
     def _mult_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(m < 1 for m in v):
-            raise ValueError("channel_mult must be a non-empty list of positive integers")
-        return v
+        return _check_mult(v)
+
+
+def _check_mult(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or any(not 1 <= m <= MAX_CHANNEL_MULT for m in v):
+        raise ValueError(f"channel_mult must be a non-empty list of integers from 1 to {MAX_CHANNEL_MULT}")
+    return v
 
 
 class DiffusionConfig(_Frozen):
     """Everything that rebuilds the :class:`~ddpmctl.diffusion.GaussianDiffusion` a checkpoint samples with."""
 
     schedule: ChainSchedule = "cosine"
-    timesteps: int = Field(4000, ge=1, le=100_000)
+    timesteps: int = Field(4000, ge=1, le=MAX_TIMESTEPS)
     mean_type: MeanType = "eps"
     var_type: VarType = "learned_range"
     loss_type: LossType = "rescaled_mse"
@@ -136,19 +152,28 @@ def _check_linear_length(schedule: str, timesteps: int) -> None:
 class DataInfo(_Frozen):
     """What a model was trained on (kept in checkpoints so eval-nll can find the held-out split)."""
 
-    source: str
-    image_size: int
-    channels: int
-    num_images: int = 0
-    class_names: tuple[str, ...] | None = None
+    source: str = Field(max_length=4096)
+    image_size: int = Field(ge=1, le=1 << 20)
+    channels: int = Field(ge=1, le=4)
+    num_images: int = Field(0, ge=0, le=1 << 40)
+    class_names: tuple[str, ...] | None = Field(None, max_length=MAX_CLASSES)
 
 
 class StudentConfig(_Frozen):
     """A progressively distilled student: its step grid (original indices, ascending) and output head."""
 
     param: StudentParam = "v"
-    steps: tuple[int, ...]
-    teacher_steps: int
+    steps: tuple[int, ...] = Field(min_length=1, max_length=MAX_TIMESTEPS)
+    teacher_steps: int = Field(ge=2, le=2 * MAX_TIMESTEPS)
+
+    @model_validator(mode="after")
+    def _grid(self) -> StudentConfig:
+        if list(self.steps) != sorted(set(self.steps)) or self.steps[0] < 0:
+            raise ValueError("student.steps must be strictly increasing indices >= 0")
+        if self.teacher_steps != 2 * len(self.steps):
+            raise ValueError(f"student.teacher_steps is {self.teacher_steps} but a {len(self.steps)}-step student "
+                             f"is distilled from {2 * len(self.steps)} steps")
+        return self
 
 
 class CheckpointConfig(_Frozen):
@@ -180,6 +205,20 @@ class CheckpointConfig(_Frozen):
                 raise ValueError(f"model.out_channels is {stored} but var_type {var_type} with {channels} input "
                                  f"channel(s) needs {expected}")
         return {**data, "model": model}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CheckpointConfig:
+        if self.student is not None and self.student.steps[-1] >= self.diffusion.timesteps:
+            raise ValueError(f"student.steps reaches {self.student.steps[-1]} but the chain has "
+                             f"{self.diffusion.timesteps} steps")
+        data, model = self.data, self.model
+        if data is not None and (data.image_size, data.channels) != (model.image_size, model.in_channels):
+            raise ValueError(f"data describes {data.channels}-channel {data.image_size}x{data.image_size} images "
+                             f"but the model takes {model.in_channels}-channel {model.image_size}x{model.image_size}")
+        if data is not None and data.class_names is not None and model.num_classes is not None \
+                and len(data.class_names) != model.num_classes:
+            raise ValueError(f"data names {len(data.class_names)} classes but the model has {model.num_classes}")
+        return self
 
     @property
     def out_channels(self) -> int:
@@ -333,17 +372,17 @@ class TrainConfig(_OmitsUnusedExtensions):
 
     schedule: Schedule = "cosine"
     # None: chosen from the image size and the number of images (default_training), fixed in the run folder.
-    timesteps: int | None = Field(None, ge=2, le=100_000)
+    timesteps: int | None = Field(None, ge=2, le=MAX_TIMESTEPS)
     mean_type: MeanType | None = None
     var_type: VarType = "learned_range"
     loss: LossName = "hybrid"
     timestep_sampler: TimestepSamplerName = "uniform"
 
-    model_channels: int | None = Field(None, ge=8, le=4096)
-    channel_mult: tuple[int, ...] | None = None
-    res_blocks: int | None = Field(None, ge=1, le=16)
-    attention_resolutions: tuple[int, ...] | None = None
-    heads: int = Field(4, ge=1, le=64)
+    model_channels: int | None = Field(None, ge=8, le=MAX_MODEL_CHANNELS)
+    channel_mult: tuple[int, ...] | None = Field(None, max_length=MAX_LEVELS)
+    res_blocks: int | None = Field(None, ge=1, le=MAX_RES_BLOCKS)
+    attention_resolutions: tuple[int, ...] | None = Field(None, max_length=MAX_LEVELS)
+    heads: int = Field(4, ge=1, le=MAX_HEADS)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
 
     batch_size: int | None = Field(None, ge=1, le=65536)
@@ -372,12 +411,17 @@ class TrainConfig(_OmitsUnusedExtensions):
     nz: int | None = Field(None, ge=1, le=4096)
     disc_channels: int | None = Field(None, ge=4, le=1024)
 
-    @field_validator("channel_mult", "attention_resolutions")
+    @field_validator("attention_resolutions")
     @classmethod
     def _positive_ints(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
         if v is not None and any(x < 1 for x in v):
             raise ValueError("must be positive integers")
         return v
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _mult(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return v if not v else _check_mult(v)
 
     @field_validator("max_time", mode="before")
     @classmethod

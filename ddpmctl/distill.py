@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ddpmctl import runfolder
+from ddpmctl import runfiles, runfolder
 from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
@@ -215,12 +215,15 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
                                      "stages": stage_steps, "precision": precision}, layout)
     report_path = out / "report.json"
-    previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
+    previous: dict[int, Any] = {}
+    if saved is not None and report_path.exists():
+        previous = runfiles.check_distill_report(runfolder.read_json(report_path), report_path, stage_steps)
     parent.model.eval().requires_grad_(False)
     return _Run(config=config, device=device, parent=parent, data=data, out=out, param=param,
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
-                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop,
+                previous_reports={steps: record.model_dump() for steps, record in previous.items()}, emit=emit,
+                stop=stop,
                 on_signal=lambda signum: None, precision=precision)
 
 
@@ -307,9 +310,11 @@ class _StageSaves:
     """Where an unfinished stage saves: one ``state_{N}.safetensors`` (student, optimizer, generator, iteration),
     replaced at each save; the finished student is written by :func:`_run_stage`, not here."""
 
-    def __init__(self, path: Path, resumable: bool) -> None:
+    def __init__(self, path: Path, resumable: bool, *, iters: int, batch_size: int, num_images: int) -> None:
         self.path = path
         self.exists = resumable and path.exists()
+        # What a saved state is checked against: the stage's length and where its batches leave the data.
+        self.iters, self.batch_size, self.num_images = iters, batch_size, num_images
 
     def latest(self) -> int | None:
         return 0 if self.exists else None  # (one file: read() ignores the step and returns the saved iteration)
@@ -335,14 +340,9 @@ class _StageSaves:
         tensors, meta = load_tensors(self.path)
         tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
         weights = {k[len("model."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("model.")]}
-        try:
-            # (States of ddpmctl before 0.2 kept only the iteration, the seconds and the recent losses.)
-            values = json.loads(meta.get("values", "{}"))
-            values.setdefault("recent_losses", json.loads(meta.get("recent_losses", "[]")))
-            values["elapsed"] = float(meta.get("seconds", "0"))
-            iteration = int(meta["iteration"])
-        except (KeyError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"{self.path}: the stage state does not fit this run ({err})") from None
+        # (States of ddpmctl before 0.2 kept only the iteration, the seconds and the recent losses.)
+        iteration, values = runfiles.check_stage_state(meta, self.path, iters=self.iters, batch_size=self.batch_size,
+                                                       num_images=self.num_images, error=CheckpointError)
         return Save(step=iteration, weights={"model": weights}, ema={}, tensors=tensors, meta=values)
 
 
@@ -423,7 +423,8 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
     # A log record every iteration: the progress shows each iteration's loss (which the method reads anyway).
     settings = LoopSettings(max_steps=iters, save_every=config.save_every, log_every=1, save_at_end=False,
                             batch_size=config.batch_size)
-    loop = TrainingLoop(method, _StageSaves(state_path, run.continuing), settings,
+    loop = TrainingLoop(method, _StageSaves(state_path, run.continuing, iters=iters, batch_size=config.batch_size,
+                                                      num_images=len(run.data.images)), settings,
                         dist=DistInfo(rank=0, world_size=1, device=run.device), precision=run.precision,
                         callback=on_event, should_stop=run.stop, on_first_signal=run.on_signal)
     loop.resume()

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ddpmctl import runfiles
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
 from ddpmctl.fileio import atomic_write, write_json_atomic
@@ -163,11 +164,8 @@ def remove_temp_files(run_dir: Path, layout: RunLayout = TRAINING) -> list[str]:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file of a run folder (CheckpointError, one line, when it cannot be read)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+    """A JSON file of a run folder, read safely (CheckpointError, one line, when it cannot be read)."""
+    return runfiles.read_json_file(path, error=CheckpointError)
 
 
 def write_run_config(run_dir: Path, payload: dict[str, Any], layout: RunLayout = TRAINING) -> None:
@@ -176,14 +174,12 @@ def write_run_config(run_dir: Path, payload: dict[str, Any], layout: RunLayout =
 
 
 def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, Any]:
-    """The saved settings file of a run folder (ConfigError when absent, unreadable or of another kind)."""
+    """The saved settings file of a run folder, validated (runfiles); ConfigError when absent, unreadable, of
+    another kind or invalid."""
     path = run_dir / layout.config_file
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{run_dir} holds no {layout.what} to resume (no {layout.config_file})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} cannot be read: {err}") from None
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{run_dir} holds no {layout.what} to resume (no {layout.config_file})")
+    payload = runfiles.read_json_file(path, error=ConfigError)
     if not isinstance(payload, dict) or not isinstance(payload.get(layout.section), dict):
         raise ConfigError(f"{path} is not a ddpmctl {layout.what} config (no '{layout.section}' section)")
     if payload.get("format", layout.format) != layout.format:  # (hand-written settings files may omit it)
@@ -191,6 +187,9 @@ def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, An
                           f"{str(payload.get('format'))[:40]!r}, expected {layout.format})")
     if layout is TRAINING:
         payload["train"] = _with_legacy_values(payload["train"], payload.get("model"))
+        runfiles.check_train_run(payload, path)
+    else:
+        runfiles.check_distill_run(payload, path)
     return payload
 
 
@@ -253,8 +252,13 @@ def rewrite_metrics(run_dir: Path, up_to_step: int) -> None:
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
+    kind = runfiles.not_regular(path.stat().st_mode)
+    if kind is not None:
+        raise ConfigError(f"{path} is {kind}, not a regular file")
     kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = list(handle)
+    for line in (line.rstrip("\n") for line in lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

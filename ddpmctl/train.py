@@ -24,7 +24,7 @@ from torch import nn
 
 from ddpmctl import __version__
 from ddpmctl import distributed as dist_utils
-from ddpmctl import runfolder
+from ddpmctl import runfiles, runfolder
 from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import save_checkpoint
@@ -46,7 +46,7 @@ __all__ = ["IDDPMMethod", "RunFolderSaves", "TrainEvent", "TrainResult", "comput
 
 # The loop's progress event: training's callbacks receive these.
 TrainEvent = LoopEvent
-STATE_FORMAT = "ddpmctl-train-state/1"
+STATE_FORMAT = runfiles.TRAIN_STATE_FORMAT
 # ModelConfig.image_size's lower bound (the U-Net needs a few pixels to halve).
 MIN_IMAGE_SIZE = 4
 
@@ -112,6 +112,8 @@ class RunFolderSaves:
             raise ConfigError("no run folder: give --out DIR")
         self.path, self.config, self.dist, self.kind = Path(config.out), config, dist, kind
         self.ckpt_config: CheckpointConfig | None = None  # set once the network is known
+        # The training images, once the data is loaded: a saved state's data stream is checked against them.
+        self.num_images: int | None = None
         self.sampled = sampled  # the name of the sampled network (the method's first in networks())
 
     def claim(self, *, resume: bool, force: bool) -> dict[str, Any] | None:
@@ -186,7 +188,8 @@ class RunFolderSaves:
         save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
         write_json_atomic(json_path, {"format": STATE_FORMAT, "step": step, **meta,
                                       "files": {"ema": ema_path.name, "model": model_path.name,
-                                                "state": state_path.name}})
+                                                "state": state_path.name},
+                                      "settings": runfiles.run_settings(self.config, runfolder.TRAINING.resumable)})
         runfolder.prune(self.path, self.config.keep)
         return ema_path
 
@@ -196,6 +199,10 @@ class RunFolderSaves:
         meta = runfolder.read_json(json_path)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{json_path} is not a ddpmctl training state")
+        files = {"ema": ema_path.name, "model": model_path.name, "state": state_path.name}
+        meta = runfiles.check_train_state(meta, json_path, step=step, config=self.config,
+                                          num_images=self.num_images, files=files,
+                                          resumable=runfolder.TRAINING.resumable, error=CheckpointError)
         tensors = load_tensors(state_path)[0]
         weights = {self.sampled: load_tensors(model_path)[0]}
         ema = {self.sampled: load_tensors(ema_path)[0]}
@@ -342,6 +349,7 @@ class _Setup:
         self.callback = callback if dist.is_main else None
         saved = self.folder.claim(resume=resume, force=force)
         dataset = self.dataset = self._load_dataset()
+        self.folder.num_images = len(dataset.images)
         config = self._fit_to_data(config, saved, dataset)
         model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
                                                 num_classes=dataset.num_classes if config.class_cond else None)

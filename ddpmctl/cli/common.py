@@ -104,6 +104,24 @@ def resolve_device(spec: str) -> "torch.device":  # noqa: F821
     raise usage_error(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}")
 
 
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave this parameter (command line or environment), rather than it taking its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def only_for(ctx: typer.Context, applies: bool, names: tuple[str, ...], what: str) -> None:
+    """Refuse options that do nothing in the chosen mode (exit 2, like a wrong value), rather than ignore them.
+
+    ``names`` are parameter names; ``what`` says when they apply, e.g. "--estimator mc (...)"."""
+    if applies:
+        return
+    for name in names:
+        if given(ctx, name):
+            flag = next((p.opts[0] for p in ctx.command.params if p.name == name), name)
+            raise usage_error(f"{flag} is for {what}")
+
+
 @contextlib.contextmanager
 def option_errors(*kinds: type[DdpmctlError]) -> Iterator[None]:
     """Library errors of these kinds raised inside are about the command line's values: exit 2, not 1."""

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ddpmctl.choices import Estimator, PrecisionRequest, Split
-from ddpmctl.cli.common import (console, device_option, guarded, out_console, print_json,
-                                resolve_device, resolve_precision_option, usage_error)
+from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
+                                only_for, resolve_device, resolve_precision_option, usage_error)
 
 DEFAULT_MC_TERMS = 64
 
@@ -111,6 +111,7 @@ def _resolve_data(config: Any, data: str | None, split: str | None) -> tuple[str
 
 @guarded
 def eval_nll_command(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
     data: Annotated[Optional[str], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
         "--data", help="Image folder or builtin:NAME.",
@@ -144,8 +145,8 @@ def eval_nll_command(
     if num is not None and num_images is not None:
         raise usage_error("--num-images is the old name of --num: give one of them")
     num_images = num if num is not None else num_images
-    if terms is not None and estimator != "mc":
-        raise usage_error("--terms is for --estimator mc (the exact estimator evaluates every term)")
+    only_for(ctx, estimator == "mc", ("terms", "pilot_images"),
+             "--estimator mc (the exact estimator evaluates every term)")
     if estimator == "mc" and terms is None:
         terms = DEFAULT_MC_TERMS
     torch_device = resolve_device(device)

@@ -19,7 +19,7 @@ import typer
 
 from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, Method, NanPolicy, PrecisionRequest, Schedule,
                              TimestepSamplerName)
-from ddpmctl.cli.common import console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.cli.common import console, device_option, given, guarded, print_json, resolve_device, usage_error
 from ddpmctl.errors import validation_problem
 
 try:  # Python >= 3.11
@@ -76,51 +76,66 @@ def _parse_config_file(path: Path) -> dict[str, Any]:
     """The raw key/value table of ``--config``: TOML, or JSON (a run's ``config.json``: its ``train`` section).
 
     A run folder stands for its ``config.json``. A run's ``out`` is dropped: the new run needs its own folder.
+    Only a regular file of at most 1 MiB is read (a named pipe or a device is refused, never read from).
     """
-    if path.is_dir() and (path / "config.json").is_file():
+    from ddpmctl.errors import ConfigError
+    from ddpmctl.runfiles import parse_json, read_small_text
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise usage_error(f"--config {path}: is a folder without a config.json, not a config file")
         path = path / "config.json"
     try:
-        raw_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise usage_error(f"--config {path}: no such file") from None
-    except IsADirectoryError:
-        raise usage_error(f"--config {path}: is a folder without a config.json, not a config file") from None
-    except OSError as err:
-        raise usage_error(f"--config {path}: {err.strerror or err}") from None
-    if path.suffix.lower() == ".json" or raw_bytes.lstrip()[:1] == b"{":
-        try:
-            raw = json.loads(raw_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise usage_error(f"--config {path}: not valid JSON ({err})") from None
-        if not isinstance(raw, dict):
-            raise usage_error(f"--config {path}: expected a JSON object of options")
-        if isinstance(raw.get("train"), dict):  # a run folder's config.json
-            raw = {key: value for key, value in raw["train"].items() if key != "out"}
-        return raw
-    try:
-        return tomllib.loads(raw_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        text = read_small_text(path)
+        if path.suffix.lower() == ".json" or text.lstrip()[:1] == "{":
+            raw = parse_json(text, path)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a JSON object of options")
+            if isinstance(raw.get("train"), dict):  # a run folder's config.json
+                raw = {key: value for key, value in raw["train"].items() if key != "out"}
+            return raw
+        return tomllib.loads(text)
+    except ConfigError as err:
+        raise usage_error(f"--config {err}") from None
+    except tomllib.TOMLDecodeError as err:
         raise usage_error(f"--config {path}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise usage_error(f"--config {path}: not valid TOML (nested too deeply)") from None
+
+
+def _file_value(path: Path, field: str, value: Any, fields: Any) -> Any:
+    """A ``--config`` value checked exactly as the option's value is: the field's type without coercion (an int
+    is not ``true`` or ``2.0``, a flag is a boolean), its choices and its range. One line, exit 2, otherwise."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from ddpmctl.config import parse_duration
+
+    if field in _INT_LISTS and isinstance(value, list):
+        value = tuple(value)
+    if field == "max_time" and isinstance(value, str):
+        try:
+            value = parse_duration(value)
+        except ValueError as err:
+            raise usage_error(f"--config {path}: {field}: {err}") from None
+    info = fields[field]
+    try:
+        return TypeAdapter(Annotated[info.annotation, info]).validate_python(value, strict=True)
+    except ValidationError as err:
+        problem = validation_problem(err, lambda loc: field + "".join(f"[{i}]" for i in loc), show_input=True)
+        raise usage_error(f"--config {path}: {problem}") from None
 
 
 def _read_config_file(path: Path, fields: Any) -> dict[str, Any]:
-    """``--config FILE``: keys are TrainConfig field names (hyphens accepted); unknown keys are usage errors."""
+    """``--config FILE``: keys are TrainConfig field names (hyphens accepted); unknown keys and values the option
+    would not take are usage errors."""
     values: dict[str, Any] = {}
     for key, value in _parse_config_file(path).items():
         field = key.replace("-", "_")
         if field not in fields:
-            raise usage_error(f"--config {path}: unknown key {key!r} (keys are the option names, e.g. "
+            raise usage_error(f"--config {path}: unknown key {key[:40]!r} (keys are the option names, e.g. "
                               "batch_size, lr, max_steps)")
-        if field in _INT_LISTS and isinstance(value, list):
-            value = [str(v) if isinstance(v, bool) else v for v in value]
         values[field] = value
-    return _normalise(values)
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the user gave this option (command line or environment), rather than it taking its default."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    return {field: _file_value(path, field, value, fields) for field, value in _normalise(values).items()}
 
 
 def _validation_line(err: ValidationError) -> str:
@@ -356,12 +371,12 @@ def train_command(
     from ddpmctl.runfolder import saved_train_config
     from ddpmctl.train import train
 
-    given = _normalise({name: value for name, value in ctx.params.items()
-                        if name not in _NOT_FIELDS and _given(ctx, name)})
+    from_flags = _normalise({name: value for name, value in ctx.params.items()
+                             if name not in _NOT_FIELDS and given(ctx, name)})
     file_values = _read_config_file(config_file, TrainConfig.model_fields) if config_file is not None else {}
     if resume and force:
         raise usage_error("--resume continues the run in --out, --force deletes it: give one of them")
-    values = {**file_values, **given}
+    values = {**file_values, **from_flags}
     if resume:
         if values.get("out") is None:
             raise usage_error("--resume needs --out DIR (the run folder to continue)")
