@@ -267,7 +267,8 @@ def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[St
 
 def _lineage_entry(run: _Run, stage: int, steps: int, teacher: _Teacher) -> dict[str, Any]:
     return {"op": "distill", "stage": stage, "steps": steps, "teacher_steps": 2 * steps, "param": run.param,
-            "iters": run.config.iters_per_stage, "parent": teacher.name, "parent_sha256": teacher.sha256}
+            "teacher_clip": teacher_clips(run), "iters": run.config.iters_per_stage, "parent": teacher.name,
+            "parent_sha256": teacher.sha256}
 
 
 def _reference_samples(run: _Run, original: GridDenoiser, from_steps: int) -> torch.Tensor | None:
@@ -442,6 +443,16 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
                        ddim_distance=None)
 
 
+def teacher_clips(run: _Run) -> bool:
+    """Whether the teacher's x_hat is clamped to [-1, 1] in its DDIM steps (``--teacher-clip``; default: only in an
+    eps model's lineage). An eps network's x_hat = (z - sigma eps) / alpha multiplies its error by sigma / alpha, far
+    outside [-1, 1] at high noise; a v or x0 network's stays near the data, and the official progressive
+    distillation code leaves it unclipped (measured for digits students: benchmarks/README.md)."""
+    if run.config.teacher_clip is not None:
+        return run.config.teacher_clip
+    return run.parent.config.diffusion.mean_type == "eps"
+
+
 def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatches,
                 network: Callable[..., torch.Tensor]) -> Callable[[torch.Generator], torch.Tensor]:
     """The stage's loss on a fresh random batch: the student's weighted x_hat error against the two-step target.
@@ -450,6 +461,7 @@ def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatc
     teacher runs in fp32; ``network``, the student, in ``--precision`` (its output, and the loss, in fp32).
     """
     config, device = run.config, run.device
+    clip = teacher_clips(run)
     starts, mids, ends = (torch.tensor(v, dtype=torch.int64) for v in stage_times(run.alphas_cumprod.numel(), steps))
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
@@ -460,7 +472,7 @@ def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatc
         alpha, sigma = teacher.alpha_sigma(t, x_start)
         z_t = alpha * x_start + sigma * noise
         with torch.no_grad():
-            target = teacher_target(teacher, z_t, t, t_mid, t_prev, model_kwargs=kwargs).float()
+            target = teacher_target(teacher, z_t, t, t_mid, t_prev, clip=clip, model_kwargs=kwargs).float()
         pred = student_predict_xstart(network(z_t, t.to(device), **kwargs), z_t, alpha, sigma, run.param)
         weight = loss_weight(alpha, sigma, config.weighting).view(-1)
         return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()

@@ -270,7 +270,12 @@ def check_train_run(payload: Any, path: Path, *, error: type[DdpmctlError] = Con
                   ("model.dropout", model.dropout, train.dropout)]
         if train.image_size is not None:
             pairs.append(("model.image_size", model.image_size, train.image_size))
-    if diffusion is not None:
+    if diffusion is not None and train.method == "ddgan":
+        # A DDGAN run's chain is fixed by the method (vp-sde, x_0, fixed_small); the IDDPM options do not describe it.
+        pairs += [("diffusion.timesteps", diffusion.timesteps, train.timesteps),
+                  ("diffusion.schedule", diffusion.schedule, "vp-sde"),
+                  ("diffusion.use_timesteps", diffusion.use_timesteps, None)]
+    elif diffusion is not None:
         pairs += [("diffusion.schedule", diffusion.schedule, train.schedule),
                   ("diffusion.timesteps", diffusion.timesteps, train.timesteps),
                   ("diffusion.mean_type", diffusion.mean_type, train.mean_type),

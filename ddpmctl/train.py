@@ -4,6 +4,7 @@ loss, on the shared training loop (:mod:`ddpmctl.loop`: run folder, EMA, resume,
 Three pieces, one job each: ``RunFolderSaves`` (the run folder, ``--out``: --resume / --force, config.json, the
 files of each save, metrics.jsonl), ``IDDPMMethod`` (the objective: network, diffusion, optimizer, timestep sampler,
 data stream; batches, losses, updates) and :func:`train` (fits the settings to the data and runs the loop).
+``--method ddgan`` runs :class:`ddpmctl.ddgan_method.DdganMethod` on the same folder and loop instead.
 
 Determinism: one CPU ``torch.Generator`` seeded with ``--seed`` draws everything data-side for the GLOBAL batch
 (epoch permutations, flips, timesteps, noise); each rank takes its slice, so every rank's generator stays identical
@@ -30,6 +31,8 @@ from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.config import (DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, CheckpointConfig, ModelConfig, TrainConfig,
                             halvable_size)
 from ddpmctl.data import ImageDataset, load_dataset
+from ddpmctl.ddgan_method import DdganMethod
+from ddpmctl.ema import decay_summary
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.fileio import load_tensors, save_tensors, write_json_atomic
 from ddpmctl.hardware import memory_format, resolve_precision
@@ -363,8 +366,12 @@ class _Setup:
             model=model_config, diffusion=config.make_diffusion_config(), data=dataset.info())
         if saved is not None:
             self.folder.check_network(saved, model_config)
-        self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
-        self.num_parameters = sum(p.numel() for p in self.method.model.parameters())
+        method_class = DdganMethod if config.method == "ddgan" else IDDPMMethod
+        self.method: Method = method_class(config, dist, self.local_batch, self.ckpt_config, dataset)
+        # The sampled network (the method's first) makes the run's checkpoints: a DDGAN's generator is kind ddgan.
+        self.folder.kind = "ddgan" if config.method == "ddgan" else "model"
+        self.folder.sampled, sampled = next(iter(self.method.networks().items()))
+        self.num_parameters = sum(p.numel() for p in sampled.parameters())
         self.folder.open(self._run_config_payload())
 
     def quality_probe(self) -> tuple[Periodic, ...]:
@@ -375,7 +382,7 @@ class _Setup:
         from ddpmctl.train_eval import QualityProbe
 
         probe = QualityProbe(self.ckpt_config, self.dataset, c.data, every=c.eval_every, num=c.eval_num,
-                             steps=c.eval_steps, device=self.device)
+                             steps=c.eval_steps, device=self.device, kind=self.folder.kind)
         return (probe.periodic(),)
 
     def _warn(self, message: str) -> None:
@@ -454,6 +461,17 @@ class _Setup:
         return loop
 
 
+def _start_message(num_parameters: int, precision: str, loop: TrainingLoop, max_steps: int | None) -> str:
+    """The progress header's parentheses: parameters, precision, and the EMA decay the run has reached and will
+    reach by its last step (the cap alone overstates a warm-up's average on a short run)."""
+    message = f"{num_parameters:,} parameters, {precision}"
+    ema = next(iter(loop.emas.values()), None)
+    if ema is None:
+        return message
+    final = None if max_steps is None else ema.updates + max(0, max_steps - loop.step)
+    return f"{message}, {decay_summary(ema.rate, ema.warmup, ema.updates, final)}"
+
+
 def train(config: TrainConfig, *, device: torch.device, resume: bool = False, force: bool = False,
           callback: Callable[[TrainEvent], None] | None = None,
           should_stop: Callable[[], bool] | None = None, periodic: tuple[Periodic, ...] = ()) -> TrainResult:
@@ -467,7 +485,7 @@ def train(config: TrainConfig, *, device: torch.device, resume: bool = False, fo
     try:
         setup = _Setup(config, dist, resume, force, callback)
         loop = setup.loop(should_stop, (*periodic, *setup.quality_probe()))
-        done = loop.run(start_message=f"{setup.num_parameters:,} parameters, {setup.precision}")
+        done = loop.run(start_message=_start_message(setup.num_parameters, setup.precision, loop, config.max_steps))
         # Every rank finishes before any tears the group down: a rank that exits while another still talks to the
         # store (hosted by rank 0) could abort in gloo's teardown ("terminate called without an active
         # exception", seen in about 1 run in 20 of the 2-rank test).

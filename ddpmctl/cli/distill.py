@@ -119,6 +119,9 @@ def distill_command(
                      "else v")] = None,
     weighting: Annotated[Weighting, typer.Option("--weighting", help="Loss weight over t: truncated-snr = "
                                                  "max(SNR, 1), snr+1 = SNR + 1.")] = "truncated-snr",
+    teacher_clip: Annotated[Optional[bool], typer.Option(  # noqa: UP007
+        "--teacher-clip/--no-teacher-clip", help="Clamp the teacher's predicted x_0 to [-1, 1] in its DDIM steps.",
+        show_default="on for an eps model's lineage, off for v and x0 (as the official code)")] = None,
     precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
         " It sets the student's forward pass (the teacher's targets stay fp32)."))] = "auto",
     seed: Annotated[int, typer.Option("--seed", min=0, help="Same seed, same machine: the same students.")] = 0,

@@ -43,8 +43,20 @@ def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
     warmup = entry.get("ema_warmup", "none")
     how = ("no warm-up (improved-diffusion: starts at the random init)" if warmup == "none"
            else "warm-up 1-(1+t)^-2/3 (starts at the first trained weights)" if warmup == "power" else f"warm-up {warmup}")
-    updates = f", {entry['ema_updates']} updates" if "ema_updates" in entry else ""
-    return f"EMA rate {entry['ema']}, {how}{updates}"
+    if "ema_updates" not in entry or warmup not in ("power", "none"):
+        return f"EMA rate {entry['ema']}, {how}"
+    from ddpmctl.ema import reached_decay
+
+    # The decay the average reached, not only the cap: a warm-up's is far below the rate on a short run.
+    updates = int(entry["ema_updates"])
+    decay = reached_decay(float(entry["ema"]), warmup, updates)
+    return (f"EMA rate {entry['ema']}, {how}, {updates} updates: decay {decay:.6g} reached (an average over about "
+            f"the last {1 / (1 - decay):,.0f} steps)")
+
+
+def checkpoint_method(kind: str) -> str:
+    """What trained the weights: a denoising diffusion GAN (kind ddgan), else a diffusion model (train's iddpm)."""
+    return "ddgan" if kind == "ddgan" else "iddpm"
 
 
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
@@ -56,6 +68,7 @@ def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
         "file_size": info.file_size,
         "format": info.format,
         "kind": info.kind,
+        "method": checkpoint_method(info.kind),
         "created_with": info.created_with,
         "num_parameters": info.num_parameters,
         "num_tensors": info.num_tensors,
@@ -75,6 +88,8 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [
         ("kind", info.kind),
+        ("method", f"ddgan (denoising diffusion GAN, {diffusion.timesteps} generator steps)" if info.kind == "ddgan"
+         else "iddpm (diffusion model)"),
         ("format", info.format),
         ("created with", f"ddpmctl {info.created_with}"),
         ("sha256", sha256),
@@ -92,6 +107,9 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
         ("var type", diffusion.var_type.replace("_", "-")),  # as --var-type spells it
         ("loss", LOSS_NAMES.get(diffusion.loss_type, diffusion.loss_type)),  # as --loss spells it
     ]
+    if model.latent is not None:
+        rows.append(("latent", f"nz {model.latent.dim}, PixelNorm + {model.latent.mlp_layers}-layer MLP into the "
+                               "embedding, tanh output"))
     if diffusion.use_timesteps is not None:
         rows.append(("respaced steps", _steps_summary(diffusion.use_timesteps)))
     if student is not None:

@@ -54,6 +54,9 @@ def respace_command(
     info = read_checkpoint_info(checkpoint)  # validated: a foreign or broken file fails here in one line
     if info.kind == "student":
         raise SamplerError(f"{checkpoint.name} is a distilled student: its step grid is fixed and cannot be respaced")
+    if info.kind == "ddgan":
+        raise SamplerError(f"{checkpoint.name} is a denoising diffusion GAN: its generator was trained for its own "
+                           f"{info.config.diffusion.timesteps} steps, there is no longer chain to respace")
     with option_errors(SamplerError):  # --steps beyond the parent's chain, or no DDIM stride gives K steps
         config = respaced_config(info.config, steps, spacing)
     out_path = output_file(out, checkpoint, f"{checkpoint.stem}_respaced{steps}.safetensors", force=force)

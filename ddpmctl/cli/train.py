@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, NanPolicy, PrecisionRequest, Schedule,
+from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, Method, NanPolicy, PrecisionRequest, Schedule,
                              TimestepSamplerName)
 from ddpmctl.cli.common import console, device_option, given, guarded, print_json, resolve_device, usage_error
 from ddpmctl.errors import validation_problem
@@ -235,6 +235,7 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 
 
 _DATA, _DIFFUSION, _NETWORK, _OPTIMISATION, _RUN = "Data", "Diffusion", "Network", "Optimisation", "Run"
+_DDGAN = "DDGAN (--method ddgan; docs/ddgan.md)"
 _SCALED = "scaled with the image size, like the reference's"
 _CHOSEN = "chosen from the data (README: Defaults that fit the data)"
 
@@ -252,6 +253,10 @@ def train_command(
         "--config", metavar="FILE|RUN", show_default=False, rich_help_panel=_RUN,
         help="Options from a TOML file (keys = option names with underscores), or from a run's config.json "
              "(or the run folder itself) to reuse its settings; options given here override it.")] = None,
+    method: Annotated[Method, _opt(
+        "--method", help="iddpm: an Improved-DDPM diffusion model; ddgan: a denoising diffusion GAN (Xiao et al. "
+        "2022) that samples in T = 2-8 generator steps (sample it with --sampler ddgan).",
+        rich_help_panel=_RUN)] = "iddpm",
     image_size: Annotated[Optional[int], _opt(  # noqa: UP007
         "--image-size", help="Resize/crop to this size.", show_default="the data's",
         rich_help_panel=_DATA)] = None,
@@ -316,6 +321,23 @@ def train_command(
                                          rich_help_panel=_OPTIMISATION)] = "auto",
     nan_policy: Annotated[NanPolicy, _opt("--nan-policy", help="On a non-finite loss: stop (keeping the last "
                                           "checkpoint) or skip the step.", rich_help_panel=_OPTIMISATION)] = "stop",
+    lr_d: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--lr-d", help="The discriminator's Adam (0.5, 0.9) learning rate (--lr is the generator's: 1.6e-4).",
+        show_default="1.25e-4", rich_help_panel=_DDGAN)] = None,
+    lr_min: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--lr-min", help="Both rates decay on a cosine to this at --max-steps (constant without --max-steps).",
+        show_default="1e-5", rich_help_panel=_DDGAN)] = None,
+    r1_gamma: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--r1-gamma", help="R1 penalty gamma/2 E||grad D(real)||^2 on real pairs (0: none).",
+        show_default="0.02", rich_help_panel=_DDGAN)] = None,
+    lazy_reg: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--lazy-reg", metavar="K", help="Add R1 every K discriminator steps (not scaled by K, as the official "
+        "code).", show_default="15", rich_help_panel=_DDGAN)] = None,
+    nz: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--nz", help="Dimensions of the generator's latent z.", show_default="100", rich_help_panel=_DDGAN)] = None,
+    disc_channels: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--disc-channels", help="The discriminator's base width (2, 4, 8x it per level).",
+        show_default="64 from 32x32 up, else 32", rich_help_panel=_DDGAN)] = None,
     max_steps: Annotated[Optional[int], _opt(  # noqa: UP007
         "--max-steps", help="Stop after this many optimizer steps in all.", show_default="no limit",
         rich_help_panel=_RUN)] = None,
@@ -346,7 +368,8 @@ def train_command(
     quiet: Annotated[bool, _opt("--quiet", "-q", help="Show nothing but errors.")] = False,
     json_output: Annotated[bool, _opt("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
-    """Train an Improved-DDPM model on an image folder (or builtin:digits); torchrun for several processes."""
+    """Train an Improved-DDPM model (or, with --method ddgan, a denoising diffusion GAN) on an image folder (or
+    builtin:digits); torchrun for several processes."""
     from pydantic import ValidationError
 
     from ddpmctl.config import TrainConfig

@@ -57,6 +57,20 @@ def _checkpoint_chain(checkpoint: LoadedCheckpoint) -> list[OriginalStep]:
     return [int(t) for t in checkpoint.diffusion.timestep_map]
 
 
+def _check_kind(checkpoint: LoadedCheckpoint, sampler: Sampler, name: str) -> None:
+    """SamplerError (one line) when ``sampler`` does not sample checkpoints of this kind, naming the one that does."""
+    kinds = type(sampler).checkpoint_kinds
+    if checkpoint.kind == "student" and "student" not in kinds:
+        raise SamplerError(f"{name} is a distilled student: sample it with --sampler student")
+    if checkpoint.kind == "ddgan" and "ddgan" not in kinds:
+        raise SamplerError(f"{name} is a denoising diffusion GAN: sample it with --sampler ddgan")
+    if checkpoint.kind != "student" and checkpoint.kind not in kinds:
+        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a "
+                           + ("distilled student (make one with `ddpmctl distill`)" if "student" in kinds else
+                              "denoising diffusion GAN (train one with `ddpmctl train --method ddgan`)")
+                           + ": use --sampler ddim, strided or ancestral")
+
+
 def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: int | None = None,
                        timesteps: Sequence[int] | None = None) -> tuple[OriginalStep, ...]:
     """The original steps ``sampler`` walks on ``checkpoint``, noisiest first; SamplerError (one line) otherwise.
@@ -66,13 +80,8 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
     A distilled student is sampled on its own grid by samplers that list the "student" kind, and only by them.
     """
     name = checkpoint.path.name
-    kinds = type(sampler).checkpoint_kinds
     is_student = checkpoint.kind == "student"
-    if is_student and "student" not in kinds:
-        raise SamplerError(f"{name} is a distilled student: sample it with --sampler student")
-    if not is_student and checkpoint.kind not in kinds:
-        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a distilled student (make one with "
-                           "`ddpmctl distill`): use --sampler ddim, strided or ancestral")
+    _check_kind(checkpoint, sampler, name)
     if is_student:
         student = checkpoint.config.student
         if student is None or checkpoint.config.diffusion.use_timesteps is not None:
@@ -94,6 +103,8 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
             raise SamplerError(f"{sampler.name} walks the checkpoint's whole chain of {total} steps")
         return tuple(reversed(chosen))
     if type(sampler).whole_chain:
+        if steps is not None and steps != total and checkpoint.kind == "ddgan":
+            raise SamplerError(f"{name} is a {total}-step denoising diffusion GAN: omit --steps or pass --steps {total}")
         if steps is not None and steps != total:
             raise SamplerError(
                 f"{sampler.name} walks the checkpoint's whole chain of {total} steps, not {steps}: use --sampler "
@@ -116,8 +127,10 @@ def build_denoiser(checkpoint: LoadedCheckpoint, timesteps: Sequence[OriginalSte
     network = inference_network(checkpoint.model, _model_device(checkpoint.model), model_config.image_size,
                                 model_config.model_channels, precision=precision, micro_batch=micro_batch)
     student = checkpoint.config.student if checkpoint.kind == "student" else None
+    latent = model_config.latent
     return Denoiser(network, checkpoint.config.diffusion, timesteps,
-                    student_head=student.param if student is not None else None)
+                    student_head=student.param if student is not None else None,
+                    latent_dim=latent.dim if latent is not None else None)
 
 
 def check_sample_counts(num: int, batch_size: int, seed: int, start_index: int = 0) -> None:
