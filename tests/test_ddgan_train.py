@@ -6,8 +6,8 @@ import json
 import math
 from pathlib import Path
 
-import pytest
 import numpy as np
+import pytest
 import torch
 from typer.testing import CliRunner
 
