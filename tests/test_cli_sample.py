@@ -368,7 +368,7 @@ def test_shards_concatenate_to_the_whole_set(class_ckpt: Path, tmp_path: Path) -
 def test_sampler_names_and_options_complete() -> None:
     from ddpmctl.cli.sample import complete_sampler, complete_sampler_option
 
-    assert complete_sampler("d") == ["ddim", "dpmpp-2m"]
+    assert complete_sampler("d") == ["ddgan", "ddim", "dpmpp-2m"]
     assert "student" in complete_sampler("")
 
     class Ctx:
