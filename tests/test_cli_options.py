@@ -213,7 +213,7 @@ def test_sampler_completion_through_the_shell_protocol() -> None:
     result = CliRunner().invoke(app, [], env={"_DDPMCTL_COMPLETE": "complete_bash", "COMP_WORDS":
                                               "ddpmctl sample x.safetensors --sampler d", "COMP_CWORD": "4"},
                                 prog_name="ddpmctl")
-    assert result.stdout.split() == ["ddim", "dpmpp-2m"], result.output
+    assert result.stdout.split() == ["ddgan", "ddim", "dpmpp-2m"], result.output
 
 
 @pytest.mark.parametrize(("args", "expected"), [

@@ -59,8 +59,8 @@ def edit_state(run: Path, **fields: Any) -> Path:
     ({"step": 5}, "field step: 5 differs from the step in the file name (6)"),
     ({"step": 1}, "field step"),
     ({"step": "six"}, "field step: Input should be a valid integer"),
-    ({"ema_updates": -3}, "field ema_updates: Input should be greater than or equal to 0"),
-    ({"data_position": -5}, "field data_position: Input should be greater than or equal to 0"),
+    ({"ema_updates": -3}, "field ema_updates must be at least 0, not -3"),
+    ({"data_position": -5}, "field data_position must be at least 0, not -5"),
     ({"data_position": 10**6}, "field data_position"),
     ({"epoch": 2}, "field data_position"),
     ({"nan_skips": 7}, "field nan_skips"),
@@ -138,11 +138,11 @@ def test_an_oversized_config_is_refused(tmp_path: Path) -> None:
     # (The command line reads "-b 64.0" as 64; in a file a float is a float, and batch_size takes an int.)
     ("batch_size = 64.0", None, "batch_size: Input should be a valid integer"),
     ("lr = true", ["--lr", "true"], "lr: Input should be a valid number"),
-    ("heads = 65", ["--heads", "65"], "heads: Input should be less than or equal to 64"),
+    ("heads = 65", ["--heads", "65"], "heads must be at most 64, not 65"),
     ("schedule = \"square\"", ["--schedule", "square"], "schedule: Input should be 'cosine' or 'linear'"),
     ("channel_mult = [1, true]", ["--channel-mult", "1,true"], "channel_mult[1]: Input should be a valid integer"),
     ("flip = 1", None, "flip: Input should be a valid boolean"),
-    ("seed = -1", ["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    ("seed = -1", ["--seed", "-1"], "seed must be at least 0, not -1"),
 ])
 def test_config_values_are_typed_as_strictly_as_the_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              toml: str, flag: list[str] | None, words: str) -> None:
