@@ -43,8 +43,16 @@ class IndexStream:
         return {"data.perm": self.perm.clone()}, {"epoch": self.epoch, "data_position": self.pos}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        self.perm = tensors["data.perm"].to(torch.int64)
+        """Restore :meth:`state` (ValueError when the saved order is not a permutation of the data)."""
+        perm = tensors["data.perm"].to(torch.int64)
+        drawn = perm.numel() > 0
+        if drawn and (perm.shape != (self.num_items,)
+                      or not torch.equal(torch.sort(perm).values, torch.arange(self.num_items))):
+            raise ValueError(f"data.perm is not a permutation of the {self.num_items} images")
+        self.perm = perm
         self.pos, self.epoch = int(meta["data_position"]), int(meta["epoch"])
+        if self.pos > perm.numel():
+            raise ValueError(f"data_position {self.pos} lies beyond the {perm.numel()} images of the epoch")
 
 
 class ImageBatches:

@@ -1,7 +1,7 @@
 """The one checkpoint format: safetensors with ddpmctl metadata; atomic writes, validated loads, never pickle.
 
 A checkpoint holds the network's state dict and, in safetensors' string metadata, ``format`` ("ddpmctl/1"),
-``config`` (JSON of :class:`~ddpmctl.config.CheckpointConfig`), ``kind`` (model | respaced | student),
+``config`` (JSON of :class:`~ddpmctl.config.CheckpointConfig`), ``kind`` (model | respaced | student | ddgan),
 ``lineage`` (JSON list of what produced it) and ``created_with`` (the ddpmctl version).
 
 Files are untrusted: the loader reads the 8-byte header length and the JSON header itself (with a size cap), checks
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 FORMAT = "ddpmctl/1"
-KINDS = ("model", "respaced", "student")
+KINDS = ("model", "respaced", "student", "ddgan")
 
 
 
@@ -97,6 +97,22 @@ def _check_consistency(config: CheckpointConfig, kind: str) -> str | None:
         return "kind is student but config.student is missing"
     if kind != "student" and config.student is not None:
         return f"kind is {kind} but config.student is set (only student checkpoints have one)"
+    return _check_ddgan(config, kind)
+
+
+def _check_ddgan(config: CheckpointConfig, kind: str) -> str | None:
+    """A DDGAN generator (kind ddgan) has a latent input, predicts x_0 on a whole VP-SDE chain; nothing else does."""
+    generator = config.model.latent is not None
+    if kind != "ddgan":
+        return f"kind is {kind} but the network has a latent input (only ddgan checkpoints have one)" \
+            if generator else None
+    diffusion = config.diffusion
+    if not generator:
+        return "kind is ddgan but config.model.latent is missing"
+    if diffusion.schedule != "vp-sde" or diffusion.mean_type != "x0" or diffusion.var_type != "fixed_small" \
+            or diffusion.use_timesteps is not None:
+        return ("kind is ddgan but the diffusion is not the whole vp-sde chain with mean type x0 and var type "
+                "fixed_small")
     return None
 
 

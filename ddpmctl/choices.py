@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "NanPolicy", "Precision",
-           "PrecisionRequest", "EmaWarmup", "FeatureName", "FeatureRequest", "Schedule", "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
+__all__ = ["ChainSchedule", "ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "Method",
+           "NanPolicy", "Precision", "PrecisionRequest", "EmaWarmup", "FeatureName", "FeatureRequest", "Schedule",
+           "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
            "is_learned_variance"]
 
 Schedule = Literal["cosine", "linear"]  # (the default first: --help lists them in this order)
+# Every chain a checkpoint may hold: train's --schedule choices, and DDGAN's discretised VP-SDE (few steps only).
+ChainSchedule = Literal["cosine", "linear", "vp-sde"]
+# What `train --method` trains: an Improved-DDPM model, or a denoising diffusion GAN (Xiao et al. 2022).
+Method = Literal["iddpm", "ddgan"]
 MeanType = Literal["eps", "x0", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
 LossType = Literal["mse", "rescaled_mse", "kl", "rescaled_kl"]

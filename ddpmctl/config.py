@@ -11,16 +11,19 @@ and whether the variance is learned (:attr:`CheckpointConfig.out_channels`).
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer, \
+    model_validator
 
 from ddpmctl.choices import (
+    ChainSchedule,
     ColorMode,
     LossName,
     LossType,
     MeanType,
     EmaWarmup,
+    Method,
     NanPolicy,
     PrecisionRequest,
     Schedule,
@@ -36,34 +39,82 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
 
 
-class ModelConfig(_Frozen):
+# The largest network `train` builds. A checkpoint's config is bounded by the same numbers, so a file of a few
+# hundred bytes cannot describe a network that no training run could have made (and that would cost memory to
+# build before its tensors are compared with the file's).
+MAX_MODEL_CHANNELS = 4096
+MAX_RES_BLOCKS = 16
+MAX_HEADS = 64
+MAX_CHANNEL_MULT = 16
+MAX_LEVELS = 13  # a 4096-pixel image halves 12 times
+MAX_CLASSES = 100_000
+MAX_TIMESTEPS = 100_000
+
+
+class _OmitsUnusedExtensions(_Frozen):
+    """A model whose later, optional fields (``_EXTENSIONS``) are left out of its JSON while they hold their default,
+    so configs, checkpoints and run folders that do not use them stay byte-identical to those written before."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_unused(self, handler: SerializerFunctionWrapHandler) -> Any:
+        data = handler(self)
+        if isinstance(data, dict):
+            for name in self._EXTENSIONS:
+                if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                    del data[name]
+        return data
+
+
+class LatentConfig(_Frozen):
+    """The latent input z ~ N(0, I_dim) of a DDGAN generator (Xiao et al. 2022 App. C; ``ddpmctl.unet``).
+
+    z goes through PixelNorm and an MLP of ``mlp_layers`` linear layers (SiLU between them) into the U-Net's
+    embedding, beside the timestep's, so it acts on every residual block through the scale-shift norms (AdaGN).
+    A network with a latent also squashes its output with tanh: it predicts x_0 in [-1, 1].
+    """
+
+    dim: int = Field(100, ge=1, le=4096)
+    mlp_layers: int = Field(4, ge=1, le=16)
+
+
+class ModelConfig(_OmitsUnusedExtensions):
     """The IDDPM U-Net's architecture (``ddpmctl.unet.UNetModel``); with a :class:`DiffusionConfig` it rebuilds the
-    network (the chain length T and the learned variance's extra output channels come from there)."""
+    network (the chain length T and the learned variance's extra output channels come from there). ``latent``
+    makes it a DDGAN generator G(x_t, z, t)."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("latent",)
 
     image_size: int = Field(ge=4, le=4096)  # bounded: an untrusted config must not ask for gigapixel images
     in_channels: int = Field(3, ge=1, le=4)
-    model_channels: int = Field(128, ge=1)
-    num_res_blocks: int = Field(3, ge=1)
-    attention_resolutions: tuple[int, ...] = (16, 8)
+    model_channels: int = Field(128, ge=1, le=MAX_MODEL_CHANNELS)
+    num_res_blocks: int = Field(3, ge=1, le=MAX_RES_BLOCKS)
+    attention_resolutions: tuple[int, ...] = Field((16, 8), max_length=MAX_LEVELS)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    channel_mult: tuple[int, ...] = (1, 2, 2, 2)
-    num_heads: int = Field(4, ge=1)
+    channel_mult: tuple[int, ...] = Field((1, 2, 2, 2), max_length=MAX_LEVELS)
+    num_heads: int = Field(4, ge=1, le=MAX_HEADS)
     use_scale_shift_norm: bool = True
-    num_classes: int | None = Field(None, ge=1)
+    num_classes: int | None = Field(None, ge=1, le=MAX_CLASSES)
+    latent: LatentConfig | None = None
 
     @field_validator("channel_mult")
     @classmethod
     def _mult_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if not v or any(m < 1 for m in v):
-            raise ValueError("channel_mult must be a non-empty list of positive integers")
-        return v
+        return _check_mult(v)
+
+
+def _check_mult(v: tuple[int, ...]) -> tuple[int, ...]:
+    if not v or any(not 1 <= m <= MAX_CHANNEL_MULT for m in v):
+        raise ValueError(f"channel_mult must be a non-empty list of integers from 1 to {MAX_CHANNEL_MULT}")
+    return v
 
 
 class DiffusionConfig(_Frozen):
     """Everything that rebuilds the :class:`~ddpmctl.diffusion.GaussianDiffusion` a checkpoint samples with."""
 
-    schedule: Schedule = "cosine"
-    timesteps: int = Field(4000, ge=1, le=100_000)
+    schedule: ChainSchedule = "cosine"
+    timesteps: int = Field(4000, ge=1, le=MAX_TIMESTEPS)
     mean_type: MeanType = "eps"
     var_type: VarType = "learned_range"
     loss_type: LossType = "rescaled_mse"
@@ -101,19 +152,28 @@ def _check_linear_length(schedule: str, timesteps: int) -> None:
 class DataInfo(_Frozen):
     """What a model was trained on (kept in checkpoints so eval-nll can find the held-out split)."""
 
-    source: str
-    image_size: int
-    channels: int
-    num_images: int = 0
-    class_names: tuple[str, ...] | None = None
+    source: str = Field(max_length=4096)
+    image_size: int = Field(ge=1, le=1 << 20)
+    channels: int = Field(ge=1, le=4)
+    num_images: int = Field(0, ge=0, le=1 << 40)
+    class_names: tuple[str, ...] | None = Field(None, max_length=MAX_CLASSES)
 
 
 class StudentConfig(_Frozen):
     """A progressively distilled student: its step grid (original indices, ascending) and output head."""
 
     param: StudentParam = "v"
-    steps: tuple[int, ...]
-    teacher_steps: int
+    steps: tuple[int, ...] = Field(min_length=1, max_length=MAX_TIMESTEPS)
+    teacher_steps: int = Field(ge=2, le=2 * MAX_TIMESTEPS)
+
+    @model_validator(mode="after")
+    def _grid(self) -> StudentConfig:
+        if list(self.steps) != sorted(set(self.steps)) or self.steps[0] < 0:
+            raise ValueError("student.steps must be strictly increasing indices >= 0")
+        if self.teacher_steps != 2 * len(self.steps):
+            raise ValueError(f"student.teacher_steps is {self.teacher_steps} but a {len(self.steps)}-step student "
+                             f"is distilled from {2 * len(self.steps)} steps")
+        return self
 
 
 class CheckpointConfig(_Frozen):
@@ -146,6 +206,20 @@ class CheckpointConfig(_Frozen):
                                  f"channel(s) needs {expected}")
         return {**data, "model": model}
 
+    @model_validator(mode="after")
+    def _consistent(self) -> CheckpointConfig:
+        if self.student is not None and self.student.steps[-1] >= self.diffusion.timesteps:
+            raise ValueError(f"student.steps reaches {self.student.steps[-1]} but the chain has "
+                             f"{self.diffusion.timesteps} steps")
+        data, model = self.data, self.model
+        if data is not None and (data.image_size, data.channels) != (model.image_size, model.in_channels):
+            raise ValueError(f"data describes {data.channels}-channel {data.image_size}x{data.image_size} images "
+                             f"but the model takes {model.in_channels}-channel {model.image_size}x{model.image_size}")
+        if data is not None and data.class_names is not None and model.num_classes is not None \
+                and len(data.class_names) != model.num_classes:
+            raise ValueError(f"data names {len(data.class_names)} classes but the model has {model.num_classes}")
+        return self
+
     @property
     def out_channels(self) -> int:
         """The network's output channels: the mean's C, and C more for a learned variance (or a "both" student)."""
@@ -171,8 +245,10 @@ def default_model_shape(image_size: int) -> dict[str, object]:
     else:
         mult = (1, 2)
     if image_size >= 32:
+        # The reference's network at every size from 32x32 up: its attention_resolutions default is 16,8 (its
+        # CIFAR-10 and ImageNet-64 runs keep it); (32, 16, 8) is the later guided-diffusion choice.
         channels, blocks = 128, 3
-        attention = tuple(r for r in (32, 16, 8) if r < image_size)
+        attention: tuple[int, ...] = (16, 8)
     else:
         # Tiny images: a small, fast network with attention at the bottom. 8x8 (builtin:digits) gets 32 base
         # channels (1.08M parameters; 64 channels are 4.3M, four times the work per step for 1,437 images).
@@ -182,8 +258,21 @@ def default_model_shape(image_size: int) -> dict[str, object]:
             "attention_resolutions": attention}
 
 
-# Small datasets overfit a network sized for the image: below this many training images dropout 0.1 by default.
+def halvable_size(size: int, channel_mult: tuple[int, ...] | None = None) -> int:
+    """The largest image size at or below ``size`` that the U-Net can halve once per level of ``channel_mult`` (the
+    size-scaled default when None), so a size chosen from the data never fails to build (at least 4)."""
+    for candidate in range(size, 3, -1):
+        levels = len(channel_mult or default_model_shape(candidate)["channel_mult"])  # type: ignore[arg-type]
+        if candidate % 2 ** (levels - 1) == 0:
+            return candidate
+    return size
+
+
+# Small datasets overfit: below SMALL_DATASET images the small networks of images under 32x32 get dropout 0.1; from
+# 32x32 up the paper's network gets the reference's CIFAR-10 dropout of 0.3 below LARGE_DATASET images (CIFAR-10
+# has 50,000) and its ImageNet/LSUN dropout of 0 above.
 SMALL_DATASET = 20_000
+LARGE_DATASET = 200_000
 
 
 # Built-in data whose mirror image is not a sample of it (a mirrored 2 or 7 is not a digit): no flips by default.
@@ -195,45 +284,106 @@ def default_training(image_size: int, num_images: int, data: str = "") -> dict[s
 
     - T: 4000 steps (the paper's, for 32x32 and up) but 1000 below 32x32, where a long chain only adds near-identical
       steps to sample and evaluate (bits/dim is summed over T terms).
-    - batch and learning rate: the paper's 64 / 1e-4 from 32x32 up; below 16x16 the network is small (32 channels)
-      and 128 / 2e-4 converge in a few thousand steps.
-    - dropout: 0.1 when the dataset has fewer than SMALL_DATASET images, else 0 (the reference's default).
+    - batch and learning rate: 128 (the reference's README for every model of the paper but the 2048-batch
+      class-conditional one) at 1e-4 from 16x16 up; below 16x16 the network is small (32 channels) and 2e-4
+      converges in a few thousand steps.
+    - dropout: from 32x32 up the reference's, 0.3 for CIFAR-sized data (under LARGE_DATASET images) and 0 for
+      ImageNet-sized data; below 32x32 0.1 when the dataset has fewer than SMALL_DATASET images, else 0.
     - flips: random horizontal flips (the reference's), except on NOT_MIRRORABLE data.
-    The parameterisation stays eps, the paper's, at every size.
+    The parameterisation stays eps, the paper's, at every size. So 50,000 images of 32x32 with no flags train the
+    reference's CIFAR-10 hybrid configuration (examples/configs/cifar10_hybrid.toml, less its fp32 and EMA choices).
     """
     tiny = image_size < 16
+    if image_size >= 32:
+        dropout = 0.3 if num_images < LARGE_DATASET else 0.0
+    else:
+        dropout = 0.1 if num_images < SMALL_DATASET else 0.0
     return {
         "timesteps": 4000 if image_size >= 32 else 1000,
         "mean_type": "eps",
-        "batch_size": 128 if tiny else 64,
+        "batch_size": 128,
         "lr": 2e-4 if tiny else 1e-4,
-        "dropout": 0.1 if num_images < SMALL_DATASET else 0.0,
+        "dropout": dropout,
         "flip": data not in NOT_MIRRORABLE,
     }
 
 
-# TrainConfig fields that default to None = "chosen from the data" (default_training / default_model_shape).
+def default_ddgan_training(image_size: int, num_images: int, data: str = "") -> dict[str, object]:
+    """``train --method ddgan`` defaults that fit the data (docs/ddgan.md "Optimisation and defaults"; explicit values always win).
+
+    - T = 4, the official CIFAR-10 chain; the generator is train's U-Net for the image size, without dropout (the
+      official generators have none: a GAN's discriminator, not dropout, is what keeps it from copying the data).
+    - Adam (0.5, 0.9) with the official CIFAR-10 rates, G 1.6e-4 and D 1.25e-4, cosine-decayed to 1e-5 over
+      --max-steps; R1 gamma 0.02 every 15 D steps; nz = 100.
+    - batch: 64 from 16x16 up (the official per-GPU batch), 128 below, as train's; the discriminator's base width
+      64 from 32x32 up (official), 32 below (an 8x8 pair needs one halving to 4x4).
+    - flips as train's.
+    """
+    tiny = image_size < 16
+    return {
+        "timesteps": 4,
+        "mean_type": "x0",
+        "batch_size": 128 if tiny else 64,
+        "lr": 1.6e-4,
+        "dropout": 0.0,
+        "flip": data not in NOT_MIRRORABLE,
+        "lr_d": 1.25e-4,
+        "lr_min": 1e-5,
+        "r1_gamma": 0.02,
+        "lazy_reg": 15,
+        "nz": 100,
+        "disc_channels": 64 if image_size >= 32 else 32,
+    }
+
+
+# TrainConfig fields that default to None = "chosen from the data" (default_training / default_model_shape), and
+# those only a DDGAN run has (default_ddgan_training).
 DATA_DEFAULT_FIELDS = ("timesteps", "mean_type", "batch_size", "lr", "dropout", "flip")
+# TrainConfig fields that default to None = "scaled with the image size" (default_model_shape).
+NETWORK_SHAPE_FIELDS = ("model_channels", "channel_mult", "res_blocks", "attention_resolutions")
+DDGAN_FIELDS = ("lr_d", "lr_min", "r1_gamma", "lazy_reg", "nz", "disc_channels")
+# What `--method ddgan` leaves to the generator and the posterior: IDDPM-only options it refuses when given.
+IDDPM_ONLY_FIELDS = ("schedule", "var_type", "loss", "timestep_sampler", "weight_decay")
+# A DDGAN chain is short: the generator replaces thousands of small steps by a few large ones.
+DDGAN_MAX_TIMESTEPS = 64
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(d|h|m|s)?", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*[dhms]?\s*)+$", re.IGNORECASE)
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 def parse_duration(text: str) -> float:
-    """'90' / '90s' / '10m' / '1.5h' / '2d' -> seconds."""
-    match = _DURATION.match(text)
-    if not match:
-        raise ValueError(f"cannot read {text!r} as a duration (e.g. 90s, 10m, 2h)")
-    scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2) or "s"]
-    seconds = float(match.group(1)) * scale
+    """'90' / '90s' / '10m' / '1.5h' / '2d' / '1h30m' / '1h 30m 10s' -> seconds (a bare number is seconds)."""
+    parts = _DURATION_PART.findall(text) if _DURATION.match(text) else []
+    if not parts or (len(parts) > 1 and any(not unit for _, unit in parts)):  # '1h30' is ambiguous: refused
+        raise ValueError(f"cannot read {text!r} as a duration (e.g. 90s, 10m, 2h, 1h30m)")
+    seconds = sum(float(number) * _SECONDS[(unit or "s").lower()] for number, unit in parts)
     if seconds <= 0:
         raise ValueError(f"duration {text!r} must be positive")
     return seconds
 
 
-class TrainConfig(_Frozen):
-    """A training run, as resolved from ``--config FILE.toml`` and flags (flags win). Saved in the run folder."""
+def format_duration(seconds: float) -> str:
+    """Seconds as parse_duration reads them back: 5400 -> '1h30m', 240 -> '4m', 90.5 -> '1m30.5s'."""
+    whole, fraction = divmod(seconds, 1)
+    hours, rest = divmod(int(whole), 3600)
+    minutes, secs = divmod(rest, 60)
+    secs_text = f"{secs + fraction:g}s" if secs or fraction else ""
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes else "") + secs_text or "0s"
 
+
+class TrainConfig(_OmitsUnusedExtensions):
+    """A training run, as resolved from ``--config FILE.toml`` and flags (flags win). Saved in the run folder.
+
+    ``method`` ddgan trains a denoising diffusion GAN (docs/ddgan.md): ``lr`` is then the generator's, and the
+    DDGAN_FIELDS configure the discriminator and its regulariser. Those fields, and ``method`` itself, are left
+    out of an IDDPM run's config.json.
+    """
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("method", *DDGAN_FIELDS)
+
+    method: Method = "iddpm"
     data: str
     out: str | None = None
     image_size: int | None = Field(None, ge=4, le=1024)
@@ -244,17 +394,17 @@ class TrainConfig(_Frozen):
 
     schedule: Schedule = "cosine"
     # None: chosen from the image size and the number of images (default_training), fixed in the run folder.
-    timesteps: int | None = Field(None, ge=2, le=100_000)
+    timesteps: int | None = Field(None, ge=2, le=MAX_TIMESTEPS)
     mean_type: MeanType | None = None
     var_type: VarType = "learned_range"
     loss: LossName = "hybrid"
     timestep_sampler: TimestepSamplerName = "uniform"
 
-    model_channels: int | None = Field(None, ge=8, le=4096)
-    channel_mult: tuple[int, ...] | None = None
-    res_blocks: int | None = Field(None, ge=1, le=16)
-    attention_resolutions: tuple[int, ...] | None = None
-    heads: int = Field(4, ge=1, le=64)
+    model_channels: int | None = Field(None, ge=8, le=MAX_MODEL_CHANNELS)
+    channel_mult: tuple[int, ...] | None = Field(None, max_length=MAX_LEVELS)
+    res_blocks: int | None = Field(None, ge=1, le=MAX_RES_BLOCKS)
+    attention_resolutions: tuple[int, ...] | None = Field(None, max_length=MAX_LEVELS)
+    heads: int = Field(4, ge=1, le=MAX_HEADS)
     dropout: float | None = Field(None, ge=0.0, lt=1.0)
 
     batch_size: int | None = Field(None, ge=1, le=65536)
@@ -281,12 +431,25 @@ class TrainConfig(_Frozen):
     val_every: int | None = Field(None, ge=1)
     val_data: str | None = None
 
-    @field_validator("channel_mult", "attention_resolutions")
+    # --method ddgan only (None: chosen by default_ddgan_training).
+    lr_d: float | None = Field(None, gt=0.0, le=1.0)
+    lr_min: float | None = Field(None, ge=0.0, le=1.0)
+    r1_gamma: float | None = Field(None, ge=0.0)
+    lazy_reg: int | None = Field(None, ge=1)
+    nz: int | None = Field(None, ge=1, le=4096)
+    disc_channels: int | None = Field(None, ge=4, le=1024)
+
+    @field_validator("attention_resolutions")
     @classmethod
     def _positive_ints(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
         if v is not None and any(x < 1 for x in v):
             raise ValueError("must be positive integers")
         return v
+
+    @field_validator("channel_mult")
+    @classmethod
+    def _mult(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        return v if not v else _check_mult(v)
 
     @field_validator("max_time", mode="before")
     @classmethod
@@ -295,6 +458,11 @@ class TrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
+        if self.method == "ddgan":
+            return self._ddgan_combinations()
+        given = [f"--{f.replace('_', '-')}" for f in DDGAN_FIELDS if getattr(self, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure(s) a DDGAN run: add --method ddgan")
         if self.timesteps is not None:
             _check_linear_length(self.schedule, self.timesteps)
         learned = is_learned_variance(self.var_type)
@@ -308,19 +476,43 @@ class TrainConfig(_Frozen):
                              "--val-data DIR")
         return self
 
+    def _ddgan_combinations(self) -> TrainConfig:
+        if self.timesteps is not None and self.timesteps > DDGAN_MAX_TIMESTEPS:
+            raise ValueError(f"--method ddgan trains a chain of a few steps (2-8 in the paper), at most "
+                             f"{DDGAN_MAX_TIMESTEPS}, not {self.timesteps}")
+        changed = [f"--{f.replace('_', '-')}" for f in IDDPM_ONLY_FIELDS
+                   if getattr(self, f) != type(self).model_fields[f].default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} do(es) not apply to --method ddgan (its chain is DDGAN's VP-SDE, "
+                             "its objective a GAN's): drop it")
+        if self.mean_type not in (None, "x0"):
+            raise ValueError("--method ddgan: the generator predicts x0; drop --mean-type")
+        if self.class_cond:
+            raise ValueError("--method ddgan trains an unconditional generator: drop --class-cond")
+        return self
+
     @property
     def loss_type(self) -> LossType:
         return LOSS_TYPES[self.loss]
 
     def with_data_defaults(self, *, image_size: int, num_images: int) -> TrainConfig:
-        """This config with every None of DATA_DEFAULT_FIELDS replaced by the value chosen for the data."""
-        chosen = default_training(image_size, num_images, self.data)
-        fill = {field: chosen[field] for field in DATA_DEFAULT_FIELDS if getattr(self, field) is None}
+        """This config with every None of DATA_DEFAULT_FIELDS (and, for DDGAN, of DDGAN_FIELDS) replaced by the
+        value chosen for the data and the method."""
+        if self.method == "ddgan":
+            chosen = default_ddgan_training(image_size, num_images, self.data)
+            fields: tuple[str, ...] = (*DATA_DEFAULT_FIELDS, *DDGAN_FIELDS)
+        else:
+            chosen, fields = default_training(image_size, num_images, self.data), DATA_DEFAULT_FIELDS
+        fill = {field: chosen[field] for field in fields if getattr(self, field) is None}
         return self.model_copy(update=fill) if fill else self
 
     def make_diffusion_config(self) -> DiffusionConfig:
         if self.timesteps is None or self.mean_type is None:
             raise ValueError("resolve the data defaults first (with_data_defaults)")
+        if self.method == "ddgan":
+            # The generator's x_0' goes through the posterior q(x_{t-1} | x_t, x_0'): the fixed_small reverse step.
+            return DiffusionConfig(schedule="vp-sde", timesteps=self.timesteps, mean_type="x0",
+                                   var_type="fixed_small", loss_type="mse")
         return DiffusionConfig(schedule=self.schedule, timesteps=self.timesteps, mean_type=self.mean_type,
                                var_type=self.var_type, loss_type=self.loss_type)
 
@@ -340,6 +532,7 @@ class TrainConfig(_Frozen):
             channel_mult=self.channel_mult or shape["channel_mult"],
             num_heads=self.heads,
             num_classes=num_classes if self.class_cond else None,
+            latent=LatentConfig(dim=self.nz) if self.method == "ddgan" and self.nz is not None else None,
         )
 
 
@@ -358,6 +551,8 @@ class DistillConfig(_Frozen):
     param: StudentParam | None = Field(None, description="None: v for a v model, x for an x0 model; for eps: both "
                                                          "with 2C outputs, else v")
     weighting: Weighting = "truncated-snr"
+    teacher_clip: bool | None = Field(None, description="clamp the teacher's x_hat to [-1, 1] in its two DDIM "
+                                                        "steps; None: only in an eps model's lineage")
     # The request, resolved on each device (so a resumed auto run may continue in another precision).
     precision: PrecisionRequest = "fp32"
     grad_clip: float = Field(1.0, gt=0.0)

@@ -66,6 +66,8 @@ class ImageDataset:
     class_names: tuple[str, ...] | None
     source: str
     skipped: list[str] = field(default_factory=list)
+    # What loading changed to reach the requested size and channels ("16x16 resized to 8x8", "RGB to grayscale").
+    conversions: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -123,8 +125,12 @@ def load_dataset(
     split: Split = "train",
     skip_bad_images: bool = False,
     on_warning: Callable[[str], None] | None = None,
+    fit_size: Callable[[int], int] | None = None,
 ) -> ImageDataset:
     """Load an image folder or ``builtin:NAME`` into memory, preprocessed to image_size x image_size uint8.
+
+    Without ``image_size`` a folder's images keep their own size (the smallest short side when they differ), made
+    to fit by ``fit_size`` (e.g. the largest size the network can halve: :func:`ddpmctl.config.halvable_size`).
 
     Raises DataError (one line naming the path) for anything unusable; see the module docstring for the rules.
     ``on_warning`` receives one-line notes (upscaling, skipped files, auto-chosen size); by default they go to
@@ -142,13 +148,16 @@ def load_dataset(
         source = os.fsdecode(source)
     if source.startswith("builtin:"):
         return _load_builtin(source, image_size, color, class_cond, split, warn)
-    return _load_folder(source, image_size, color, class_cond, skip_bad_images, warn)
+    return _load_folder(source, image_size, color, class_cond, skip_bad_images, warn, fit_size)
 
 
 def load_dataset_for(model: ModelConfig, source: str, *, split: Split = "train",
-                     on_warning: Callable[[str], None] | None = None) -> ImageDataset:
+                     on_warning: Callable[[str], None] | None = None, convert: bool = True) -> ImageDataset:
     """``source`` as the network ``model`` takes it (its size; gray for 1 channel, RGB for 3; labels when it is
-    class-conditional). DataError when the images or classes cannot fit the network."""
+    class-conditional). DataError when the images or classes cannot fit the network.
+
+    Images of another size or color are converted and ``on_warning`` says how; with ``convert`` False they are
+    refused instead (bits/dim of converted images is the likelihood of other images than the ones given)."""
     if model.in_channels not in (1, 3):
         raise DataError(f"the model takes {model.in_channels}-channel images; datasets are 1 or 3 channels")
     dataset = load_dataset(source, image_size=model.image_size, color="gray" if model.in_channels == 1 else "rgb",
@@ -156,6 +165,13 @@ def load_dataset_for(model: ModelConfig, source: str, *, split: Split = "train",
     if dataset.channels != model.in_channels or dataset.image_size != model.image_size:
         raise DataError(f"{source} gives {dataset.channels}-channel {dataset.image_size}px images but the model takes "
                         f"{model.in_channels}-channel {model.image_size}px")
+    if dataset.conversions:
+        what = "; ".join(dataset.conversions)
+        if not convert:
+            raise DataError(f"{_show(source)} does not fit the model, which takes {model.in_channels}-channel "
+                            f"{model.image_size}x{model.image_size} images ({what} would be needed): pass --resize "
+                            "to convert them")
+        (on_warning or _default_warning)(f"{_show(source)} converted to fit the model: {what}")
     if model.num_classes is not None and dataset.num_classes != model.num_classes:
         raise DataError(f"the model is conditioned on {model.num_classes} classes but {source} has "
                         f"{dataset.num_classes or 'no class labels'}")
@@ -255,11 +271,14 @@ def _load_builtin(
     tensor = torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1)
     if color == "rgb":
         tensor = tensor.expand(-1, 3, -1, -1).contiguous()
+    conversions = [f"{native}x{native} resized to {size}x{size}"] if size != native else []
+    conversions += ["grayscale to RGB"] if color == "rgb" else []
     return ImageDataset(
         images=tensor,
         labels=torch.from_numpy(labels.astype(np.int64)) if class_cond else None,
         class_names=tuple(str(k) for k in range(10)) if class_cond else None,
         source=f"builtin:{name}",
+        conversions=conversions,
     )
 
 
@@ -421,22 +440,26 @@ def _image_files(root: str) -> list[str]:
 
 
 def _choose_size(root: str, probed: list[tuple[int, tuple[int, int, bool]]], image_size: int | None,
-                 warn: Callable[[str], None]) -> int:
-    """``image_size``, or else the smallest short side of the probed (width, height, gray) headers."""
+                 warn: Callable[[str], None], fit_size: Callable[[int], int] | None = None) -> int:
+    """``image_size``, or else the smallest short side of the probed (width, height, gray) headers, lowered to the
+    largest size ``fit_size`` accepts."""
     if image_size is not None:
         return int(image_size)
     sizes = {(w, h) for _, (w, h, _g) in probed}
-    size = min(min(w, h) for _, (w, h, _g) in probed)
-    if not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1]):
-        warn(
-            f"images in {_show(root)} have different sizes or are not square: using {size}x{size} "
-            f"(the smallest short side); set the image size to choose another"
-        )
+    smallest = min(min(w, h) for _, (w, h, _g) in probed)
+    size = fit_size(smallest) if fit_size is not None else smallest
+    mixed = not (len(sizes) == 1 and next(iter(sizes))[0] == next(iter(sizes))[1])
+    if mixed or size != smallest:
+        what = "have different sizes or are not square" if mixed else f"are {smallest}x{smallest}"
+        why = "the smallest short side" if size == smallest else (
+            f"the largest size at or below the smallest short side, {smallest}, that the network can halve")
+        warn(f"images in {_show(root)} {what}: using {size}x{size} ({why}); set the image size to choose another")
     return size
 
 
 def _load_folder(
-    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None]
+    root: str, image_size: int | None, color: Color, class_cond: bool, skip_bad: bool, warn: Callable[[str], None],
+    fit_size: Callable[[int], int] | None = None,
 ) -> ImageDataset:
     rel_paths = _image_files(root)
     labels_all, class_names = _class_labels(root, rel_paths) if class_cond else (None, None)
@@ -462,7 +485,7 @@ def _load_folder(
     if not probed:
         _raise_all_bad(root, len(rel_paths), first_reason[0])
 
-    size = _choose_size(root, probed, image_size, warn)
+    size = _choose_size(root, probed, image_size, warn, fit_size)
     channels = {"gray": 1, "rgb": 3}.get(color) or (1 if all(g for _, (_w, _h, g) in probed) else 3)
 
     # Pass 2: decode, convert and resize each image straight into one preallocated array.
@@ -493,4 +516,23 @@ def _load_folder(
     labels = None
     if labels_all is not None:
         labels = torch.tensor([labels_all[i] for i in kept], dtype=torch.int64)
-    return ImageDataset(images=images, labels=labels, class_names=class_names, source=root, skipped=skipped)
+    kept_set = set(kept)
+    conversions = _conversions([probe for i, probe in probed if i in kept_set], size, channels)
+    return ImageDataset(images=images, labels=labels, class_names=class_names, source=root, skipped=skipped,
+                        conversions=conversions)
+
+
+def _conversions(probes: list[tuple[int, int, bool]], size: int, channels: int) -> list[str]:
+    """What loading did to these (width, height, gray) images to make them size x size with ``channels``."""
+    changed = sorted({(w, h) for w, h, _g in probes if (w, h) != (size, size)})
+    out = []
+    if changed:
+        shown = ", ".join(f"{w}x{h}" for w, h in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        count = sum((w, h) != (size, size) for w, h, _g in probes)
+        out.append(f"{count} of {len(probes)} images ({shown}) resized and cropped to {size}x{size}")
+    gray = sum(g for _w, _h, g in probes)
+    if channels == 1 and gray < len(probes):
+        out.append(f"{len(probes) - gray} color images converted to grayscale")
+    if channels == 3 and gray == len(probes):
+        out.append("grayscale images converted to RGB")
+    return out

@@ -89,12 +89,13 @@ class Denoiser:
     ``ddpmctl.inference``). ``diffusion`` describes the training chain (its ``use_timesteps`` is ignored);
     ``timesteps`` are the run's original steps, so learned variances can be rescaled to the run's own step
     sizes. ``student_head`` ("v", "x" or "both") marks a distilled student; a trained model's head is the
-    diffusion's mean_type (eps, x0 or v).
+    diffusion's mean_type (eps, x0 or v). ``latent_dim`` marks a DDGAN generator: every :meth:`predict` then takes
+    its latent z [N, latent_dim] (the sampler draws it).
     """
 
     def __init__(self, network: Callable[..., torch.Tensor], diffusion: DiffusionConfig,
                  timesteps: Sequence[OriginalStep], *, student_head: str | None = None,
-                 model_kwargs: dict[str, Any] | None = None) -> None:
+                 model_kwargs: dict[str, Any] | None = None, latent_dim: int | None = None) -> None:
         full_config = diffusion.model_copy(update={"use_timesteps": None})
         self._full = build_diffusion(full_config)
         self.network = network
@@ -106,6 +107,7 @@ class Denoiser:
         self.student = student
         self.head: Head = student_head if student else diffusion.mean_type  # type: ignore[assignment]
         self.model_kwargs = dict(model_kwargs or {})
+        self.latent_dim = latent_dim
         ascending = sorted({int(t) for t in timesteps})
         if not ascending or ascending[0] < 0 or ascending[-1] >= self.num_timesteps:
             raise ValueError(f"timesteps must be original indices in 0..{self.num_timesteps - 1}")
@@ -141,13 +143,19 @@ class Denoiser:
         return math.inf if abar >= 1.0 else 0.5 * (math.log(abar) - math.log1p(-abar))
 
     # ---------------------------------------------------------------------------------------------- predict
-    def predict(self, x: torch.Tensor, t: OriginalStep, *, clip: bool = True) -> Prediction:
+    def predict(self, x: torch.Tensor, t: OriginalStep, *, clip: bool = True,
+                latent: torch.Tensor | None = None) -> Prediction:
         """Call the network at original step ``t`` (all of x at the same step) and turn its output into x_0, eps and,
-        for a trained model, the reverse step's mean and variance (see :class:`Prediction`)."""
+        for a trained model, the reverse step's mean and variance (see :class:`Prediction`). A DDGAN generator
+        needs its ``latent`` z [N, latent_dim]; its mean and variance are the posterior q(x_s | x_t, x_0')."""
         if not 0 <= t < self.num_timesteps:
             raise ValueError(f"predict: t = {t} is not an original step 0..{self.num_timesteps - 1}")
+        if (latent is None) != (self.latent_dim is None):
+            raise ValueError(f"predict: this generator needs its latent z [N, {self.latent_dim}]" if latent is None
+                             else "predict: this network takes no latent")
         t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-        output = self.network(x, t_batch, **self.model_kwargs)
+        kwargs = self.model_kwargs if latent is None else {**self.model_kwargs, "z": latent}
+        output = self.network(x, t_batch, **kwargs)
         if self.student:
             alpha, sigma = self.alpha_sigma(t, x)
             pred_xstart = student_predict_xstart(output.to(x.dtype), x, alpha, sigma, self.head)

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ddpmctl import runfolder
+from ddpmctl import runfiles, runfolder
 from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
@@ -164,8 +164,9 @@ def distill(config: DistillConfig, *, device: torch.device | str = "cpu", resume
         run.on_signal = stopping
         from_steps = run.from_steps
         result = DistillResult(out=run.out, from_steps=from_steps, to_steps=config.to_steps, param=run.param)
-        emit(LoopEvent.note("info", f"{from_steps} -> {config.to_steps} steps in {len(run.stage_steps)} stages, "
-                                    f"param {run.param}"))
+        stages = len(run.stage_steps)
+        emit(LoopEvent.note("info", f"{from_steps} -> {config.to_steps} steps in {stages} stage"
+                                    f"{'' if stages == 1 else 's'}, param {run.param}"))
         original = GridDenoiser(run.parent.model, head_of(run.parent), run.alphas_cumprod)
         reference = _reference_samples(run, original, from_steps)
         teacher = _Teacher(original, run.parent.path.name, run.parent.sha256, list(run.parent.lineage))
@@ -191,7 +192,8 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
     """Load the teacher and the data, check the plan and the run folder (as ``train`` does), write the settings."""
     parent = load_checkpoint(config.checkpoint, device=device)
     from_steps, param, stage_steps = plan_stages(config, parent)
-    data = load_dataset_for(parent.config.model, config.data)
+    data = load_dataset_for(parent.config.model, config.data,  # converted images: said, as a warning
+                            on_warning=lambda message: emit(LoopEvent.note("warning", message)))
     full_chain = parent.config.diffusion.model_copy(update={"use_timesteps": None})
     out, layout = Path(config.out), runfolder.DISTILLATION
     saved = runfolder.check_run_dir(out, layout, config, resume=resume, force=force)
@@ -215,12 +217,15 @@ def _open_run(config: DistillConfig, device: torch.device, *, resume: bool, forc
                                      "from_steps": from_steps, "to_steps": config.to_steps, "param": param,
                                      "stages": stage_steps, "precision": precision}, layout)
     report_path = out / "report.json"
-    previous = runfolder.read_json(report_path).get("stages", []) if saved is not None and report_path.exists() else []
+    previous: dict[int, Any] = {}
+    if saved is not None and report_path.exists():
+        previous = runfiles.check_distill_report(runfolder.read_json(report_path), report_path, stage_steps)
     parent.model.eval().requires_grad_(False)
     return _Run(config=config, device=device, parent=parent, data=data, out=out, param=param,
                 from_steps=from_steps, stage_steps=stage_steps, full_chain=full_chain,
                 alphas_cumprod=build_diffusion(full_chain).alphas_cumprod, continuing=saved is not None,
-                previous_reports={int(s["steps"]): s for s in previous}, emit=emit, stop=stop,
+                previous_reports={steps: record.model_dump() for steps, record in previous.items()}, emit=emit,
+                stop=stop,
                 on_signal=lambda signum: None, precision=precision)
 
 
@@ -262,7 +267,8 @@ def _run_stage(run: _Run, stage: int, steps: int, teacher: _Teacher) -> tuple[St
 
 def _lineage_entry(run: _Run, stage: int, steps: int, teacher: _Teacher) -> dict[str, Any]:
     return {"op": "distill", "stage": stage, "steps": steps, "teacher_steps": 2 * steps, "param": run.param,
-            "iters": run.config.iters_per_stage, "parent": teacher.name, "parent_sha256": teacher.sha256}
+            "teacher_clip": teacher_clips(run), "iters": run.config.iters_per_stage, "parent": teacher.name,
+            "parent_sha256": teacher.sha256}
 
 
 def _reference_samples(run: _Run, original: GridDenoiser, from_steps: int) -> torch.Tensor | None:
@@ -306,9 +312,11 @@ class _StageSaves:
     """Where an unfinished stage saves: one ``state_{N}.safetensors`` (student, optimizer, generator, iteration),
     replaced at each save; the finished student is written by :func:`_run_stage`, not here."""
 
-    def __init__(self, path: Path, resumable: bool) -> None:
+    def __init__(self, path: Path, resumable: bool, *, iters: int, batch_size: int, num_images: int) -> None:
         self.path = path
         self.exists = resumable and path.exists()
+        # What a saved state is checked against: the stage's length and where its batches leave the data.
+        self.iters, self.batch_size, self.num_images = iters, batch_size, num_images
 
     def latest(self) -> int | None:
         return 0 if self.exists else None  # (one file: read() ignores the step and returns the saved iteration)
@@ -334,14 +342,9 @@ class _StageSaves:
         tensors, meta = load_tensors(self.path)
         tensors = dotted_keys(tensors)  # ddpmctl 0.1 wrote model/..., optim/{i}/{k}, rng/generator
         weights = {k[len("model."):]: tensors.pop(k) for k in [k for k in tensors if k.startswith("model.")]}
-        try:
-            # (States of ddpmctl before 0.2 kept only the iteration, the seconds and the recent losses.)
-            values = json.loads(meta.get("values", "{}"))
-            values.setdefault("recent_losses", json.loads(meta.get("recent_losses", "[]")))
-            values["elapsed"] = float(meta.get("seconds", "0"))
-            iteration = int(meta["iteration"])
-        except (KeyError, ValueError, AttributeError) as err:
-            raise CheckpointError(f"{self.path}: the stage state does not fit this run ({err})") from None
+        # (States of ddpmctl before 0.2 kept only the iteration, the seconds and the recent losses.)
+        iteration, values = runfiles.check_stage_state(meta, self.path, iters=self.iters, batch_size=self.batch_size,
+                                                       num_images=self.num_images, error=CheckpointError)
         return Save(step=iteration, weights={"model": weights}, ema={}, tensors=tensors, meta=values)
 
 
@@ -422,7 +425,8 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
     # A log record every iteration: the progress shows each iteration's loss (which the method reads anyway).
     settings = LoopSettings(max_steps=iters, save_every=config.save_every, log_every=1, save_at_end=False,
                             batch_size=config.batch_size)
-    loop = TrainingLoop(method, _StageSaves(state_path, run.continuing), settings,
+    loop = TrainingLoop(method, _StageSaves(state_path, run.continuing, iters=iters, batch_size=config.batch_size,
+                                                      num_images=len(run.data.images)), settings,
                         dist=DistInfo(rank=0, world_size=1, device=run.device), precision=run.precision,
                         callback=on_event, should_stop=run.stop, on_first_signal=run.on_signal)
     loop.resume()
@@ -439,6 +443,16 @@ def _train_stage(run: _Run, *, stage: int, steps: int, teacher: GridDenoiser, st
                        ddim_distance=None)
 
 
+def teacher_clips(run: _Run) -> bool:
+    """Whether the teacher's x_hat is clamped to [-1, 1] in its DDIM steps (``--teacher-clip``; default: only in an
+    eps model's lineage). An eps network's x_hat = (z - sigma eps) / alpha multiplies its error by sigma / alpha, far
+    outside [-1, 1] at high noise; a v or x0 network's stays near the data, and the official progressive
+    distillation code leaves it unclipped (measured for digits students: benchmarks/README.md)."""
+    if run.config.teacher_clip is not None:
+        return run.config.teacher_clip
+    return run.parent.config.diffusion.mean_type == "eps"
+
+
 def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatches,
                 network: Callable[..., torch.Tensor]) -> Callable[[torch.Generator], torch.Tensor]:
     """The stage's loss on a fresh random batch: the student's weighted x_hat error against the two-step target.
@@ -447,6 +461,7 @@ def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatc
     teacher runs in fp32; ``network``, the student, in ``--precision`` (its output, and the loss, in fp32).
     """
     config, device = run.config, run.device
+    clip = teacher_clips(run)
     starts, mids, ends = (torch.tensor(v, dtype=torch.int64) for v in stage_times(run.alphas_cumprod.numel(), steps))
 
     def batch_loss(generator: torch.Generator) -> torch.Tensor:
@@ -457,7 +472,7 @@ def _stage_loss(run: _Run, steps: int, teacher: GridDenoiser, batches: ImageBatc
         alpha, sigma = teacher.alpha_sigma(t, x_start)
         z_t = alpha * x_start + sigma * noise
         with torch.no_grad():
-            target = teacher_target(teacher, z_t, t, t_mid, t_prev, model_kwargs=kwargs).float()
+            target = teacher_target(teacher, z_t, t, t_mid, t_prev, clip=clip, model_kwargs=kwargs).float()
         pred = student_predict_xstart(network(z_t, t.to(device), **kwargs), z_t, alpha, sigma, run.param)
         weight = loss_weight(alpha, sigma, config.weighting).view(-1)
         return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()

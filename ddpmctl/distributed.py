@@ -214,3 +214,21 @@ def all_gather_bytes(info: DistInfo, data: torch.Tensor) -> list[torch.Tensor]:
     except RuntimeError as err:
         raise _lost_rank("all_gather", err) from None
     return [g.cpu() for g in gathered]
+
+
+
+def average_gradients(info: DistInfo, params: list[nn.Parameter]) -> None:
+    """Replace each parameter's gradient by its mean over the ranks, in one flat all-reduce (what DDP does, for a
+    network DDP cannot wrap: one whose loss has a double backward, like a discriminator's R1 penalty)."""
+    if not info.distributed:
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([param.grad.reshape(-1) for param in params])
+    total = _all_reduce(info, flat, dist.ReduceOp.SUM) / info.world_size
+    offset = 0
+    for param in params:
+        n = param.grad.numel()
+        param.grad.copy_(total[offset:offset + n].view(param.grad.shape))  # copy_ keeps the gradient's layout
+        offset += n

@@ -36,6 +36,24 @@ def ema_decay(rate: float, warmup: str, updates: int) -> float:
     raise ValueError(f"EMA warm-up must be one of {', '.join(EMA_WARMUPS)}, not {warmup!r}")
 
 
+def reached_decay(rate: float, warmup: str, updates: int) -> float:
+    """The decay of the last of ``updates`` updates: the average's current weight on its past (its window is about
+    1 / (1 - decay) updates). Without a warm-up that is ``rate`` itself; with one it is below ``rate`` until
+    1 - (1 + t)^-POWER reaches it (0.9999 after 10^6 updates): 0.9937 after 2,000."""
+    return ema_decay(rate, warmup, max(updates - 1, 0))
+
+
+def decay_summary(rate: float, warmup: str, updates: int, final_updates: int | None = None) -> str:
+    """The EMA decay a run has reached and will reach by ``final_updates`` (the progress header): the cap ``rate``
+    alone would overstate a warm-up's average by orders of magnitude on a short run."""
+    if warmup == "none":
+        return f"EMA decay {rate:g} (no warm-up)"
+    reached = [f"{reached_decay(rate, warmup, updates):.6g} after {updates:,} updates"] if updates > 0 else []
+    if final_updates is not None and final_updates > updates:
+        reached.append(f"{reached_decay(rate, warmup, final_updates):.6g} by update {final_updates:,}")
+    return f"EMA decay {', '.join(reached) or 'warming up'} (cap {rate:g})"
+
+
 class EMA:
     """fp32 shadow copies of a module's parameters: ema <- decay * ema + (1 - decay) * param after every step."""
 

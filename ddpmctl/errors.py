@@ -49,6 +49,20 @@ class TrainingError(DdpmctlError):
     """Training cannot continue (e.g. a non-finite loss)."""
 
 
+# One wording for every range check, whoever makes it (pydantic, typer, ddpmctl): "--steps must be at least 1".
+_RANGE_WORDS = {"greater than or equal to": "at least", "greater than": "greater than",
+                "less than or equal to": "at most", "less than": "less than"}
+_PYDANTIC_RANGE = re.compile(r"^Input should be (greater than or equal to|greater than|less than or equal to|"
+                             r"less than) (\S+)$")
+
+
+def range_wording(message: str) -> str | None:
+    """pydantic's 'Input should be greater than or equal to 1' as ddpmctl words it, 'must be at least 1' (None for
+    any other message)."""
+    match = _PYDANTIC_RANGE.match(message.strip().rstrip("."))
+    return None if match is None else f"must be {_RANGE_WORDS[match.group(1)]} {match.group(2)}"
+
+
 def validation_problem(err: ValidationError, where: Callable[[tuple[str | int, ...]], str] | None = None, *,
                        show_input: bool = False) -> str:
     """The first problem pydantic found, as one line "where: what".
@@ -60,8 +74,12 @@ def validation_problem(err: ValidationError, where: Callable[[tuple[str | int, .
     first = err.errors()[0]
     message = re.sub(r"^(Value|Assertion) error, ", "", " ".join(str(first.get("msg", "invalid value")).split()))
     value = first.get("input")
-    if show_input and value is not None and not isinstance(value, (dict, list, tuple)):
-        message += f" (got {value!r})"
     loc = tuple(first.get("loc") or ())
     place = where(loc) if where is not None else ".".join(str(part) for part in loc)
+    ranged = range_wording(message)
+    if ranged is not None:
+        shown = f", not {value}" if show_input and isinstance(value, (int, float, str)) else ""
+        return f"{place} {ranged}{shown}" if place else ranged + shown
+    if show_input and value is not None and not isinstance(value, (dict, list, tuple)):
+        message += f" (got {value!r})"
     return f"{place}: {message}" if place else message

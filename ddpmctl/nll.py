@@ -405,10 +405,14 @@ def _mc_result(pairs: _MCPairs, prior: torch.Tensor, values: torch.Tensor, propo
 
 
 def check_has_bound(checkpoint: LoadedCheckpoint) -> None:
-    """A distilled student predicts x_0 on a few-step grid, not eps and a variance on a chain: it has no bound."""
+    """A distilled student predicts x_0 on a few-step grid, not eps and a variance on a chain: it has no bound;
+    nor has a DDGAN generator, whose x_0 is a sample of an implicit distribution (a GAN has no density)."""
     if checkpoint.kind == "student" or checkpoint.config.student is not None:
         raise CheckpointError(f"{checkpoint.path.name} is a distilled student: a student has no variational bound "
                               "(evaluate the teacher it was distilled from)")
+    if checkpoint.kind == "ddgan":
+        raise CheckpointError(f"{checkpoint.path.name} is a denoising diffusion GAN: its implicit generator has no "
+                              "likelihood to evaluate (measure its samples with eval-samples)")
 
 
 def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, labels: torch.Tensor | None = None, *,

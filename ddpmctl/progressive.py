@@ -177,6 +177,9 @@ def plan_stages(config: DistillConfig, parent: LoadedCheckpoint) -> tuple[int, S
     channels = parent.config.model.in_channels
     out_channels = parent.config.out_channels
     name = Path(config.checkpoint).name
+    if parent.kind == "ddgan":
+        raise ConfigError(f"{name} is a denoising diffusion GAN: it is already a {T}-step generator and has no "
+                          "denoiser to distill (distill a diffusion model trained with --method iddpm)")
     if parent.kind == "student":
         student = parent.config.student
         own = len(student.steps)

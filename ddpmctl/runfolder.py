@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from ddpmctl import runfiles
 from ddpmctl.config import TrainConfig
 from ddpmctl.errors import CheckpointError, ConfigError, validation_problem
 from ddpmctl.fileio import atomic_write, write_json_atomic
@@ -163,11 +164,8 @@ def remove_temp_files(run_dir: Path, layout: RunLayout = TRAINING) -> list[str]:
 
 
 def read_json(path: Path) -> Any:
-    """A JSON file of a run folder (CheckpointError, one line, when it cannot be read)."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read {path}: {err}") from None
+    """A JSON file of a run folder, read safely (CheckpointError, one line, when it cannot be read)."""
+    return runfiles.read_json_file(path, error=CheckpointError)
 
 
 def write_run_config(run_dir: Path, payload: dict[str, Any], layout: RunLayout = TRAINING) -> None:
@@ -176,14 +174,12 @@ def write_run_config(run_dir: Path, payload: dict[str, Any], layout: RunLayout =
 
 
 def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, Any]:
-    """The saved settings file of a run folder (ConfigError when absent, unreadable or of another kind)."""
+    """The saved settings file of a run folder, validated (runfiles); ConfigError when absent, unreadable, of
+    another kind or invalid."""
     path = run_dir / layout.config_file
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{run_dir} holds no {layout.what} to resume (no {layout.config_file})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"{path} cannot be read: {err}") from None
+    if not path.exists() and not path.is_symlink():
+        raise ConfigError(f"{run_dir} holds no {layout.what} to resume (no {layout.config_file})")
+    payload = runfiles.read_json_file(path, error=ConfigError)
     if not isinstance(payload, dict) or not isinstance(payload.get(layout.section), dict):
         raise ConfigError(f"{path} is not a ddpmctl {layout.what} config (no '{layout.section}' section)")
     if payload.get("format", layout.format) != layout.format:  # (hand-written settings files may omit it)
@@ -191,6 +187,9 @@ def read_run_config(run_dir: Path, layout: RunLayout = TRAINING) -> dict[str, An
                           f"{str(payload.get('format'))[:40]!r}, expected {layout.format})")
     if layout is TRAINING:
         payload["train"] = _with_legacy_values(payload["train"], payload.get("model"))
+        runfiles.check_train_run(payload, path)
+    else:
+        runfiles.check_distill_run(payload, path)
     return payload
 
 
@@ -207,6 +206,14 @@ def _with_legacy_values(train: dict[str, Any], model: Any) -> dict[str, Any]:
     train = dict(train)
     for field, value in _LEGACY_TRAIN_VALUES.items():
         train.setdefault(field, value)
+    return with_network_fields(train, model)
+
+
+def with_network_fields(train: dict[str, Any], model: Any) -> dict[str, Any]:
+    """``train`` (TrainConfig fields as JSON) with the network-shape options it left to the size-scaled defaults
+    (None) filled in from ``model`` (the built network's ModelConfig as JSON): what a resumed run reads back, and so
+    what a save records as the run's settings."""
+    train = dict(train)
     if isinstance(model, dict):
         for field, model_field in _LEGACY_MODEL_FIELDS.items():
             if train.get(field) is None and model.get(model_field) is not None:
@@ -253,8 +260,13 @@ def rewrite_metrics(run_dir: Path, up_to_step: int) -> None:
     path = run_dir / METRICS_FILE
     if not path.exists():
         return
+    kind = runfiles.not_regular(path.stat().st_mode)
+    if kind is not None:
+        raise ConfigError(f"{path} is {kind}, not a regular file")
     kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = list(handle)
+    for line in (line.rstrip("\n") for line in lines):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
@@ -270,3 +282,81 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
         handle.flush()
+
+
+@dataclass(frozen=True)
+class RunCheckpoint:
+    """The checkpoint a run folder stands for when given where a checkpoint is expected (``sample RUN``)."""
+
+    path: Path
+    what: str  # for the "using ..." line: "newest EMA save, step 2000" / "final student, 4 steps"
+
+
+_STUDENT_FILE = re.compile(r"^student_(\d+)\.safetensors$")
+
+
+def resolve_run_checkpoint(run_dir: Path) -> RunCheckpoint:
+    """A training run folder -> its newest complete EMA checkpoint; a distillation run -> its fewest-step student.
+
+    A save counts once its state JSON exists (the JSON is written last), so a save cut short by a kill is never
+    picked. Raises CheckpointError, one line, for a folder that holds neither kind of run."""
+    if (run_dir / TRAINING.config_file).is_file() or complete_saves(run_dir):
+        for step in reversed(complete_saves(run_dir)):
+            state = read_json(run_dir / state_json_name(step))
+            name = state.get("files", {}).get("ema") if isinstance(state, dict) else None
+            candidates = [run_dir / name] if isinstance(name, str) and "/" not in name else sorted(
+                run_dir.glob(f"ema_*_{step:06d}.safetensors"))
+            for path in candidates:
+                if path.is_file():
+                    return RunCheckpoint(path, f"newest EMA save, step {step}")
+        raise CheckpointError(f"{run_dir} is a training run without a complete save yet: train it further "
+                              "(`ddpmctl train --out RUN --resume`) or give a checkpoint file")
+    students = sorted((int(m.group(1)), p) for p in run_dir.glob("student_*.safetensors")
+                      if (m := _STUDENT_FILE.match(p.name)))
+    if students:
+        steps, path = students[0]
+        return RunCheckpoint(path, f"final student, {steps} steps")
+    if (run_dir / DISTILLATION.config_file).is_file():
+        raise CheckpointError(f"{run_dir} is a distillation run without a finished stage yet: give a checkpoint "
+                              "file, or continue it with `ddpmctl distill --out RUN --resume`")
+    raise CheckpointError(f"{run_dir} is a folder but not a ddpmctl run (no config.json or distill.json): give a "
+                          "checkpoint file (.safetensors)")
+
+
+def _modified(path: Path) -> str:
+    """A file's modification time, local, to the second (when a save was written)."""
+    import datetime
+
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).isoformat(sep=" ", timespec="seconds")
+
+
+def _training_saves(run_dir: Path) -> list[dict[str, Any]]:
+    saves = []
+    for step in complete_saves(run_dir):
+        json_path = run_dir / state_json_name(step)
+        state = read_json(json_path)
+        files = state.get("files", {}) if isinstance(state, dict) else {}
+        saves.append({"step": step, "ema": files.get("ema"), "model": files.get("model"),
+                      "ema_warmup": state.get("ema_warmup") if isinstance(state, dict) else None,
+                      "ema_updates": state.get("ema_updates") if isinstance(state, dict) else None,
+                      "time": _modified(json_path)})
+    return saves
+
+
+def describe_run(run_dir: Path) -> dict[str, Any]:
+    """What ``ddpmctl info RUN`` shows of a run folder: its kind, resolved settings and saves (JSON-ready).
+
+    Training: ``config.json`` as written (the options resolved from the data included, named in
+    ``chosen_from_data``) and one entry per complete save. Distillation: ``distill.json`` and the students."""
+    if (run_dir / TRAINING.config_file).is_file():
+        payload = read_run_config(run_dir, TRAINING)
+        return {"run": str(run_dir), "kind": TRAINING.what, **{k: v for k, v in payload.items() if k != "format"},
+                "saves": _training_saves(run_dir)}
+    if (run_dir / DISTILLATION.config_file).is_file():
+        payload = read_run_config(run_dir, DISTILLATION)
+        students = sorted((int(m.group(1)), p) for p in run_dir.iterdir() if (m := _STUDENT_FILE.match(p.name)))
+        return {"run": str(run_dir), "kind": DISTILLATION.what,
+                **{k: v for k, v in payload.items() if k != "format"},
+                "students": [{"steps": n, "file": p.name, "time": _modified(p)} for n, p in reversed(students)]}
+    raise CheckpointError(f"{run_dir} is a folder but not a ddpmctl run (no config.json or distill.json): give a "
+                          "checkpoint file (.safetensors) or a run folder")

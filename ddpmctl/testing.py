@@ -23,11 +23,11 @@ import ddpmctl
 from ddpmctl.build import build_diffusion
 from ddpmctl.checkpoint import LoadedCheckpoint
 from ddpmctl.choices import is_learned_variance
-from ddpmctl.config import CheckpointConfig, DiffusionConfig, ModelConfig, StudentConfig
+from ddpmctl.config import CheckpointConfig, DiffusionConfig, LatentConfig, ModelConfig, StudentConfig
 from ddpmctl.progressive import student_grid  # re-exported: the one grid k_i = round(i T / N) - 1
 from ddpmctl.samplers import API_VERSION, Sampler, SampleRNG, StepInfo, build_denoiser, sampling_timesteps
 
-__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "exact_checkpoint", "student_grid", "check_sampler",
+__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "ExactGenerator", "exact_checkpoint", "student_grid", "check_sampler",
            "gaussian_ode_error"]
 
 
@@ -117,19 +117,58 @@ class ExactGaussianDenoiser(torch.nn.Module):
         return eps
 
 
+class ExactGenerator(torch.nn.Module):
+    """An exact DDGAN generator G(x_t, z, t) for Gaussian data x_0 ~ N(mean, std^2) elementwise, or (``std`` 0) for
+    data that is one image x* (per class when ``x_star`` is [K, C, H, W] and y given).
+
+    x_0' = E[x_0 | x_t] + sqrt(Var[x_0 | x_t]) z (z's first C*H*W entries as an image): a draw from the true
+    p(x_0 | x_t), so q(x_{t-1} | x_t, x_0') is the true reverse step and a correct DDGAN sampler draws exactly from
+    the data distribution.
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, *, mean: float = 0.0, std: float = 0.0,
+                 x_star: torch.Tensor | None = None, class_cond: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float64))
+        self.mean, self.std, self.class_cond = float(mean), float(std), class_cond
+        self.x_star = x_star.to(torch.float64) if x_star is not None else None
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> torch.Tensor:
+        if z is None or z.shape[0] != x.shape[0]:
+            raise AssertionError("the generator was called without a latent z [N, dim] for every image")
+        if self.x_star is not None:
+            if self.class_cond and y is None:
+                raise AssertionError("the network was called without the class labels y (model_kwargs)")
+            return (self.x_star[y] if self.class_cond else self.x_star.expand_as(x)).to(x.dtype)
+        abar = self.alphas_cumprod[t].view(-1, *([1] * (x.dim() - 1)))
+        s2 = self.std ** 2
+        gain = abar.sqrt() * s2 / (abar * s2 + 1.0 - abar)
+        posterior_var = s2 * (1.0 - abar) / (abar * s2 + 1.0 - abar)
+        draw = z[:, :x[0].numel()].reshape(x.shape).to(torch.float64)
+        x0 = self.mean + gain * (x.to(torch.float64) - abar.sqrt() * self.mean) + posterior_var.sqrt() * draw
+        return x0.to(x.dtype)
+
+
+# The chain check_sampler gives a DDGAN sampler: the official CIFAR-10 length on DDGAN's VP-SDE.
+_DDGAN_CHAIN = DiffusionConfig(schedule="vp-sde", timesteps=4, mean_type="x0", var_type="fixed_small", loss_type="mse")
+
+
 def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, diffusion: DiffusionConfig,
                      num_classes: int | None = None, kind: str = "model",
                      student_steps: int = 8) -> LoadedCheckpoint:
     """Wrap a closed-form denoiser as a LoadedCheckpoint (no file behind it) so samplers can run on it.
 
-    ``kind="student"`` describes an x-head student on a ``student_steps`` grid (give it a denoiser with head "x").
+    ``kind="student"`` describes an x-head student on a ``student_steps`` grid (give it a denoiser with head "x");
+    ``kind="ddgan"`` a generator with a latent of C*H*W dimensions (give it an :class:`ExactGenerator`).
     """
     student = None
     if kind == "student":
         student = StudentConfig(param="x", steps=tuple(student_grid(diffusion.timesteps, student_steps)),
                                 teacher_steps=2 * student_steps)
+    latent = LatentConfig(dim=channels * image_size**2) if kind == "ddgan" else None
     config = CheckpointConfig(
-        model=ModelConfig(image_size=image_size, in_channels=channels, num_classes=num_classes),
+        model=ModelConfig(image_size=image_size, in_channels=channels, num_classes=num_classes, latent=latent),
         diffusion=diffusion,
         student=student,
     )
@@ -144,17 +183,24 @@ def _full_chain(diffusion: DiffusionConfig) -> Any:
 
 def _point_checkpoint(var_type: str, x_star: torch.Tensor, *, kind: str, class_cond: bool = False,
                       timesteps: int = 100) -> LoadedCheckpoint:
+    channels, size = x_star.shape[-3], x_star.shape[-1]
+    if kind == "ddgan":
+        generator = ExactGenerator(_full_chain(_DDGAN_CHAIN).alphas_cumprod, x_star=x_star, class_cond=class_cond)
+        return exact_checkpoint(generator, channels=channels, image_size=size, diffusion=_DDGAN_CHAIN, kind=kind,
+                                num_classes=x_star.shape[0] if class_cond else None)
     dconf = DiffusionConfig(schedule="cosine", timesteps=timesteps, mean_type="eps", var_type=var_type,
                             loss_type="rescaled_mse" if is_learned_variance(var_type) else "mse")
     model = ExactPointDenoiser(x_star, _full_chain(dconf).alphas_cumprod, learned_sigma=dconf.learned_sigma,
                                class_cond=class_cond, head="x" if kind == "student" else "eps")
-    channels, size = x_star.shape[-3], x_star.shape[-1]
     return exact_checkpoint(model, channels=channels, image_size=size, diffusion=dconf, kind=kind,
                             num_classes=x_star.shape[0] if class_cond else None)
 
 
 def _gaussian_checkpoint(mean: float, std: float, *, kind: str, channels: int, image_size: int,
                          timesteps: int = 100) -> LoadedCheckpoint:
+    if kind == "ddgan":
+        generator = ExactGenerator(_full_chain(_DDGAN_CHAIN).alphas_cumprod, mean=mean, std=std)
+        return exact_checkpoint(generator, channels=channels, image_size=image_size, diffusion=_DDGAN_CHAIN, kind=kind)
     dconf = DiffusionConfig(schedule="cosine", timesteps=timesteps, mean_type="eps", var_type="learned_range")
     full = _full_chain(dconf)
     model = ExactGaussianDenoiser(mean, std, full.alphas_cumprod, betas=full.betas, learned_sigma=True,
@@ -227,15 +273,16 @@ def check_sampler(cls: type[Sampler], *, steps: int | None = None, options: Base
     name = cls.__name__
     sampler = cls(options)
     kinds = cls.checkpoint_kinds
-    assert kinds and all(k in ("model", "respaced", "student") for k in kinds), (
-        f"{name}.checkpoint_kinds must list model, respaced and/or student, not {kinds!r}")
+    assert kinds and all(k in ("model", "respaced", "student", "ddgan") for k in kinds), (
+        f"{name}.checkpoint_kinds must list model, respaced, student and/or ddgan, not {kinds!r}")
     kind = kinds[0]
     torch.manual_seed(12345)
     x_star = torch.linspace(-0.9, 0.9, 3 * 4 * 4, dtype=torch.float64).reshape(3, 4, 4)
     x_star = x_star[:, torch.randperm(4)]  # not separable per row, so a channel or pixel mix-up shows
 
     # 1. The point-mass limit: every sampler must return x*, with fixed (C) and learned (2C) variance outputs.
-    for var_type in ("fixed_small", "learned_range"):
+    # (A DDGAN generator predicts x_0 and the posterior gives the variance: it has no learned-variance form.)
+    for var_type in ("fixed_small",) if kind == "ddgan" else ("fixed_small", "learned_range"):
         ckpt = _point_checkpoint(var_type, x_star, kind=kind)
         out, seen, _, timesteps = _run(sampler, ckpt, seed=1, indices=range(4), steps=steps)
         err = float((out.to(torch.float64) - x_star).abs().max())
@@ -288,12 +335,14 @@ def check_sampler(cls: type[Sampler], *, steps: int | None = None, options: Base
 def gaussian_ode_error(cls: type[Sampler], steps: int, *, options: BaseModel | None = None, mean: float = 0.1,
                        std: float = 0.3, timesteps: int = 4000, schedule: str = "cosine", images: int = 8,
                        image_size: int = 16, seed: int = 0) -> float:
-    """RMS distance of a deterministic sampler's images to the exact probability-flow ODE solution, Gaussian data.
+    """RMS distance of a deterministic sampler's images to the exact probability-flow ODE endpoint, Gaussian data.
 
-    For x_0 ~ N(m, s^2) and the exact denoiser, y = x / alpha is N(m, s^2 + (sigma/alpha)^2) at every step and the
-    ODE moves it by a pure scaling: y(b) = m + (y(a) - m) sqrt((s^2 + k_b^2) / (s^2 + k_a^2)), k = sigma / alpha.
-    The reference integrates that exactly (float64) from the run's top step to its lowest step and then applies the
-    final x_hat = E[x_0 | x] every sampler here ends with; the difference is the sampler's discretisation error.
+    For x_0 ~ N(m, s^2) and the exact denoiser, y = x / alpha is N(m, s^2 + k^2) at every step, k = sigma / alpha,
+    and the ODE moves it by a pure scaling: y(b) = m + (y(a) - m) sqrt((s^2 + k_b^2) / (s^2 + k_a^2)). The reference
+    is that map from the run's top step all the way to k = 0 (sigma = 0, clean data): x_0 = m + (y_top - m) s /
+    sqrt(s^2 + k_top^2), a sample of N(m, s^2) exactly. A sampler that stops at a step with k > 0 and returns the
+    denoiser's E[x_0 | x] there shrinks every sample towards m by s / sqrt(s^2 + k^2) more than the ODE does; that
+    bias of stopping early counts here, together with the discretisation error.
     ``options`` default: the sampler's defaults with ``clip_denoised=False`` (clipping would bias the tails).
     """
     dconf = DiffusionConfig(schedule=schedule, timesteps=timesteps, var_type="fixed_small", loss_type="mse")
@@ -304,10 +353,8 @@ def gaussian_ode_error(cls: type[Sampler], steps: int, *, options: BaseModel | N
         unclipped = {"clip_denoised": False} if "clip_denoised" in cls.Options.model_fields else {}
         options = cls.Options(**unclipped)
     out, _, x_T, run = _run(cls(options), ckpt, seed=seed, indices=range(images), steps=steps)
-    abar_top, abar_low = float(full.alphas_cumprod[run[0]]), float(full.alphas_cumprod[run[-1]])
-    k_top2, k_low2 = (1 - abar_top) / abar_top, (1 - abar_low) / abar_low  # (sigma / alpha)^2
+    abar_top = float(full.alphas_cumprod[run[0]])
+    k_top2 = (1 - abar_top) / abar_top  # (sigma / alpha)^2 at the top step
     y_top = x_T.to(torch.float64) / math.sqrt(abar_top)
-    x_low = math.sqrt(abar_low) * (mean + (y_top - mean) * math.sqrt((std**2 + k_low2) / (std**2 + k_top2)))
-    gain = math.sqrt(abar_low) * std**2 / (abar_low * std**2 + 1 - abar_low)
-    exact = mean + gain * (x_low - math.sqrt(abar_low) * mean)
+    exact = mean + (y_top - mean) * std / math.sqrt(std**2 + k_top2)
     return float((out.to(torch.float64) - exact).pow(2).mean().sqrt())

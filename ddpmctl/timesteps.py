@@ -27,6 +27,10 @@ def _logsnr_uniform(log_snr: Sequence[float], steps: int, span: tuple[float, flo
     The top step of a cosine chain sits at the clipped beta of 0.999, 3.5 units of lambda below its neighbour: a
     grid starting there would put its next targets in a gap the chain cannot fill (they would collapse onto the
     top steps). On the Gaussian check this halves dpmpp-2m's error at 5-50 steps (benchmarks/README.md).
+    Where the top step is instead close below the range's low end (a linear chain's top two steps differ by 0.01
+    in lambda), a first target there would spend a network call on nearly the top step again and make the next
+    step's 2M extrapolation 1/(2r) huge: so the first step is never shorter than the grid's others, and when it
+    would be, the grid is uniform from the top step itself (the two rules agree where the gap equals the spacing).
     """
     total = len(log_snr)
     if steps == 1:
@@ -37,6 +41,8 @@ def _logsnr_uniform(log_snr: Sequence[float], steps: int, span: tuple[float, flo
         if not low < high:
             raise SamplerError(f"the log-SNR range needs its low end below its high end, not {low:g} .. {high:g}")
         top, bottom = max(top, min(low, bottom)), min(bottom, max(high, top))
+    if steps > 2 and top - log_snr[-1] < (bottom - top) / (steps - 2):
+        top = log_snr[-1] + (bottom - log_snr[-1]) / (steps - 1)
     targets = [top + (bottom - top) * j / (steps - 2) for j in range(steps - 1)] if steps > 2 else [bottom]
     # The chain's lambda decreases with the position: the nearest position by bisection, then kept distinct.
     chosen = [total - 1]

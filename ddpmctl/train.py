@@ -4,6 +4,7 @@ loss, on the shared training loop (:mod:`ddpmctl.loop`: run folder, EMA, resume,
 Three pieces, one job each: ``RunFolderSaves`` (the run folder, ``--out``: --resume / --force, config.json, the
 files of each save, metrics.jsonl), ``IDDPMMethod`` (the objective: network, diffusion, optimizer, timestep sampler,
 data stream; batches, losses, updates) and :func:`train` (fits the settings to the data and runs the loop).
+``--method ddgan`` runs :class:`ddpmctl.ddgan_method.DdganMethod` on the same folder and loop instead.
 
 Determinism: one CPU ``torch.Generator`` seeded with ``--seed`` draws everything data-side for the GLOBAL batch
 (epoch permutations, flips, timesteps, noise); each rank takes its slice, so every rank's generator stays identical
@@ -23,12 +24,15 @@ from torch import nn
 
 from ddpmctl import __version__
 from ddpmctl import distributed as dist_utils
-from ddpmctl import runfolder
+from ddpmctl import runfiles, runfolder
 from ddpmctl.batches import ImageBatches
 from ddpmctl.build import build_diffusion, build_model
 from ddpmctl.checkpoint import save_checkpoint
-from ddpmctl.config import CheckpointConfig, ModelConfig, TrainConfig
+from ddpmctl.config import (DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, CheckpointConfig, ModelConfig, TrainConfig,
+                            halvable_size)
 from ddpmctl.data import ImageDataset, load_dataset
+from ddpmctl.ddgan_method import DdganMethod
+from ddpmctl.ema import decay_summary
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
 from ddpmctl.fileio import load_tensors, save_tensors, write_json_atomic
 from ddpmctl.finetune import InitWeights, check_same_network, read_init_weights
@@ -45,7 +49,7 @@ __all__ = ["IDDPMMethod", "RunFolderSaves", "TrainEvent", "TrainResult", "comput
 
 # The loop's progress event: training's callbacks receive these.
 TrainEvent = LoopEvent
-STATE_FORMAT = "ddpmctl-train-state/1"
+STATE_FORMAT = runfiles.TRAIN_STATE_FORMAT
 # ModelConfig.image_size's lower bound (the U-Net needs a few pixels to halve).
 MIN_IMAGE_SIZE = 4
 
@@ -111,6 +115,8 @@ class RunFolderSaves:
             raise ConfigError("no run folder: give --out DIR")
         self.path, self.config, self.dist, self.kind = Path(config.out), config, dist, kind
         self.ckpt_config: CheckpointConfig | None = None  # set once the network is known
+        # The training images, once the data is loaded: a saved state's data stream is checked against them.
+        self.num_images: int | None = None
         self.sampled = sampled  # the name of the sampled network (the method's first in networks())
         self.init_lineage: list[dict[str, Any]] = []  # --init-from: the parent's lineage and the init step
 
@@ -161,7 +167,8 @@ class RunFolderSaves:
         runfolder.append_metrics(self.path, record)
 
     def _lineage(self, step: int, ema: float | None, averaged: dict[str, Any]) -> list[dict[str, Any]]:
-        entry = {"op": "train", "run": self.path.name, "step": step, "ema": ema, "data": self.config.data}
+        entry = {"op": "train", "run": self.path.name, "step": step, "ema": ema, "data": self.config.data,
+                 "flip": self.config.flip}
         if ema is not None:
             # Which average the weights are (`ddpmctl info` shows it): the warm-up and how many updates it holds.
             entry.update(averaged)
@@ -186,9 +193,17 @@ class RunFolderSaves:
         save_tensors(state_path, tensors, {"format": STATE_FORMAT, "step": str(step)})
         write_json_atomic(json_path, {"format": STATE_FORMAT, "step": step, **meta,
                                       "files": {"ema": ema_path.name, "model": model_path.name,
-                                                "state": state_path.name}})
+                                                "state": state_path.name},
+                                      "settings": self._settings()})
         runfolder.prune(self.path, self.config.keep)
         return ema_path
+
+    def _settings(self) -> dict[str, Any]:
+        """The run's settings as a save records them, with the network options that were left to the defaults
+        filled in from the built network, exactly as --resume reads config.json back."""
+        assert self.ckpt_config is not None
+        settings = runfiles.run_settings(self.config, runfolder.TRAINING.resumable)
+        return runfolder.with_network_fields(settings, self.ckpt_config.model.model_dump(mode="json"))
 
     def read(self, step: int) -> Save:
         """What write wrote at ``step``."""
@@ -196,6 +211,10 @@ class RunFolderSaves:
         meta = runfolder.read_json(json_path)
         if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
             raise CheckpointError(f"{json_path} is not a ddpmctl training state")
+        files = {"ema": ema_path.name, "model": model_path.name, "state": state_path.name}
+        meta = runfiles.check_train_state(meta, json_path, step=step, config=self.config,
+                                          num_images=self.num_images, files=files,
+                                          resumable=runfolder.TRAINING.resumable, error=CheckpointError)
         tensors = load_tensors(state_path)[0]
         weights = {self.sampled: load_tensors(model_path)[0]}
         ema = {self.sampled: load_tensors(ema_path)[0]}
@@ -302,9 +321,9 @@ class IDDPMMethod(Method):
         self.acc.zero_()
         n = max(float(acc[3]), 1.0)
         record: dict[str, Any] = {"loss": float(acc[0]) / n, "mse": float(acc[1]) / n, "vb": float(acc[2]) / n}
-        for q in range(4):
+        for q in range(4):  # quartiles of t numbered q1..q4, as eval-nll's breakdown numbers them
             count = float(acc[8 + q])
-            record[f"q{q}"] = float(acc[4 + q]) / count if count else None
+            record[f"q{q + 1}"] = float(acc[4 + q]) / count if count else None
         record["grad_norm"] = float(acc[12]) / n
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         return record
@@ -347,6 +366,7 @@ class _Setup:
         # --init-from: read before the data (a bad checkpoint fails fast); a resumed run has its weights already.
         init = read_init_weights(config.init_from) if config.init_from is not None and saved is None else None
         dataset = self.dataset = self._load_dataset()
+        self.folder.num_images = len(dataset.images)
         config = self._fit_to_data(config, saved, dataset)
         model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
                                                 num_classes=dataset.num_classes if config.class_cond else None)
@@ -358,8 +378,17 @@ class _Setup:
             check_same_network(init, model_config, self.ckpt_config.out_channels)
         self.folder.init_lineage = (init.lineage_entries() if init is not None
                                     else list((saved or {}).get("init_lineage") or []))
-        self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset, init)
-        self.num_parameters = sum(p.numel() for p in self.method.model.parameters())
+        self.method: Method
+        if config.method == "ddgan":
+            if init is not None:
+                raise ConfigError("--init-from fine-tunes a diffusion model: it does not apply to --method ddgan")
+            self.method = DdganMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
+        else:
+            self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset, init)
+        # The sampled network (the method's first) makes the run's checkpoints: a DDGAN's generator is kind ddgan.
+        self.folder.kind = "ddgan" if config.method == "ddgan" else "model"
+        self.folder.sampled, sampled = next(iter(self.method.networks().items()))
+        self.num_parameters = sum(p.numel() for p in sampled.parameters())
         self.folder.open(self._run_config_payload())
 
     def quality_probe(self) -> tuple[Periodic, ...]:
@@ -370,7 +399,7 @@ class _Setup:
         from ddpmctl.train_eval import QualityProbe
 
         probe = QualityProbe(self.ckpt_config, self.dataset, c.data, every=c.eval_every, num=c.eval_num,
-                             steps=c.eval_steps, device=self.device)
+                             steps=c.eval_steps, device=self.device, kind=self.folder.kind)
         return (probe.periodic(),)
 
     def _warn(self, message: str) -> None:
@@ -382,12 +411,23 @@ class _Setup:
         """Options left to their default choice: a resumed run keeps its saved values, a new one fits the data.
         Then each rank's share of the batch and the precision this device runs (one warning where bf16 is
         emulated)."""
+        # Which options the data decided (`ddpmctl info RUN` marks them); a resumed run keeps its first record.
+        left = (*DATA_DEFAULT_FIELDS, *NETWORK_SHAPE_FIELDS)
+        self.chosen_from_data = (list(saved.get("chosen_from_data", [])) if saved is not None else
+                                 [f for f in left if getattr(config, f) is None])
         if saved is not None:
-            config = config.model_copy(update={f: saved["train"][f] for f in TrainConfig.model_fields
-                                               if getattr(config, f) is None and saved["train"].get(f) is not None})
+            # (JSON lists back to the tuples the fields hold: model_copy does not validate.)
+            config = config.model_copy(update={f: tuple(v) if isinstance(v, list) else v
+                                               for f, v in saved["train"].items()
+                                               if f in TrainConfig.model_fields and getattr(config, f) is None
+                                               and v is not None})
         self.config = self.folder.config = config = config.with_data_defaults(image_size=dataset.image_size,
                                                                               num_images=len(dataset.images))
         self.local_batch = dist_utils.split_batch(config.batch_size, self.dist.world_size)
+        if config.batch_size > len(dataset.images):
+            self._warn(f"--batch-size {config.batch_size} is more than the {len(dataset.images):,} training images: "
+                       "every batch holds some images twice or more (a batch below the dataset's size, with more "
+                       "steps, trains better)")
         self.precision, warning = resolve_precision(config.precision, self.device)
         if warning is not None:
             self._warn(warning)
@@ -397,7 +437,8 @@ class _Setup:
         config = self.config
         dataset = load_dataset(config.data, image_size=config.image_size, color=config.color,
                                class_cond=config.class_cond, split="train",
-                               skip_bad_images=config.skip_bad_images, on_warning=self._warn)
+                               skip_bad_images=config.skip_bad_images, on_warning=self._warn,
+                               fit_size=lambda size: halvable_size(size, config.channel_mult))
         if dataset.image_size < MIN_IMAGE_SIZE:
             size = dataset.image_size
             raise DataError(f"{config.data}: images of {size}x{size} pixels are below the {MIN_IMAGE_SIZE}x"
@@ -412,6 +453,7 @@ class _Setup:
             "model": self.ckpt_config.model.model_dump(mode="json"),
             "diffusion": self.ckpt_config.diffusion.model_dump(mode="json"),
             "data": self.ckpt_config.data.model_dump(mode="json") if self.ckpt_config.data else None,
+            "chosen_from_data": self.chosen_from_data,
             "num_parameters": self.num_parameters,
             "world_size": self.dist.world_size,
             "created_with": __version__,
@@ -437,6 +479,17 @@ class _Setup:
         return loop
 
 
+def _start_message(num_parameters: int, precision: str, loop: TrainingLoop, max_steps: int | None) -> str:
+    """The progress header's parentheses: parameters, precision, and the EMA decay the run has reached and will
+    reach by its last step (the cap alone overstates a warm-up's average on a short run)."""
+    message = f"{num_parameters:,} parameters, {precision}"
+    ema = next(iter(loop.emas.values()), None)
+    if ema is None:
+        return message
+    final = None if max_steps is None else ema.updates + max(0, max_steps - loop.step)
+    return f"{message}, {decay_summary(ema.rate, ema.warmup, ema.updates, final)}"
+
+
 def train(config: TrainConfig, *, device: torch.device, resume: bool = False, force: bool = False,
           callback: Callable[[TrainEvent], None] | None = None,
           should_stop: Callable[[], bool] | None = None, periodic: tuple[Periodic, ...] = ()) -> TrainResult:
@@ -450,7 +503,7 @@ def train(config: TrainConfig, *, device: torch.device, resume: bool = False, fo
     try:
         setup = _Setup(config, dist, resume, force, callback)
         loop = setup.loop(should_stop, (*periodic, *setup.quality_probe(), *training_watchers(setup.config)))
-        done = loop.run(start_message=f"{setup.num_parameters:,} parameters, {setup.precision}")
+        done = loop.run(start_message=_start_message(setup.num_parameters, setup.precision, loop, config.max_steps))
         # Every rank finishes before any tears the group down: a rank that exits while another still talks to the
         # store (hosted by rank 0) could abort in gloo's teardown ("terminate called without an active
         # exception", seen in about 1 run in 20 of the 2-rank test).

@@ -43,7 +43,7 @@ class QualityProbe:
     ``periodic()`` is the loop's hook (``ddpmctl.loop.Periodic``): it runs on rank 0 after a step's log and save."""
 
     def __init__(self, ckpt_config: CheckpointConfig, dataset: ImageDataset, source: str, *, every: int, num: int,
-                 steps: int, device: torch.device) -> None:
+                 steps: int, device: torch.device, kind: str = "model") -> None:
         from ddpmctl.samplers import get_sampler
 
         model_config = ckpt_config.model
@@ -55,8 +55,11 @@ class QualityProbe:
         except FeaturesError as err:
             raise ConfigError(f"--eval-every: {err}") from None
         self.ckpt_config, self.diffusion = ckpt_config, build_diffusion(ckpt_config.diffusion)
-        self.sampler = get_sampler("ddim")()
-        self.every, self.num, self.steps, self.device = every, num, steps, device
+        # A diffusion model is probed with DDIM on --eval-steps; a DDGAN generator with its own chain (all T steps).
+        self.kind = kind
+        self.sampler = get_sampler("ddgan" if kind == "ddgan" else "ddim")()
+        self.steps: int | None = None if kind == "ddgan" else steps
+        self.every, self.num, self.device = every, num, device
         self.reference = self._reference(dataset, source)
 
     def _reference(self, dataset: ImageDataset, source: str) -> ReferenceStats:
@@ -71,7 +74,7 @@ class QualityProbe:
         from ddpmctl.samplers import generate
 
         started = time.perf_counter()
-        checkpoint = LoadedCheckpoint(path=Path("ema-weights-in-training"), config=self.ckpt_config, kind="model",
+        checkpoint = LoadedCheckpoint(path=Path("ema-weights-in-training"), config=self.ckpt_config, kind=self.kind,
                                       lineage=[], created_with=__version__, model=network, diffusion=self.diffusion,
                                       num_parameters=sum(p.numel() for p in network.parameters()), sha256="")
         devices = [self.device] if self.device.type == "cuda" else []
@@ -81,7 +84,7 @@ class QualityProbe:
             report = evaluate_images(images, self.reference, self.extractor)
         return {"eval_fd": report.fd, "eval_precision": report.precision, "eval_recall": report.recall,
                 "eval_features": report.features, "eval_num": report.num_samples,
-                "eval_reference": self.reference.source, "eval_sampler": f"ddim-{self.steps}",
+                "eval_reference": self.reference.source, "eval_sampler": f"{self.sampler.name}-{self.diffusion.num_timesteps if self.steps is None else self.steps}",
                 "eval_seconds": round(time.perf_counter() - started, 3)}
 
     def periodic(self) -> Periodic:

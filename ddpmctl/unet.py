@@ -27,7 +27,8 @@ from ddpmctl.config import ModelConfig
 from ddpmctl.errors import OptionError  # shapes the options ask for that no U-Net has: exit 2 in the CLI
 from ddpmctl.hardware import fast_paths
 
-__all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32", "ResBlock", "AttentionBlock"]
+__all__ = ["UNetModel", "count_parameters", "timestep_embedding", "GroupNorm32", "ResBlock", "AttentionBlock",
+           "LatentEmbedding", "PixelNorm"]
 
 
 def _frequencies(half: int, max_period: float) -> torch.Tensor:
@@ -231,6 +232,33 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class PixelNorm(nn.Module):
+    """z / sqrt(mean(z^2) + 1e-8) over the features (Karras et al. 2018, ProGAN eq. 2): puts z on the sphere."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z * torch.rsqrt(z.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+class LatentEmbedding(nn.Module):
+    """A DDGAN generator's latent z [N, dim] -> an embedding [N, emb_dim] added to the timestep's (Xiao et al. 2022
+    App. C: PixelNorm and an MLP, the "mapping network" of StyleGAN). Every ResBlock reads the sum through its
+    scale-shift norm, so z modulates the features as the paper's AdaGN does; the last layer is linear because its
+    output is a summand of the embedding, which each block passes through SiLU itself."""
+
+    def __init__(self, dim: int, emb_dim: int, layers: int) -> None:
+        super().__init__()
+        self.dim = dim
+        mlp: list[nn.Module] = [PixelNorm()]
+        for i in range(layers):
+            mlp.append(nn.Linear(dim if i == 0 else emb_dim, emb_dim))
+            if i < layers - 1:
+                mlp.append(nn.SiLU())
+        self.mlp = nn.Sequential(*mlp)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.mlp(z)
+
+
 class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands the (activated) embedding to the ResBlocks among its layers."""
 
@@ -245,7 +273,9 @@ class UNetModel(nn.Module):
 
     ``config.attention_resolutions`` are feature-map sizes in pixels (16 = attention where the map is 16x16).
     ``out_channels`` (2C with a learned variance) and ``num_timesteps`` (T: t is scaled to t * 1000 / T) belong to
-    the diffusion config; :func:`ddpmctl.build.build_model` passes them.
+    the diffusion config; :func:`ddpmctl.build.build_model` passes them. With ``config.latent`` it is a DDGAN
+    generator: ``forward(x, t, y=None, z=...)`` takes a latent z [N, latent.dim] (:class:`LatentEmbedding`) and
+    returns tanh of the output, x_0 in [-1, 1] (Xiao et al. 2022 App. C).
     """
 
     def __init__(self, config: ModelConfig, *, out_channels: int, num_timesteps: int) -> None:
@@ -272,6 +302,9 @@ class UNetModel(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         if config.num_classes is not None:
             self.label_emb = nn.Embedding(config.num_classes, emb_dim)
+        self.latent_dim = config.latent.dim if config.latent is not None else None
+        if config.latent is not None:
+            self.latent_embed = LatentEmbedding(config.latent.dim, emb_dim, config.latent.mlp_layers)
 
         def res(c_in: int, c_out: int) -> ResBlock:
             return ResBlock(c_in, emb_dim, config.dropout, c_out, use_scale_shift_norm=config.use_scale_shift_norm)
@@ -309,18 +342,27 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), _zero(_conv3x3(ch, out_channels)))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """x [N, C, H, W] in [-1, 1], t [N] original indices, y [N] class labels -> [N, out_channels, H, W]."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                z: torch.Tensor | None = None) -> torch.Tensor:
+        """x [N, C, H, W] in [-1, 1], t [N] original indices, y [N] class labels, z [N, latent dim] a generator's
+        latent -> [N, out_channels, H, W]."""
         if self.num_classes is None and y is not None:
             raise ValueError("this model is not class-conditional: do not pass class labels y")
         if self.num_classes is not None and y is None:
             raise ValueError(f"this model is class-conditional ({self.num_classes} classes): pass labels y [N]")
+        if (z is None) != (self.latent_dim is None):
+            raise ValueError(f"this model is a generator: pass its latent z [N, {self.latent_dim}]" if z is None
+                             else "this model has no latent input: do not pass z")
 
         emb = self.time_embed(_embed(t.to(torch.float32) * self.time_scale, self.freqs, self.config.model_channels))
         if y is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(f"labels y must have shape [{x.shape[0]}], got {list(y.shape)}")
             emb = emb + self.label_emb(y)
+        if z is not None:
+            if z.shape != (x.shape[0], self.latent_dim):
+                raise ValueError(f"latent z must have shape [{x.shape[0]}, {self.latent_dim}], got {list(z.shape)}")
+            emb = emb + self.latent_embed(z)
         # Every ResBlock starts its embedding branch with SiLU: apply it once here instead of in each block.
         emb_act = F.silu(emb)
 
@@ -333,5 +375,7 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb_act)
         h = self.out[2](F.silu(self.out[0](h)))
+        if self.latent_dim is not None:
+            h = torch.tanh(h)
         # Hand back the input's dtype (fp32 under bf16 autocast) so the loss arithmetic stays in fp32.
         return h.to(x.dtype)

@@ -205,3 +205,19 @@ def one_error_line(result: object, code: int) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output  # type: ignore[attr-defined]
     assert "Traceback" not in result.output  # type: ignore[attr-defined]
     return lines[0]
+
+
+@pytest.fixture(scope="session", name="runs")
+def resume_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny fp32 run of builtin:digits saved at steps 3 and 6 ("run6"), and the same run trained to step 8 without
+    interruption ("run8"): what a resume of run6 to step 8 must end at, bit for bit."""
+    from ddpmctl.config import TrainConfig
+    from ddpmctl.train import train
+
+    tiny = dict(data="builtin:digits", model_channels=16, channel_mult=(1, 2), res_blocks=1,
+                attention_resolutions=(4,), timesteps=20, batch_size=16, save_every=3, log_every=3, precision="fp32")
+    root = tmp_path_factory.mktemp("resume_runs")
+    for name, steps in (("run6", 6), ("run8", 8)):
+        torch.manual_seed(0)
+        train(TrainConfig(**tiny, out=str(root / name), max_steps=steps), device=torch.device("cpu"))
+    return {"run6": root / "run6", "run8": root / "run8"}

@@ -17,7 +17,7 @@ from ddpmctl.config import CheckpointConfig, DataInfo, DiffusionConfig, ModelCon
 from ddpmctl.data import load_dataset
 from ddpmctl.images import save_png
 from ddpmctl.nll import evaluate_nll
-from conftest import auto_precision, perturb_weights
+from conftest import perturb_weights
 
 T = 10
 MODEL = ModelConfig(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -52,8 +52,8 @@ def test_default_data_is_the_held_out_split_and_json_matches_the_library(digits_
     assert payload["data"] == "builtin:digits" and payload["split"] == "test"
     assert payload["num_images"] == 5 and payload["num_terms"] == T and payload["estimator"] == "exact"
     test_images = load_dataset("builtin:digits", split="test").images[:5]
-    assert payload["precision"] == auto_precision(cpu_class)
-    expected = evaluate_nll(load_checkpoint(digits_ckpt), test_images, seed=2, precision=auto_precision(cpu_class))
+    assert payload["precision"] == "fp32"  # eval-nll's auto: fp32 on every CPU class
+    expected = evaluate_nll(load_checkpoint(digits_ckpt), test_images, seed=2, precision="fp32")
     assert payload["bits_per_dim"] == pytest.approx(expected.mean, rel=1e-6)
     assert payload["stderr"] == pytest.approx(expected.stderr, rel=1e-6)
     rows = {row["term"]: row for row in payload["breakdown"]}
@@ -63,17 +63,30 @@ def test_default_data_is_the_held_out_split_and_json_matches_the_library(digits_
     assert rows["KL q1"]["t_range"] == [1, 2] and rows["KL q4"]["t_range"] == [8, 9]
 
 
+@pytest.mark.every_cpu
+def test_auto_is_fp32_even_where_bf16_is_native(digits_ckpt: Path, cpu_class: str) -> None:
+    # The bits/dim users compare with papers' (fp32) numbers: auto never picks bf16 here, unlike train and sample.
+    args = [str(digits_ckpt), "-n", "3", "--device", "cpu", "--json", "--quiet"]
+    auto = json.loads(_run(*args).stdout)
+    assert auto["precision"] == "fp32"
+    expected = evaluate_nll(load_checkpoint(digits_ckpt), load_dataset("builtin:digits", split="test").images[:3])
+    assert auto["bits_per_dim"] == pytest.approx(expected.mean, rel=1e-6)
+    assert json.loads(_run(*args, "--precision", "bf16").stdout)["precision"] == "bf16"
+    help_text = CliRunner().invoke(app, ["eval-nll", "--help"], env={"COLUMNS": "400"}).stdout
+    assert "auto: fp32 on every device" in help_text and "summed in fp64" in help_text
+
+
 def test_table_and_json_agree(digits_ckpt: Path, cpu_class: str) -> None:
     # The same batch size for both: the same float sums, so the table must show the JSON's numbers rounded.
     table = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7")
     as_json = _run(str(digits_ckpt), "-n", "4", "--device", "cpu", "-b", "7", "--json", "--quiet")
     assert table.exit_code == 0 and as_json.exit_code == 0, table.output + as_json.output
     payload = json.loads(as_json.stdout)
-    precision = auto_precision(cpu_class)
+    precision = "fp32"  # eval-nll's auto on every CPU class
     line = re.search(rf"bits/dim: (\d+\.\d{{4}}) ± (\d+\.\d{{4}}) \((\d+) images, (\d+) terms; {precision}\)",
                      table.stdout)
     assert line, table.stdout
-    assert payload["precision"] == precision  # --precision auto on the suite's CPU class
+    assert payload["precision"] == precision
     assert float(line.group(1)) == round(payload["bits_per_dim"], 4)
     assert float(line.group(2)) == round(payload["stderr"], 4)
     assert (int(line.group(3)), int(line.group(4))) == (4, T)
@@ -95,7 +108,7 @@ def test_mc_estimator(digits_ckpt: Path, cpu_class: str) -> None:
     assert payload["estimator"] == "mc" and payload["mc_terms"] == 3 and payload["terms_per_image"] == 4
     assert payload["pilot_images"] == 2 and payload["num_terms"] == T
     line = _run(str(digits_ckpt), "-n", "3", "--device", "cpu", "--estimator", "mc", "--terms", "3", "--quiet")
-    expected = f"(3 images, 10 terms; mc, 3 sampled per image; {auto_precision(cpu_class)})"
+    expected = "(3 images, 10 terms; mc, 3 sampled per image; fp32)"
     assert "bits/dim: " in line.stdout and expected in line.stdout
 
 
@@ -138,6 +151,28 @@ def test_folder_data(tmp_path: Path, digits_ckpt: Path) -> None:
     assert json.loads(result.stdout)["num_images"] == 3
     split = _run(str(digits_ckpt), "--data", str(folder), "--split", "test", "--device", "cpu")
     assert split.exit_code == 2 and "--split applies to builtin" in split.stderr
+
+
+def test_data_that_does_not_fit_is_refused_unless_resize(tmp_path: Path, digits_ckpt: Path) -> None:
+    """16x16 RGB images for an 8x8 grayscale model: no bits/dim of other images than the ones given."""
+    folder = tmp_path / "rgb16"
+    folder.mkdir()
+    for k in range(3):
+        save_png(folder / f"{k}.png", torch.full((3, 16, 16), 40 * k, dtype=torch.uint8).index_fill_(0, torch.tensor(
+            [0]), 200))
+    refused = _run(str(digits_ckpt), "--data", str(folder), "--device", "cpu")
+    assert refused.exit_code == 1 and refused.stdout == "" and len(refused.stderr.splitlines()) == 1
+    assert "takes 1-channel 8x8 images" in refused.stderr and "pass --resize" in refused.stderr
+    assert "3 of 3 images (16x16) resized and cropped to 8x8; 3 color images converted to grayscale" in refused.stderr
+    converted = _run(str(digits_ckpt), "--data", str(folder), "--device", "cpu", "--resize")
+    assert converted.exit_code == 0, converted.output
+    assert "converted to fit the model: 3 of 3 images (16x16) resized" in " ".join(converted.stderr.split())
+    assert "bits/dim:" in converted.stdout
+    # The checkpoint's own training data is converted as in training (an 8x8 model of digits upscaled to 16x16).
+    big = _save(tmp_path / "big.safetensors", data=DIGITS.model_copy(update={"image_size": 16}),
+                model=MODEL.model_copy(update={"image_size": 16, "attention_resolutions": (8,)}))
+    same = _run(str(big), "-n", "2", "--device", "cpu", "--json")
+    assert same.exit_code == 0, same.output
 
 
 @pytest.mark.parametrize(

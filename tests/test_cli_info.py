@@ -45,7 +45,8 @@ def test_table(respaced: Path, state: dict[str, torch.Tensor]) -> None:
     assert result.exit_code == 0, result.output
     out = " ".join(result.stdout.split())  # the table may wrap long cells
     for expected in ("respaced", "ddpmctl/1", "ddpmctl 0.1.0", f"{sum(v.numel() for v in state.values()):,}",
-                     f"tensors │ {len(state)}", "8x8", "1 in, 2 out", "linear", "T │ 40", "eps", "learned_range",
+                     f"tensors │ {len(state)}", "8x8", "1 in, 2 out", "linear", "T │ 40", "eps",
+                     "var type │ learned-range", "loss │ hybrid",  # as --var-type and --loss spell them
                      "4 steps (0..39)", "3 (cat, dog, owl)", "data/[bold]cats[/nope]", "42 images",
                      "lineage 1 │ op=train, step=300", "lineage 2 │ op=respace"):
         assert expected in out, (expected, result.stdout)
@@ -62,6 +63,14 @@ def test_table_student_and_unconditional(state: dict[str, torch.Tensor], tmp_pat
     for expected in ("student", "2 steps (4..9), param v, teacher 4 steps", "unconditional", "lineage │ (none)"):
         assert expected in out, (expected, result.stdout)
     assert "respaced steps" not in out
+
+
+def test_device_check_says_what_it_checked(respaced: Path) -> None:
+    plain, checked = _run(str(respaced)), _run(str(respaced), "--device", "cpu")
+    assert plain.exit_code == 0 and checked.exit_code == 0, checked.output
+    assert "check" not in plain.stdout
+    assert "every tensor loaded into the network on cpu" in " ".join(checked.stdout.split())
+    assert json.loads(_run(str(respaced), "--json", "--device", "cpu").stdout)["loaded_on"] == "cpu"
 
 
 def test_json(respaced: Path, state: dict[str, torch.Tensor]) -> None:

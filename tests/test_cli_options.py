@@ -198,3 +198,34 @@ def test_readme_usage_names_only_options_that_exist(commands: dict[str, Any]) ->
             if flag.startswith("-") and flag != "--" and not flag.startswith("---"):
                 for part in flag.split("|"):
                     assert part in known, (name, part)
+
+
+@pytest.mark.parametrize("columns", ["80", "60"])
+def test_help_is_never_cut_in_a_narrow_terminal(columns: str) -> None:
+    """Typer cuts a cell that does not fit (`--no-skip-bad-i…`); ddpmctl folds it instead, so every name is whole."""
+    for command in COMMANDS:
+        text = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": columns}).stdout
+        assert "…" not in text, (command, text)
+        assert "--help" in text  # (the help itself is there)
+
+
+def test_sampler_completion_through_the_shell_protocol() -> None:
+    """What bash asks for on `ddpmctl sample CKPT --sampler d<TAB>` (click's completion environment variables)."""
+    result = CliRunner().invoke(app, [], env={"_DDPMCTL_COMPLETE": "complete_bash", "COMP_WORDS":
+                                              "ddpmctl sample x.safetensors --sampler d", "COMP_CWORD": "4"},
+                                prog_name="ddpmctl")
+    assert result.stdout.split() == ["ddgan", "ddim", "dpmpp-2m"], result.output
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["sample", "x.safetensors", "-o", "o", "--steps", "0"], "--steps must be at least 1"),  # typer's check
+    (["sample", "x.safetensors", "-o", "o", "-n", "1000000"], "--num must be at most 999999"),
+    (["sample", "x.safetensors", "-o", "o", "--seed", "-1"], "--seed must be at least 0, not -1"),  # ddpmctl's
+    (["train", "builtin:digits", "--ema", "1.5"], "--ema must be less than 1, not 1.5"),  # pydantic's
+    (["train", "builtin:digits", "--max-steps", "0"], "--max-steps must be at least 1, not 0"),
+    (["sample", "x.safetensors", "-o", "o", "-s", "ddim", "-O", "eta=2"], "option eta=2 must be at most 1"),
+])
+def test_range_errors_have_one_wording(args: list[str], expected: str) -> None:
+    result = invoke(*args)
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert expected in result.stderr and "Input should" not in result.stderr and "Invalid value" not in result.stderr

@@ -187,9 +187,9 @@ def _one_line_error(result: object, code: int | None = None) -> str:
     (["-O", "spacing=odd"], "option spacing=odd"),
     (["--num", "0"], "--num"),
     (["--batch-size", "0"], "--batch-size"),
-    (["--seed", "-1"], "--seed must be >= 0"),  # checked by the library (samplers.check_sample_counts)
+    (["--seed", "-1"], "--seed must be at least 0, not -1"),  # checked by the library (samplers.check_sample_counts)
     (["--class", "dog"], "not class-conditional"),
-    (["-O", "eta=1.5"], "option eta=1.5: Input should be less than or equal to 1"),
+    (["-O", "eta=1.5"], "option eta=1.5 must be at most 1"),
 ])
 def test_bad_input_one_line(ckpt: Path, tmp_path: Path, extra: list[str], expected: str) -> None:
     result = _invoke("sample", str(ckpt), "--out", str(tmp_path / "s"), "--device", "cpu", *extra)
@@ -244,12 +244,28 @@ def test_respace_bad_input(ckpt: Path, tmp_path: Path) -> None:
         _invoke("respace", str(ckpt), "--steps", "17", "--spacing", "ddim", "--out", out))
     _one_line_error(_invoke("respace", str(ckpt), "--steps", "0", "--out", out), code=2)
     _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--spacing", "odd", "--out", out), code=2)
-    assert "input checkpoint" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(ckpt)))
+    assert "input file" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(ckpt)))
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"x")
     assert "--force" in _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(taken)))
     assert "does not exist" in _one_line_error(
         _invoke("respace", str(ckpt), "--steps", "5", "--out", str(tmp_path / "no" / "r.safetensors")))
+
+
+def test_respace_into_a_folder(ckpt: Path, tmp_path: Path) -> None:
+    """An existing folder, or a path ending in a slash, means "into this folder" (never a file named like it)."""
+    folder = tmp_path / "outdir"
+    folder.mkdir()
+    for out in (str(folder), str(folder) + "/"):
+        result = _invoke("respace", str(ckpt), "--steps", "5", "--out", out, "--json", "--force")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["out"] == str(folder / "model_respaced5.safetensors")
+    assert [p.name for p in folder.iterdir()] == ["model_respaced5.safetensors"]
+    assert load_checkpoint(folder / "model_respaced5.safetensors").diffusion.num_timesteps == 5
+    missing = _one_line_error(_invoke("respace", str(ckpt), "--steps", "5", "--out", str(tmp_path / "new") + "/"))
+    assert "does not exist" in missing and not (tmp_path / "new").exists()
+    beside = _invoke("respace", str(ckpt), "--steps", "6", "--json")  # no --out: beside the checkpoint
+    assert json.loads(beside.stdout)["out"] == str(ckpt.with_name("model_respaced6.safetensors"))
 
 
 def test_every_file_follows_the_umask(ckpt: Path, tmp_path: Path) -> None:
@@ -281,3 +297,84 @@ def test_info_and_respace_take_device(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.safetensors"
     result = _invoke("respace", str(ckpt), "--steps", "4", "-o", str(out), "--device", "cpu", "--json")
     assert result.exit_code == 0 and json.loads(result.stdout)["steps"] == 4
+
+
+def test_samplers_table_shows_option_descriptions(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ddpmctl.cli import samplers
+    from ddpmctl.samplers import describe_options, get_sampler
+
+    monkeypatch.setattr(samplers.out_console, "width", 400)  # no cell wraps: each option is one line of the table
+    table = _invoke("samplers").stdout
+    for name in ("ddim", "dpmpp-2m"):
+        for option in describe_options(get_sampler(name)):
+            assert option["description"], (name, option)
+            assert f"{option['name']}=" in table and option["description"] in table, (name, option)
+
+
+def _student(tmp_path: Path) -> Path:
+    from ddpmctl.config import StudentConfig
+
+    config = CheckpointConfig(model=MODEL, diffusion=DiffusionConfig(schedule="cosine", timesteps=T),
+                              student=StudentConfig(param="v", steps=(9, 19, 29, 39), teacher_steps=8))
+    return save_checkpoint(tmp_path / "student_4.safetensors", _state(MODEL), config, kind="student", lineage=[])
+
+
+def test_sampler_defaults_to_the_checkpoint_kinds(ckpt: Path, tmp_path: Path) -> None:
+    from ddpmctl.samplers import DEFAULT_SAMPLER, SAMPLER_FOR_KIND, default_sampler
+
+    assert default_sampler("student") == "student" and default_sampler("model") == DEFAULT_SAMPLER == "ddim"
+    assert all(default_sampler(kind) == name for kind, name in SAMPLER_FOR_KIND.items())
+    student = _invoke("sample", str(_student(tmp_path)), "-o", str(tmp_path / "s"), "-n", "2", "--device", "cpu",
+                      "--json")
+    assert student.exit_code == 0, student.output
+    assert json.loads(student.stdout)["sampler"] == "student" and json.loads(student.stdout)["steps"] == 4
+    model = _invoke("sample", str(ckpt), "-o", str(tmp_path / "m"), "-n", "2", "--steps", "3", "--device", "cpu",
+                    "--json")
+    assert json.loads(model.stdout)["sampler"] == "ddim"
+
+
+def test_none_option_means_the_unset_default(ckpt: Path, tmp_path: Path) -> None:
+    """`ddpmctl samplers` shows lambda_max=None; typed back, it is the default (the same images)."""
+    from ddpmctl.samplers import get_sampler, parse_options
+
+    cls = get_sampler("dpmpp-2m")
+    assert parse_options(cls, ["lambda_max=None", "lambda_min=none"]) == cls.Options()
+    plain = _sample(ckpt, tmp_path / "a", "--sampler", "dpmpp-2m", "--steps", "4", "-n", "2")
+    typed = _sample(ckpt, tmp_path / "b", "--sampler", "dpmpp-2m", "--steps", "4", "-n", "2", "-O", "lambda_max=None")
+    assert plain.exit_code == typed.exit_code == 0
+    assert np.array_equal(_npz(tmp_path / "a")["arr_0"], _npz(tmp_path / "b")["arr_0"])
+    with pytest.raises(Exception, match="eta"):  # where None is not allowed it is still refused
+        parse_options(get_sampler("ddim"), ["eta=None"])
+
+
+def test_shards_concatenate_to_the_whole_set(class_ckpt: Path, tmp_path: Path) -> None:
+    """Images 0..5 in one run, and as shards 0..1, 2..4, 5: the same images, labels and file names."""
+    _sample(class_ckpt, tmp_path / "all", "-n", "6", "--steps", "3", "-b", "6", "-O", "eta=1")
+    shards = [(0, 2), (2, 3), (5, 1)]
+    for start, num in shards:
+        _sample(class_ckpt, tmp_path / f"shard{start}", "-n", str(num), "--start-index", str(start), "--steps", "3",
+                "-b", "6", "-O", "eta=1")
+    whole = _npz(tmp_path / "all")
+    parts = [_npz(tmp_path / f"shard{start}") for start, _ in shards]
+    assert np.array_equal(np.concatenate([p["arr_0"] for p in parts]), whole["arr_0"])
+    assert np.array_equal(np.concatenate([p["arr_1"] for p in parts]), whole["arr_1"])
+    assert sorted(p.name for p in (tmp_path / "shard2").glob("*.png") if p.name != "grid.png") == [
+        "000002.png", "000003.png", "000004.png"]
+    assert (tmp_path / "shard2" / "000003.png").read_bytes() == (tmp_path / "all" / "000003.png").read_bytes()
+    line = _one_line_error(_invoke("sample", str(class_ckpt), "-o", str(tmp_path / "x"), "--start-index", "-1"), 2)
+    assert "--start-index must be at least 0" in line
+
+
+def test_sampler_names_and_options_complete() -> None:
+    from ddpmctl.cli.sample import complete_sampler, complete_sampler_option
+
+    assert complete_sampler("d") == ["ddgan", "ddim", "dpmpp-2m"]
+    assert "student" in complete_sampler("")
+
+    class Ctx:
+        params: dict[str, object] = {"sampler": "ddim"}
+
+    assert complete_sampler_option(Ctx(), "sp") == ["spacing=", "spacing=ddim", "spacing=even", "spacing=logsnr"]
+    assert "eta=" in complete_sampler_option(Ctx(), "") and "lambda_max=" not in complete_sampler_option(Ctx(), "")
+    Ctx.params = {"sampler": None}
+    assert "lambda_max=" in complete_sampler_option(Ctx(), "la")

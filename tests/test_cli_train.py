@@ -167,3 +167,96 @@ def test_config_json_errors_are_usage_errors(tmp_path: Path) -> None:
     bad.write_text('{"learning_rate": 1}')
     assert "learning_rate" in one_error_line(invoke("--config", str(bad)), 2)
     assert "config.json" in one_error_line(invoke("--config", str(tmp_path)), 2)  # a folder that is not a run
+
+
+def test_both_spellings_of_a_name_are_accepted(captured: dict[str, Any], tmp_path: Path) -> None:
+    """learned_range (config.json, the reference, `info` of old) and learned-range (--help) mean the same."""
+    invoke("builtin:digits", "--var-type", "learned_range", "--timestep-sampler", "loss_second_moment",
+           "-o", str(tmp_path / "a"))
+    assert captured["config"].var_type == "learned_range"
+    assert captured["config"].timestep_sampler == "loss-second-moment"
+    toml = tmp_path / "c.toml"
+    toml.write_text('var_type = "learned-range"\ntimestep_sampler = "loss_second_moment"\n')
+    invoke("builtin:digits", "--config", str(toml), "-o", str(tmp_path / "b"))
+    assert captured["config"].var_type == "learned_range"
+    assert captured["config"].timestep_sampler == "loss-second-moment"
+    assert "'learned-range'" in one_error_line(invoke("builtin:digits", "--var-type", "learned_rang"), 2)
+
+
+def test_loss_help_says_what_simple_is_with_a_learned_variance() -> None:
+    help_text = " ".join(CliRunner().invoke(app, ["train", "--help"]).stdout.replace("│", " ").split())
+    assert "simple = L_simple, the mse of the mean, plus with a learned variance its KL term unscaled" in help_text
+
+
+def test_halvable_size_is_the_largest_the_network_halves() -> None:
+    from ddpmctl.config import halvable_size
+
+    # Below 16 the default network has 2 levels (halves once), 16..31 three (twice), 32..63 four (three times).
+    assert [halvable_size(s) for s in (8, 9, 13, 15, 16, 17, 31, 32, 33, 40)] == [8, 8, 12, 14, 16, 16, 28, 32, 32, 40]
+    assert halvable_size(13, (1, 2, 2, 2)) == 8 and halvable_size(13, (1,)) == 13
+
+
+def test_mixed_sizes_pick_a_size_the_network_can_halve(tmp_path: Path) -> None:
+    """Neither --image-size nor --channel-mult given: 9 (the smallest short side) becomes 8, and train says so."""
+    from PIL import Image
+
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for i, (w, h) in enumerate([(9, 12), (10, 10), (16, 9), (12, 12)] * 4):
+        Image.new("RGB", (w, h), (40 * (i % 6), 90, 200)).save(data / f"{i:02d}.png")
+    args = ["--model-channels", "8", "--timesteps", "20", "--batch-size", "4", "--device", "cpu", "--max-steps", "1"]
+    result = invoke(str(data), "-o", str(tmp_path / "run"), *args)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stderr.split())
+    assert "using 8x8 (the largest size at or below the smallest short side, 9, that the network can halve)" in text
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["image_size"] == 8 and saved["model"]["channel_mult"] == [1, 2]
+    result = invoke(str(data), "-o", str(tmp_path / "run2"), *args, "--channel-mult", "1,1,1,1", "--quiet")
+    assert result.exit_code == 0, result.output  # three halvings: 8 still fits; a given size is never changed
+    assert json.loads((tmp_path / "run2" / "config.json").read_text())["model"]["image_size"] == 8
+
+
+def test_a_batch_larger_than_the_data_is_warned_about(tmp_path: Path) -> None:
+    args = ["--model-channels", "8", "--timesteps", "20", "--device", "cpu", "--max-steps", "1"]
+    result = invoke("builtin:digits", "-o", str(tmp_path / "run"), *args, "--batch-size", "1500")
+    assert result.exit_code == 0, result.output
+    # builtin:digits trains on 1,437 images (1,797 less the held-out fifth).
+    assert "warning: --batch-size 1500 is more than the 1,437 training images" in " ".join(result.stderr.split())
+    fine = invoke("builtin:digits", "-o", str(tmp_path / "run2"), *args, "--batch-size", "16")
+    assert fine.exit_code == 0 and "warning" not in fine.stderr
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90", 90), ("90s", 90), ("10m", 600), ("1.5h", 5400), ("2d", 172800), ("1h30m", 5400), ("1h 30m 10s", 5410),
+    ("1H30M", 5400), ("0.5m", 30)])
+def test_durations(text: str, seconds: float) -> None:
+    from ddpmctl.config import format_duration, parse_duration
+
+    assert parse_duration(text) == seconds
+    assert parse_duration(format_duration(seconds)) == seconds  # what ddpmctl prints reads back
+
+
+@pytest.mark.parametrize("text", ["1h30", "1 30m", "ten", "", "h", "-5m", "0", "1h-30m"])
+def test_bad_durations(text: str) -> None:
+    from ddpmctl.config import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_max_time_stop_and_a_finished_resume_say_why_and_how_to_go_on(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["--model-channels", "8", "--timesteps", "20", "--device", "cpu", "--log-every", "1"]
+    result = invoke("builtin:digits", "-o", str(run), *args, "--max-steps", "100000", "--max-time", "0h0m1s")
+    assert result.exit_code == 0, result.output
+    step = max(int(p.stem.split("_")[1]) for p in run.glob("state_*.json"))
+    assert 0 < step < 100000
+    assert (f"stopped by --max-time 1s at step {step} of --max-steps 100000: saved "
+            f"{run / f'ema_0.9999_{step:06d}.safetensors'}; continue with `ddpmctl train --out {run} --resume`"
+            in " ".join(result.stderr.split()))
+    done = invoke("-o", str(run), "--resume", "--max-steps", str(step))
+    assert done.exit_code == 0, done.output
+    assert (f"{run} is already at step {step}, --max-steps {step}: nothing to train; continue with `ddpmctl train "
+            f"--out {run} --resume --max-steps {2 * step}`") in " ".join(done.stderr.split())
+    quiet = invoke("-o", str(run), "--resume", "--max-steps", str(step), "--quiet")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

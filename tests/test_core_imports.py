@@ -10,7 +10,7 @@ import pytest
 
 import ddpmctl
 
-CORE = ("schedules", "losses", "diffusion", "respace", "resample")
+CORE = ("schedules", "losses", "diffusion", "respace", "resample", "ddgan")
 ALLOWED_ROOTS = {"torch", "numpy", "math", "typing", "enum", "dataclasses", "__future__", "functools"}
 # ddpmctl.choices: the Literal types of the options (standard library only), e.g. the variance types.
 ALLOWED_EXACT = {"collections.abc", "ddpmctl.choices"} | {f"ddpmctl.{m}" for m in CORE}

@@ -38,7 +38,7 @@ def test_auto_follows_the_cpu_class(tmp_path: Path, cpu_class: str) -> None:
     result = _train(tmp_path)
     assert result.exit_code == 0, result.output
     assert "warning" not in result.stderr
-    assert f"parameters, {expected})" in result.stderr  # the progress header names the precision
+    assert f"parameters, {expected}, EMA decay" in result.stderr  # the progress header names the precision
     assert {m["precision"] for m in _metrics(tmp_path / "run")} == {expected}
     json_result = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "run"), "--resume", "--max-steps", "3",
                                            "--json", "--quiet"])
@@ -92,13 +92,31 @@ def test_defaults_fit_the_data() -> None:
     model = digits.make_model_config(image_size=8, channels=1, num_classes=None)
     assert (model.model_channels, model.channel_mult, model.num_res_blocks, model.attention_resolutions) == (
         32, (1, 2), 2, (4,))
-    cifar = TrainConfig(data="x").with_data_defaults(image_size=32, num_images=50_000)
-    assert (cifar.timesteps, cifar.batch_size, cifar.lr, cifar.dropout, cifar.flip) == (4000, 64, 1e-4, 0.0, True)
-    assert cifar.make_model_config(image_size=32, channels=3, num_classes=None).model_channels == 128
-    assert default_training(32, 5_000)["dropout"] == 0.1
+    # Below 32x32 a dataset of 20,000 images or more gets no dropout; from 32x32 up, ImageNet-sized data neither.
+    assert default_training(16, 5_000)["dropout"] == 0.1 and default_training(16, 30_000)["dropout"] == 0.0
+    assert default_training(32, 5_000)["dropout"] == 0.3 and default_training(64, 1_281_167)["dropout"] == 0.0
+    # 64x64 gets the reference's attention resolutions (its default 16,8), not guided-diffusion's 32,16,8.
+    big = TrainConfig(data="x").with_data_defaults(image_size=64, num_images=100_000)
+    assert big.make_model_config(image_size=64, channels=3, num_classes=None).attention_resolutions == (16, 8)
+    assert big.batch_size == 128
     # Explicit values always win.
     given = TrainConfig(data="x", timesteps=50, mean_type="v", batch_size=8, lr=1e-3, dropout=0.0, flip=False)
     assert given.with_data_defaults(image_size=8, num_images=10) == given
+
+
+def test_cifar_sized_data_gets_the_reference_cifar10_hybrid_recipe() -> None:
+    """50,000 images of 32x32 and no flags: the model, diffusion, dropout, batch and lr of the reference's CIFAR-10
+    L_hybrid run, as examples/configs/cifar10_hybrid.toml writes them out (from improved-diffusion's README)."""
+    recipe = tomllib.loads((REPO / "examples" / "configs" / "cifar10_hybrid.toml").read_text())
+    config = TrainConfig(data="x").with_data_defaults(image_size=32, num_images=50_000)
+    model = config.make_model_config(image_size=32, channels=3, num_classes=None)
+    diffusion = config.make_diffusion_config()
+    got = {"model_channels": model.model_channels, "channel_mult": list(model.channel_mult),
+           "res_blocks": model.num_res_blocks, "attention_resolutions": list(model.attention_resolutions),
+           "heads": model.num_heads, "dropout": model.dropout, "timesteps": diffusion.timesteps,
+           "schedule": diffusion.schedule, "mean_type": diffusion.mean_type, "var_type": diffusion.var_type,
+           "loss": config.loss, "batch_size": config.batch_size, "lr": config.lr, "flip": config.flip}
+    assert got == {key: recipe[key] for key in got}
 
 
 def test_an_explicit_config_builds_what_it_built_before() -> None:

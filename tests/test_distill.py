@@ -352,3 +352,28 @@ def test_default_head_and_both_initialisation() -> None:
     assert torch.equal(out[:, 1:], torch.zeros_like(out[:, 1:]))  # the x-head starts at zero
     torch.testing.assert_close(out[:, :1], reference[:, :1])  # the eps head is untouched
     assert reference[:, 1:].abs().sum() > 0  # (so the zeros above are the initialisation's doing)
+
+
+def test_teacher_clip_follows_the_official_code_for_v_and_keeps_it_for_eps(tmp_path: Path) -> None:
+    # The official progressive distillation leaves a v (or x0) teacher's x_hat unclipped; an eps teacher's x_hat is
+    # its error times sigma / alpha at high noise, so ddpmctl clamps it there. --teacher-clip overrides either way.
+    torch.manual_seed(0)
+    model_config = _tiny_model_config()
+    runs = {}
+    for mean_type in ("v", "eps"):
+        diffusion = DiffusionConfig(timesteps=16, mean_type=mean_type)
+        model = perturb_weights(build_model(CheckpointConfig(model=model_config, diffusion=diffusion)), 0.3)
+        runs[mean_type] = save_checkpoint(tmp_path / f"{mean_type}.safetensors", model.state_dict(),
+                                          CheckpointConfig(model=model_config, diffusion=diffusion), kind="model",
+                                          lineage=[{"op": "train", "step": 1}])
+    clips = {}
+    for name, ckpt, flag in (("v", runs["v"], None), ("v-clip", runs["v"], True), ("eps", runs["eps"], None),
+                             ("eps-noclip", runs["eps"], False)):
+        distill(_config(ckpt, tmp_path / name, from_steps=4, to_steps=2, iters_per_stage=2, teacher_clip=flag,
+                        report_samples=0))
+        student = load_checkpoint(tmp_path / name / "student_2.safetensors")
+        clips[name] = student.lineage[-1]["teacher_clip"]
+    assert clips == {"v": False, "v-clip": True, "eps": True, "eps-noclip": False}
+    # The flag changes the targets, hence the student (this teacher's x_hat leaves [-1, 1]).
+    a, b = (load_tensors(tmp_path / name / "student_2.safetensors")[0] for name in ("v", "v-clip"))
+    assert any(not torch.equal(a[key], b[key]) for key in a)

@@ -92,7 +92,7 @@ def test_logged_metrics_equal_one_process(runs: dict[str, Path]) -> None:
     two, one = metrics(runs["two"]), metrics(runs["one"])
     assert [m["step"] for m in two] == [m["step"] for m in one] == list(range(5, STEPS + 1, 5))
     for a, b in zip(two, one):
-        for key in ("loss", "mse", "vb", "grad_norm", "q0", "q1", "q2", "q3"):
+        for key in ("loss", "mse", "vb", "grad_norm", "q1", "q2", "q3", "q4"):
             # Float rounding only: a metric divided by the world size (or summed over ranks) is off by 2x.
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key, a[key], b[key])
 
@@ -151,7 +151,7 @@ def test_bf16_ranks_equal_one_process_to_bf16_rounding(bf16_runs: dict[str, Path
     assert {m["precision"] for m in two + one} == {"bf16"}
     assert [m["step"] for m in two] == [m["step"] for m in one] == list(range(5, BF16_STEPS + 1, 5))
     for a, b in zip(two, one):
-        for key in ("loss", "mse", "vb", "grad_norm", "q0", "q1", "q2", "q3"):
+        for key in ("loss", "mse", "vb", "grad_norm", "q1", "q2", "q3", "q4"):
             assert a[key] == pytest.approx(b[key], rel=3e-2), (a["step"], key, a[key], b[key])
     name = f"model_{BF16_STEPS:06d}.safetensors"
     a = load_checkpoint(bf16_runs["two"] / name).model.state_dict()

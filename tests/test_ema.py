@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from ddpmctl.fileio import load_tensors
 from ddpmctl.cli.app import app
 from ddpmctl.config import TrainConfig
-from ddpmctl.ema import EMA, POWER, ema_decay
+from ddpmctl.ema import EMA, POWER, decay_summary, ema_decay, reached_decay
 from ddpmctl.train import train
 
 CPU = torch.device("cpu")
@@ -35,6 +35,30 @@ def test_power_schedule() -> None:
     assert ema_decay(0.9999, "none", 0) == ema_decay(0.9999, "none", 10**6) == 0.9999
     with pytest.raises(ValueError, match="power, none"):
         ema_decay(0.9, "bias", 0)
+
+
+def test_the_decay_reached_is_shown_not_only_the_cap() -> None:
+    # After n updates the last one used 1 - n^(-2/3): 0.9937 after 2,000 updates with the cap at 0.9999.
+    assert reached_decay(0.9999, "power", 2000) == pytest.approx(1 - 2000 ** (-2 / 3))
+    assert reached_decay(0.9999, "power", 2000) == pytest.approx(0.99370, abs=1e-5)
+    assert reached_decay(0.999, "power", 10**6) == 0.999 and reached_decay(0.9999, "none", 3) == 0.9999
+    assert decay_summary(0.9999, "power", 0, 2000) == f"EMA decay {1 - 2000 ** (-2 / 3):.6g} by update 2,000 (cap 0.9999)"
+    assert decay_summary(0.9999, "power", 600, 1200) == (f"EMA decay {1 - 600 ** (-2 / 3):.6g} after 600 updates, "
+                                                         f"{1 - 1200 ** (-2 / 3):.6g} by update 1,200 (cap 0.9999)")
+    assert decay_summary(0.9999, "none", 5, 10) == "EMA decay 0.9999 (no warm-up)"
+
+
+def test_progress_header_shows_the_decay_the_run_reaches(tmp_path: Path) -> None:
+    args = ["train", "builtin:digits", "--model-channels", "16", "--channel-mult", "1,2", "--res-blocks", "1",
+            "--attention-resolutions", "4", "--timesteps", "20", "--batch-size", "16", "--device", "cpu",
+            "--max-steps", "3", "--ema", "0.99", "-o", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"EMA decay {1 - 3 ** (-2 / 3):.6g} by update 3 (cap 0.99)" in " ".join(result.stderr.split())
+    resumed = CliRunner().invoke(app, ["train", "-o", str(tmp_path / "run"), "--resume", "--max-steps", "5"])
+    assert resumed.exit_code == 0, resumed.output
+    assert (f"EMA decay {1 - 3 ** (-2 / 3):.6g} after 3 updates, {1 - 5 ** (-2 / 3):.6g} by update 5 (cap 0.99)"
+            in " ".join(resumed.stderr.split()))
 
 
 def _net() -> nn.Module:
@@ -119,7 +143,9 @@ def test_info_names_the_ema(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         shown[(run, name)] = json.loads(result.stdout)["weights"]
     assert shown[("p", "ema_0.99_000002")].startswith("EMA rate 0.99, warm-up")
-    assert shown[("p", "ema_0.99_000002")].endswith("2 updates")
+    # The decay reached, not only the cap: the second update's 1 - 2^(-2/3).
+    assert shown[("p", "ema_0.99_000002")].endswith(
+        f"2 updates: decay {1 - 2 ** (-2 / 3):.6g} reached (an average over about the last {2 ** (2 / 3):.0f} steps)")
     assert "no warm-up" in shown[("n", "ema_0.99_000002")]
     assert shown[("p", "model_000002")] == "raw training weights (step 2)"
     table = runner.invoke(app, ["info", str(tmp_path / "p" / "ema_0.99_000002.safetensors")])

@@ -248,8 +248,9 @@ CASES: list[tuple[str, Any, int, str]] = [
     ("respace-out-exists", lambda f, t: ["respace", _good(f), "--steps", "2", "--out", str(f["foreign"])], 1,
      "--force"),
     ("respace-out-is-input", lambda f, t: ["respace", _good(f), "--steps", "2", "--out", _good(f), "--force"], 1,
-     "input checkpoint"),
-    ("respace-out-folder", lambda f, t: ["respace", _good(f), "--steps", "2", "--out", str(t)], 1, "folder"),
+     "input file"),
+    ("respace-out-folder", lambda f, t: ["respace", _good(f), "--steps", "2", "--out", str(t / "no" / "dir") + "/"],
+     1, "does not exist"),
     # distill
     ("distill-to-3", lambda f, t: ["distill", _good(f), "--data", "builtin:digits", "--out", str(t / "d"),
                                    "--iters-per-stage", "1", "--to-steps", "3", "--device", "cpu"], 2,
@@ -342,7 +343,7 @@ def _folder(root: Path, kind: str) -> Path:
     ("truncated", ["--skip-bad-images", "--image-size", "8"], 0, "skipped 1 bad image"),
     ("tiny", [], 1, "--image-size"),
     ("tiny", ["--image-size", "8"], 0, "upscal"),
-    ("jpeg-named-png", ["--image-size", "8"], 0, None),
+    ("jpeg-named-png", ["--image-size", "8", "--batch-size", "3"], 0, None),  # (a batch above 3 is warned about)
 ])
 def test_hostile_data_through_train(tmp_path: Path, kind: str, extra: list[str], code: int,
                                     words: str | None) -> None:

@@ -23,7 +23,7 @@ from ddpmctl.samplers import Sampler, SampleRNG, StepInfo, available_samplers, g
 from ddpmctl.testing import check_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTINS = ("ancestral", "strided", "ddim", "student", "dpmpp-2m")
+BUILTINS = ("ancestral", "strided", "ddim", "student", "dpmpp-2m", "ddgan")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_registry_reports_broken_plugins_and_keeps_the_rest(fake_plugins: list[i
         get_sampler("broken")
     with pytest.raises(SamplerError, match="installed but incompatible: .*written for sampler API v1"):
         get_sampler("old")
-    with pytest.raises(UnknownSamplerError, match="installed samplers: ancestral, ddim, dpmpp-2m, fine") as info:
+    with pytest.raises(UnknownSamplerError, match="installed samplers: ancestral, ddgan, ddim, dpmpp-2m, fine") as info:
         get_sampler("ddmi")
     assert "broken" not in str(info.value)  # only usable ones are offered
     available_samplers()
@@ -283,9 +283,9 @@ def test_parse_options() -> None:
         parse_options(ddim, ["eta"])
     with pytest.raises(SamplerError, match="option eta=abc"):
         parse_options(ddim, ["eta=abc"])
-    with pytest.raises(SamplerError, match="option eta=-0.1: Input should be greater than or equal to 0"):
+    with pytest.raises(SamplerError, match="option eta=-0.1 must be at least 0"):
         parse_options(ddim, ["eta=-0.1"])
-    with pytest.raises(SamplerError, match="option eta=1.5: Input should be less than or equal to 1"):
+    with pytest.raises(SamplerError, match="option eta=1.5 must be at most 1"):
         parse_options(ddim, ["eta=1.5"])
     with pytest.raises(SamplerError, match="given twice"):
         parse_options(ddim, ["eta=1", "eta=2"])

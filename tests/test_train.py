@@ -62,10 +62,10 @@ def test_run_folder_contents(tmp_path: Path, cpu_class: str) -> None:
     ckpt = load_checkpoint(result.ema_checkpoint)
     assert ckpt.kind == "model"
     assert ckpt.lineage == [{"op": "train", "run": "run", "step": 4, "ema": 0.99, "data": "builtin:digits",
-                             "ema_warmup": "power", "ema_updates": 4}]
+                             "flip": False, "ema_warmup": "power", "ema_updates": 4}]
     assert ckpt.config.out_channels == 2  # 1 channel, learned sigma
     record = metrics(run)[-1]
-    for key in ("step", "loss", "mse", "vb", "q0", "q1", "q2", "q3", "grad_norm", "lr", "img_per_s", "elapsed"):
+    for key in ("step", "loss", "mse", "vb", "q1", "q2", "q3", "q4", "grad_norm", "lr", "img_per_s", "elapsed"):
         assert key in record
     assert record["lr"] == pytest.approx(2e-4)  # chosen for 8x8 data (config.default_training)
     assert record["precision"] == result.precision == auto_precision(cpu_class)

@@ -86,3 +86,13 @@ def test_the_command_line_option(tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["train"]["eval_every"] == 2
     bad = CliRunner().invoke(app, [*args[:-3], "--eval-every", "0", "--force", "--device", "cpu", "--quiet"])
     assert bad.exit_code == 2, bad.output
+
+
+def test_a_ddgan_run_is_probed_with_its_own_sampler(tmp_path: Path) -> None:
+    # DDIM refuses a ddgan generator; the probe samples it with the ddgan plugin over its whole T-step chain.
+    config = TrainConfig(data="builtin:digits", method="ddgan", model_channels=8, channel_mult=(1, 2), res_blocks=1,
+                         attention_resolutions=(4,), timesteps=2, batch_size=16, log_every=2, save_every=1000,
+                         out=str(tmp_path / "gan"), max_steps=2, eval_every=2, eval_num=16)
+    train(config, device=CPU)
+    (record,) = [r for r in _records(tmp_path / "gan") if "eval_fd" in r]
+    assert record["eval_sampler"] == "ddgan-2" and record["eval_num"] == 16 and record["eval_fd"] > 0

@@ -123,3 +123,22 @@ def test_sigterm_saves_at_the_current_step_and_resumes(tmp_path: Path) -> None:
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     summary = json.loads(resumed.stdout)
     assert (summary["start_step"], summary["step"]) == (step, step + 2)
+
+
+def test_a_run_that_left_the_network_to_the_defaults_resumes(tmp_path: Path) -> None:
+    # Only the width is given: the levels, blocks and attention are chosen from the data. The save records them as
+    # the built network has them, which is how --resume reads config.json back, so the resume is accepted and ends
+    # at the uninterrupted run's weights.
+    import torch
+
+    from ddpmctl.config import TrainConfig
+    from ddpmctl.train import train
+
+    cpu = torch.device("cpu")
+    base = dict(data="builtin:digits", model_channels=8, timesteps=20, batch_size=8, save_every=2,
+                precision="fp32", seed=3)
+    train(TrainConfig(**base, out=str(tmp_path / "straight"), max_steps=4), device=cpu)
+    train(TrainConfig(**base, out=str(tmp_path / "resumed"), max_steps=2), device=cpu)
+    train(TrainConfig(**base, out=str(tmp_path / "resumed"), max_steps=4), device=cpu, resume=True)
+    assert_same_files(tmp_path / "straight", tmp_path / "resumed",
+                      ["ema_0.9999_000004.safetensors", "model_000004.safetensors"])

@@ -7,6 +7,7 @@ modules import torch, numpy, pydantic, safetensors and PIL inside the command fu
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -16,6 +17,7 @@ from typer.core import TyperGroup
 
 from ddpmctl import __version__
 from ddpmctl.cli import convert, distill, eval_nll, eval_samples, info, plot, respace, sample, samplers, train
+from ddpmctl.errors import range_wording
 
 try:  # typer >= 0.26 ships its own copy of click
     from typer._click.exceptions import ClickException
@@ -23,10 +25,16 @@ except ImportError:  # pragma: no cover - older typer uses the click package
     from click.exceptions import ClickException  # type: ignore[no-redef]
 
 
+_BAD_VALUE = re.compile(r"^Invalid value for '([^']+)'(?: / '[^']+')*: (.*)$")
+
+
 def usage_line(err: Any) -> str:
     """A click usage error as one line: 'error: <command>: <problem> (see `<command> --help`)'."""
     message = " ".join(line.strip() for line in err.format_message().splitlines() if line.strip())
     message = message.replace("Value error, ", "").rstrip(".")  # typer's validator wording, one style of line
+    bad_value = _BAD_VALUE.match(message)
+    if bad_value is not None and (ranged := range_wording(bad_value.group(2))) is not None:
+        message = f"{bad_value.group(1)} {ranged}"  # the wording of every other range check
     ctx = getattr(err, "ctx", None)
     if ctx is None:
         return f"error: {message}"
@@ -43,6 +51,41 @@ def _plain_flags(command: Any, ctx: Any) -> None:
             param.metavar = ""
 
 
+def _fold_long_option_names() -> None:
+    """Show long option names whole in narrow terminals: folded onto a second line, never cut to ``--no-skip-bad-i…``.
+
+    Typer's help table cuts a cell that does not fit with an ellipsis; a name is what the user has to type."""
+    from rich.text import Text
+    from typer import rich_utils
+
+    if not getattr(rich_utils._get_parameter_help, "folds", False):  # the help column: "[default: ...]" too
+        parameter_help = rich_utils._get_parameter_help
+
+        def folded_help(**kwargs: Any) -> Any:
+            columns = parameter_help(**kwargs)
+            for item in columns.renderables:
+                if isinstance(item, Text):
+                    item.overflow = "fold"
+            return columns
+
+        folded_help.folds = True  # type: ignore[attr-defined]
+        rich_utils._get_parameter_help = folded_help
+    for name in ("highlighter", "negative_highlighter"):
+        original = getattr(rich_utils, name)
+        if getattr(original, "folds", False):
+            continue
+
+        class Folding(type(original)):  # type: ignore[misc]
+            folds = True
+
+            def __call__(self, text: Any) -> Any:
+                rendered = super().__call__(text)
+                rendered.overflow = "fold"
+                return rendered
+
+        setattr(rich_utils, name, Folding())
+
+
 class OneLineErrorGroup(TyperGroup):
     """Typer's group, but a usage error is one line on stderr (exit 2) like every other ddpmctl error.
 
@@ -54,10 +97,12 @@ class OneLineErrorGroup(TyperGroup):
         command = super().get_command(ctx, cmd_name)
         if command is not None:
             _plain_flags(command, ctx)
+            _fold_long_option_names()
         return command
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
         _plain_flags(self, ctx)
+        _fold_long_option_names()
         super().format_help(ctx, formatter)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
@@ -76,13 +121,19 @@ class OneLineErrorGroup(TyperGroup):
         sys.exit(code if isinstance(code, int) else 0)
 
 
+def _hyphenated(token: str) -> str:
+    return token.replace("_", "-")
+
+
 app = typer.Typer(
     name="ddpmctl",
     cls=OneLineErrorGroup,
     help="Train, sample, evaluate and distill Improved-DDPM diffusion models on image folders.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    # One spelling per name, both accepted: a choice or option name typed with underscores (learned_range, as
+    # config files and the reference write it) means the hyphenated one the command line shows (learned-range).
+    context_settings={"help_option_names": ["-h", "--help"], "token_normalize_func": _hyphenated},
 )
 
 

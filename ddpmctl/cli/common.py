@@ -104,6 +104,24 @@ def resolve_device(spec: str) -> "torch.device":  # noqa: F821
     raise usage_error(f"--device must be auto, cpu, cuda or cuda:N, not {spec!r}")
 
 
+def given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave this parameter (command line or environment), rather than it taking its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+
+
+def only_for(ctx: typer.Context, applies: bool, names: tuple[str, ...], what: str) -> None:
+    """Refuse options that do nothing in the chosen mode (exit 2, like a wrong value), rather than ignore them.
+
+    ``names`` are parameter names; ``what`` says when they apply, e.g. "--estimator mc (...)"."""
+    if applies:
+        return
+    for name in names:
+        if given(ctx, name):
+            flag = next((p.opts[0] for p in ctx.command.params if p.name == name), name)
+            raise usage_error(f"{flag} is for {what}")
+
+
 @contextlib.contextmanager
 def option_errors(*kinds: type[DdpmctlError]) -> Iterator[None]:
     """Library errors of these kinds raised inside are about the command line's values: exit 2, not 1."""
@@ -144,6 +162,25 @@ def device_option(help: str = DEVICE_HELP, **kwargs: Any) -> Any:
     """A fresh ``--device`` option, for ``Annotated[str, device_option()] = "auto"`` (typer mutates option objects,
     so each command needs its own)."""
     return typer.Option("--device", help=help, metavar="DEVICE", **kwargs)
+
+
+CHECKPOINT_ARG_HELP = ("A ddpmctl checkpoint (.safetensors), or a run folder: a training run stands for its newest "
+                       "EMA save, a distillation run for its final student.")
+
+
+def resolve_checkpoint_argument(path: Path, *, quiet: bool = False) -> Path:
+    """CKPT as given, or for a run folder the checkpoint it stands for (``runfolder.resolve_run_checkpoint``),
+    announced on stderr as ``using FILE (newest EMA save, step N)`` unless ``quiet``.
+
+    Every command that takes a checkpoint argument calls this first (sample, eval-nll, eval-samples, ...)."""
+    if not path.is_dir():
+        return path
+    from ddpmctl.runfolder import resolve_run_checkpoint
+
+    chosen = resolve_run_checkpoint(path)
+    if not quiet:
+        console.print(f"using {chosen.path} ({chosen.what})", markup=False, highlight=False, soft_wrap=True)
+    return chosen.path
 
 
 def output_file(out: str | None, source: Path, name: str, *, force: bool) -> Path:

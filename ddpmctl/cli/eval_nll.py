@@ -11,8 +11,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from ddpmctl.choices import Estimator, PrecisionRequest, Split
-from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, out_console, print_json,
-                                resolve_device, resolve_precision_option, usage_error)
+from ddpmctl.cli.common import (CHECKPOINT_ARG_HELP, PRECISION_HELP, console, device_option, guarded, only_for,
+                                out_console, print_json, resolve_checkpoint_argument, resolve_device,
+                                resolve_precision_option, usage_error)
 
 DEFAULT_MC_TERMS = 64
 
@@ -109,9 +110,15 @@ def _resolve_data(config: Any, data: str | None, split: str | None) -> tuple[str
     return source, None
 
 
+def _same_source(source: str, trained_on: str | None) -> bool:
+    """Whether --data names the data the checkpoint was trained on (then converted exactly as in training)."""
+    return trained_on is not None and source.rstrip("/\\") == trained_on.rstrip("/\\")
+
+
 @guarded
 def eval_nll_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    ctx: typer.Context,
+    checkpoint: Annotated[Path, typer.Argument(help=CHECKPOINT_ARG_HELP, show_default=False)],
     data: Annotated[Optional[str], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
         "--data", help="Image folder or builtin:NAME.",
         show_default="the held-out split of the checkpoint's built-in training set")] = None,
@@ -131,8 +138,15 @@ def eval_nll_command(
         show_default=f"{DEFAULT_MC_TERMS} with mc")] = None,
     pilot_images: Annotated[int, typer.Option(
         "--pilot-images", min=1, help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
-    precision: Annotated[PrecisionRequest, typer.Option("--precision", help=PRECISION_HELP + (
-        " bf16 runs the network under autocast; the bound's arithmetic stays fp64."))] = "auto",
+    resize: Annotated[bool, typer.Option(
+        "--resize/--no-resize", help="Convert images of another size or color to what the model takes (resize, "
+        "crop, gray/RGB); without it such data is refused, since its bits/dim would be of other images.",
+        show_default="no; the checkpoint's own training data is converted as in training")] = False,
+    precision: Annotated[PrecisionRequest, typer.Option("--precision", help=(
+        "auto | fp32 | bf16. auto: fp32 on every device, the precision of the bits/dim papers report. bf16 runs the "
+        "network under autocast (emulated and slower than fp32 on CPUs without AVX-512-BF16 or AMX). Either way "
+        "each term of the bound is computed in fp32 from the network's outputs, and the terms are summed in "
+        "fp64."))] = "auto",
     device: Annotated[str, device_option()] = "auto",
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
@@ -141,17 +155,19 @@ def eval_nll_command(
     if num is not None and num_images is not None:
         raise usage_error("--num-images is the old name of --num: give one of them")
     num_images = num if num is not None else num_images
-    if terms is not None and estimator != "mc":
-        raise usage_error("--terms is for --estimator mc (the exact estimator evaluates every term)")
+    only_for(ctx, estimator == "mc", ("terms", "pilot_images"),
+             "--estimator mc (the exact estimator evaluates every term)")
     if estimator == "mc" and terms is None:
         terms = DEFAULT_MC_TERMS
     torch_device = resolve_device(device)
-    precision = resolve_precision_option(precision, torch_device)
+    # auto is fp32 here even where bf16 is native: bits/dim is compared with papers' fp32 numbers to the third decimal.
+    precision = "fp32" if precision == "auto" else resolve_precision_option(precision, torch_device)
 
     from ddpmctl.checkpoint import load_checkpoint
     from ddpmctl.data import load_dataset_for
     from ddpmctl.nll import check_has_bound, evaluate_nll
 
+    checkpoint = resolve_checkpoint_argument(checkpoint, quiet=quiet or json_output)
     loaded = load_checkpoint(checkpoint, device=torch_device)
     check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)
@@ -160,7 +176,9 @@ def eval_nll_command(
         if not quiet:
             console.print(f"note: {message}", markup=False, highlight=False)
 
-    dataset = load_dataset_for(loaded.config.model, source, split=data_split or "train", on_warning=note)
+    trained_on = loaded.config.data.source if loaded.config.data is not None else None
+    dataset = load_dataset_for(loaded.config.model, source, split=data_split or "train", on_warning=note,
+                               convert=resize or _same_source(source, trained_on))
     count = len(dataset)
     if num_images is not None and num_images > count:
         note(f"--num {num_images}: {source} has {count} images, evaluating all of them")

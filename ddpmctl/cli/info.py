@@ -11,7 +11,11 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device
+from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device, usage_error
+
+# The loss types a checkpoint stores, by the --loss name that trains them (config.LOSS_TYPES, inverted; kept here so
+# `ddpmctl --help` imports no pydantic).
+LOSS_NAMES = {"rescaled_mse": "hybrid", "mse": "simple", "rescaled_kl": "vlb"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import CheckpointInfo
@@ -39,8 +43,20 @@ def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
     warmup = entry.get("ema_warmup", "none")
     how = ("no warm-up (improved-diffusion: starts at the random init)" if warmup == "none"
            else "warm-up 1-(1+t)^-2/3 (starts at the first trained weights)" if warmup == "power" else f"warm-up {warmup}")
-    updates = f", {entry['ema_updates']} updates" if "ema_updates" in entry else ""
-    return f"EMA rate {entry['ema']}, {how}{updates}"
+    if "ema_updates" not in entry or warmup not in ("power", "none"):
+        return f"EMA rate {entry['ema']}, {how}"
+    from ddpmctl.ema import reached_decay
+
+    # The decay the average reached, not only the cap: a warm-up's is far below the rate on a short run.
+    updates = int(entry["ema_updates"])
+    decay = reached_decay(float(entry["ema"]), warmup, updates)
+    return (f"EMA rate {entry['ema']}, {how}, {updates} updates: decay {decay:.6g} reached (an average over about "
+            f"the last {1 / (1 - decay):,.0f} steps)")
+
+
+def checkpoint_method(kind: str) -> str:
+    """What trained the weights: a denoising diffusion GAN (kind ddgan), else a diffusion model (train's iddpm)."""
+    return "ddgan" if kind == "ddgan" else "iddpm"
 
 
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
@@ -52,6 +68,7 @@ def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
         "file_size": info.file_size,
         "format": info.format,
         "kind": info.kind,
+        "method": checkpoint_method(info.kind),
         "created_with": info.created_with,
         "num_parameters": info.num_parameters,
         "num_tensors": info.num_tensors,
@@ -71,6 +88,8 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     table.add_column("value", overflow="fold")
     rows: list[tuple[str, str]] = [
         ("kind", info.kind),
+        ("method", f"ddgan (denoising diffusion GAN, {diffusion.timesteps} generator steps)" if info.kind == "ddgan"
+         else "iddpm (diffusion model)"),
         ("format", info.format),
         ("created with", f"ddpmctl {info.created_with}"),
         ("sha256", sha256),
@@ -85,9 +104,12 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
         ("schedule", diffusion.schedule),
         ("T", str(diffusion.timesteps)),
         ("mean type", diffusion.mean_type),
-        ("var type", diffusion.var_type),
-        ("loss type", diffusion.loss_type),
+        ("var type", diffusion.var_type.replace("_", "-")),  # as --var-type spells it
+        ("loss", LOSS_NAMES.get(diffusion.loss_type, diffusion.loss_type)),  # as --loss spells it
     ]
+    if model.latent is not None:
+        rows.append(("latent", f"nz {model.latent.dim}, PixelNorm + {model.latent.mlp_layers}-layer MLP into the "
+                               "embedding, tanh output"))
     if diffusion.use_timesteps is not None:
         rows.append(("respaced steps", _steps_summary(diffusion.use_timesteps)))
     if student is not None:
@@ -154,15 +176,15 @@ def machine_table(machine: dict[str, Any]) -> Table:
 @guarded
 def info_command(
     checkpoint: Annotated[Optional[Path], typer.Argument(  # noqa: UP007 - typer needs Optional on 3.10
-        help="A ddpmctl checkpoint (.safetensors). Without one: this machine's CPU class and what it decides.",
-        show_default=False)] = None,
+        help="A ddpmctl checkpoint (.safetensors), or a run folder: its saves and resolved settings. Without one: "
+             "this machine's CPU class and what it decides.", show_default=False)] = None,
     device: Annotated[Optional[str], device_option(  # noqa: UP007 - typer needs Optional on 3.10
         "Also build the network and load every weight on this device (auto | cpu | cuda | cuda:N) to check the "
         "whole file.", show_default="none: read and validate the header only")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
-    """Show what a checkpoint holds: kind, config, lineage, parameter and tensor counts (or, without one, this
-    machine's CPU class)."""
+    """Show what a checkpoint holds (kind, config, lineage, parameter and tensor counts), what a run folder holds
+    (its saves and resolved settings) or, without either, this machine's CPU class."""
     from ddpmctl.checkpoint import load_checkpoint, read_checkpoint_info
     from ddpmctl.fileio import file_sha256
 
@@ -173,13 +195,24 @@ def info_command(
         else:
             out_console.print(machine_table(machine))
         return
+    if checkpoint.is_dir():
+        from ddpmctl.cli.info_run import show_run
 
+        if device is not None:
+            raise usage_error(f"--device checks one checkpoint file: give one of {checkpoint}'s saves, not the folder")
+        show_run(checkpoint, json_output=json_output)
+        return
     torch_device = resolve_device(device) if device is not None else None
     info = read_checkpoint_info(checkpoint)
     if torch_device is not None:
         load_checkpoint(checkpoint, device=torch_device)
     sha256 = file_sha256(checkpoint)
+    checked = None if torch_device is None else (
+        f"every tensor loaded into the network on {torch_device}: the file is whole")
     if json_output:
-        print_json(info_payload(info, sha256))
+        print_json({**info_payload(info, sha256), "loaded_on": None if torch_device is None else str(torch_device)})
         return
-    out_console.print(info_table(info, sha256))
+    table = info_table(info, sha256)
+    if checked is not None:
+        table.add_row(Text("check"), Text(checked))
+    out_console.print(table)

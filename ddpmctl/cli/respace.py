@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import device_option, guarded, option_errors, out_console, print_json, resolve_device
+from ddpmctl.cli.common import (CHECKPOINT_ARG_HELP, device_option, guarded, option_errors, out_console, output_file,
+                                print_json, resolve_checkpoint_argument, resolve_device)
 from ddpmctl.errors import CheckpointError, SamplerError
 
 Spacing = Literal["even", "ddim"]  # the sampler spacings a respaced checkpoint can be made with
@@ -29,10 +30,12 @@ def respaced_config(config: Any, steps: int, spacing: Spacing) -> Any:
 
 @guarded
 def respace_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A ddpmctl checkpoint (.safetensors).", show_default=False)],
+    checkpoint: Annotated[Path, typer.Argument(help=CHECKPOINT_ARG_HELP, show_default=False)],
     steps: Annotated[int, typer.Option("--steps", min=1, help="Steps of the new chain (1..the parent's).",
                                        show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The checkpoint file to write.", show_default=False)],
+    out: Annotated[Optional[str], typer.Option(  # noqa: UP007 - typer needs Optional on 3.10
+        "--out", "-o", metavar="FILE|DIR", help="The checkpoint file to write; an existing folder or a path ending in "
+        "/ means into that folder.", show_default="CKPT's folder, as {CKPT name}_respaced{K}.safetensors")] = None,
     spacing: Annotated[Spacing, typer.Option(
         "--spacing", help="even: K evenly spaced steps (IDDPM); ddim: DDIM's stride range(0, T, i).")] = "even",
     force: Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")] = False,
@@ -47,19 +50,16 @@ def respace_command(
     from ddpmctl.fileio import file_sha256, load_tensors
 
     torch_device = resolve_device(device) if device is not None else None
+    checkpoint = resolve_checkpoint_argument(checkpoint, quiet=quiet or json_output)
     info = read_checkpoint_info(checkpoint)  # validated: a foreign or broken file fails here in one line
     if info.kind == "student":
         raise SamplerError(f"{checkpoint.name} is a distilled student: its step grid is fixed and cannot be respaced")
+    if info.kind == "ddgan":
+        raise SamplerError(f"{checkpoint.name} is a denoising diffusion GAN: its generator was trained for its own "
+                           f"{info.config.diffusion.timesteps} steps, there is no longer chain to respace")
     with option_errors(SamplerError):  # --steps beyond the parent's chain, or no DDIM stride gives K steps
         config = respaced_config(info.config, steps, spacing)
-    if out.exists() and out.is_dir():
-        raise CheckpointError(f"--out {out} is a folder: give a file name such as {out / 'respaced.safetensors'}")
-    if out.exists() and out.resolve() == checkpoint.resolve():
-        raise CheckpointError(f"--out {out} is the input checkpoint: write the respaced one elsewhere")
-    if out.exists() and not force:
-        raise CheckpointError(f"--out {out} exists: use --force to overwrite it")
-    if not out.parent.is_dir():
-        raise CheckpointError(f"cannot write --out {out}: folder {out.parent} does not exist")
+    out_path = output_file(out, checkpoint, f"{checkpoint.stem}_respaced{steps}.safetensors", force=force)
 
     tensors, _ = load_tensors(checkpoint)  # the weights exactly as stored (no dtype round trip)
     sha256 = file_sha256(checkpoint)
@@ -68,18 +68,18 @@ def respace_command(
     lineage = [*info.lineage, {"op": "respace", "from": checkpoint.name, "sha256": sha256, "steps": steps,
                                "spacing": spacing}]
     try:
-        save_checkpoint(out, tensors, config, kind="respaced", lineage=lineage)
+        save_checkpoint(out_path, tensors, config, kind="respaced", lineage=lineage)
     except OSError as err:
-        raise CheckpointError(f"cannot write --out {out}: {err.strerror or err}") from None
+        raise CheckpointError(f"cannot write --out {out_path}: {err.strerror or err}") from None
     if torch_device is not None:
-        load_checkpoint(out, device=torch_device)
+        load_checkpoint(out_path, device=torch_device)
 
     use = config.diffusion.use_timesteps or ()
-    summary = {"out": str(out), "from": str(checkpoint), "kind": "respaced", "steps": len(use),
+    summary = {"out": str(out_path), "from": str(checkpoint), "kind": "respaced", "steps": len(use),
                "parent_steps": parent_steps, "timesteps": config.diffusion.timesteps, "spacing": spacing,
                "use_timesteps": list(use)}
     if json_output:
         print_json(summary)
     elif not quiet:
-        out_console.print(f"wrote {out}: {len(use)} of {parent_steps} steps ({spacing} spacing, original indices "
+        out_console.print(f"wrote {out_path}: {len(use)} of {parent_steps} steps ({spacing} spacing, original indices "
                           f"{use[0]}..{use[-1]}) from {checkpoint.name}", highlight=False, soft_wrap=True)

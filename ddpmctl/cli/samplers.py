@@ -32,6 +32,12 @@ def _format_default(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+def _option_line(option: dict[str, Any]) -> str:
+    """'eta=0.0 (float): noise scale ...': how to set it, its default and type, then what it does."""
+    line = f"{option['name']}={_format_default(option['default'])} ({option['type']})"
+    return f"{line}: {option['description']}" if option["description"] else line
+
+
 @guarded
 def samplers_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the list as JSON on stdout.")] = False,
@@ -41,15 +47,14 @@ def samplers_command(
     if json_output:
         print_json(rows)
         return
-    table = Table(show_lines=True)
+    table = Table(show_lines=True, expand=True)  # the options column, with each description, gets the most room
     table.add_column("name", style="bold", no_wrap=True)
-    table.add_column("description", overflow="fold")  # errors are shown whole, never cut with an ellipsis
-    table.add_column("options (-O key=value)", overflow="fold")
+    table.add_column("description", overflow="fold", ratio=2)  # errors are shown whole, never cut with an ellipsis
+    table.add_column("options (-O key=value)", overflow="fold", ratio=3)
     table.add_column("package", overflow="fold")
     for row in rows:
         if row["ok"]:
-            options = "\n".join(f"{o['name']}={_format_default(o['default'])} ({o['type']})"
-                                for o in row["options"]) or "-"
+            options = "\n".join(_option_line(o) for o in row["options"]) or "-"
             table.add_row(row["name"], row["description"], options, row["package"] or "-")
         else:
             state = "incompatible" if row["incompatible"] else "broken"

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, NanPolicy, PrecisionRequest, Schedule,
+from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, Method, NanPolicy, PrecisionRequest, Schedule,
                              TimestepSamplerName)
-from ddpmctl.cli.common import console, device_option, guarded, print_json, resolve_device, usage_error
+from ddpmctl.cli.common import console, device_option, given, guarded, print_json, resolve_device, usage_error
 from ddpmctl.errors import validation_problem
 
 try:  # Python >= 3.11
@@ -38,8 +38,10 @@ VarType = Literal["learned-range", "fixed-small", "fixed-large", "learned"]
 
 # Options whose value is a comma-separated list of integers.
 _INT_LISTS = ("channel_mult", "attention_resolutions")
-# Options spelled with hyphens on the command line but stored with underscores.
+# Options spelled with hyphens on the command line but stored with underscores, and the reverse: files may use
+# either spelling (learned-range / learned_range, loss-second-moment / loss_second_moment).
 _HYPHEN_VALUES = ("var_type",)
+_UNDERSCORE_VALUES = ("timestep_sampler",)
 _FIELD_FLAGS = {"data": "DATA", "flip": "--flip/--no-flip"}
 # Parameters of train_command that are not TrainConfig fields.
 _NOT_FIELDS = ("config_file", "resume", "force", "device", "quiet", "json_output")
@@ -69,6 +71,9 @@ def _normalise(values: dict[str, Any]) -> dict[str, Any]:
     for field in _HYPHEN_VALUES:
         if isinstance(out.get(field), str):
             out[field] = out[field].replace("-", "_")
+    for field in _UNDERSCORE_VALUES:
+        if isinstance(out.get(field), str):
+            out[field] = out[field].replace("_", "-")
     return out
 
 
@@ -76,51 +81,66 @@ def _parse_config_file(path: Path) -> dict[str, Any]:
     """The raw key/value table of ``--config``: TOML, or JSON (a run's ``config.json``: its ``train`` section).
 
     A run folder stands for its ``config.json``. A run's ``out`` is dropped: the new run needs its own folder.
+    Only a regular file of at most 1 MiB is read (a named pipe or a device is refused, never read from).
     """
-    if path.is_dir() and (path / "config.json").is_file():
+    from ddpmctl.errors import ConfigError
+    from ddpmctl.runfiles import parse_json, read_small_text
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise usage_error(f"--config {path}: is a folder without a config.json, not a config file")
         path = path / "config.json"
     try:
-        raw_bytes = path.read_bytes()
-    except FileNotFoundError:
-        raise usage_error(f"--config {path}: no such file") from None
-    except IsADirectoryError:
-        raise usage_error(f"--config {path}: is a folder without a config.json, not a config file") from None
-    except OSError as err:
-        raise usage_error(f"--config {path}: {err.strerror or err}") from None
-    if path.suffix.lower() == ".json" or raw_bytes.lstrip()[:1] == b"{":
-        try:
-            raw = json.loads(raw_bytes.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as err:
-            raise usage_error(f"--config {path}: not valid JSON ({err})") from None
-        if not isinstance(raw, dict):
-            raise usage_error(f"--config {path}: expected a JSON object of options")
-        if isinstance(raw.get("train"), dict):  # a run folder's config.json
-            raw = {key: value for key, value in raw["train"].items() if key != "out"}
-        return raw
-    try:
-        return tomllib.loads(raw_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        text = read_small_text(path)
+        if path.suffix.lower() == ".json" or text.lstrip()[:1] == "{":
+            raw = parse_json(text, path)
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: expected a JSON object of options")
+            if isinstance(raw.get("train"), dict):  # a run folder's config.json
+                raw = {key: value for key, value in raw["train"].items() if key != "out"}
+            return raw
+        return tomllib.loads(text)
+    except ConfigError as err:
+        raise usage_error(f"--config {err}") from None
+    except tomllib.TOMLDecodeError as err:
         raise usage_error(f"--config {path}: not valid TOML ({err})") from None
+    except RecursionError:
+        raise usage_error(f"--config {path}: not valid TOML (nested too deeply)") from None
+
+
+def _file_value(path: Path, field: str, value: Any, fields: Any) -> Any:
+    """A ``--config`` value checked exactly as the option's value is: the field's type without coercion (an int
+    is not ``true`` or ``2.0``, a flag is a boolean), its choices and its range. One line, exit 2, otherwise."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from ddpmctl.config import parse_duration
+
+    if field in _INT_LISTS and isinstance(value, list):
+        value = tuple(value)
+    if field == "max_time" and isinstance(value, str):
+        try:
+            value = parse_duration(value)
+        except ValueError as err:
+            raise usage_error(f"--config {path}: {field}: {err}") from None
+    info = fields[field]
+    try:
+        return TypeAdapter(Annotated[info.annotation, info]).validate_python(value, strict=True)
+    except ValidationError as err:
+        problem = validation_problem(err, lambda loc: field + "".join(f"[{i}]" for i in loc), show_input=True)
+        raise usage_error(f"--config {path}: {problem}") from None
 
 
 def _read_config_file(path: Path, fields: Any) -> dict[str, Any]:
-    """``--config FILE``: keys are TrainConfig field names (hyphens accepted); unknown keys are usage errors."""
+    """``--config FILE``: keys are TrainConfig field names (hyphens accepted); unknown keys and values the option
+    would not take are usage errors."""
     values: dict[str, Any] = {}
     for key, value in _parse_config_file(path).items():
         field = key.replace("-", "_")
         if field not in fields:
-            raise usage_error(f"--config {path}: unknown key {key!r} (keys are the option names, e.g. "
+            raise usage_error(f"--config {path}: unknown key {key[:40]!r} (keys are the option names, e.g. "
                               "batch_size, lr, max_steps)")
-        if field in _INT_LISTS and isinstance(value, list):
-            value = [str(v) if isinstance(v, bool) else v for v in value]
         values[field] = value
-    return _normalise(values)
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the user gave this option (command line or environment), rather than it taking its default."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+    return {field: _file_value(path, field, value, fields) for field, value in _normalise(values).items()}
 
 
 def _validation_line(err: ValidationError) -> str:
@@ -215,6 +235,7 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 
 
 _DATA, _DIFFUSION, _NETWORK, _OPTIMISATION, _RUN = "Data", "Diffusion", "Network", "Optimisation", "Run"
+_DDGAN = "DDGAN (--method ddgan; docs/ddgan.md)"
 _SCALED = "scaled with the image size, like the reference's"
 _CHOSEN = "chosen from the data (README: Defaults that fit the data)"
 
@@ -232,6 +253,10 @@ def train_command(
         "--config", metavar="FILE|RUN", show_default=False, rich_help_panel=_RUN,
         help="Options from a TOML file (keys = option names with underscores), or from a run's config.json "
              "(or the run folder itself) to reuse its settings; options given here override it.")] = None,
+    method: Annotated[Method, _opt(
+        "--method", help="iddpm: an Improved-DDPM diffusion model; ddgan: a denoising diffusion GAN (Xiao et al. "
+        "2022) that samples in T = 2-8 generator steps (sample it with --sampler ddgan).",
+        rich_help_panel=_RUN)] = "iddpm",
     image_size: Annotated[Optional[int], _opt(  # noqa: UP007
         "--image-size", help="Resize/crop to this size.", show_default="the data's",
         rich_help_panel=_DATA)] = None,
@@ -252,8 +277,10 @@ def train_command(
         "--mean-type", help="What the network predicts.", show_default="eps", rich_help_panel=_DIFFUSION)] = None,
     var_type: Annotated[VarType, _opt("--var-type", help="Reverse-process variance.", rich_help_panel=_DIFFUSION)
                         ] = "learned-range",
-    loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000, simple = L_simple, vlb = "
-                                   "rescaled KL.", rich_help_panel=_DIFFUSION)] = "hybrid",
+    loss: Annotated[LossName, _opt("--loss", help="hybrid = L_simple + L_vlb/1000 (IDDPM's L_hybrid); simple = "
+                                   "L_simple, the mse of the mean, plus with a learned variance its KL term unscaled "
+                                   "(improved-diffusion's mse loss); vlb = L_vlb alone.", rich_help_panel=_DIFFUSION)
+                        ] = "hybrid",
     timestep_sampler: Annotated[TimestepSamplerName, _opt("--timestep-sampler", help="How t is drawn.",
                                                       rich_help_panel=_DIFFUSION)] = "uniform",
     model_channels: Annotated[Optional[int], _opt(  # noqa: UP007
@@ -294,11 +321,28 @@ def train_command(
                                          rich_help_panel=_OPTIMISATION)] = "auto",
     nan_policy: Annotated[NanPolicy, _opt("--nan-policy", help="On a non-finite loss: stop (keeping the last "
                                           "checkpoint) or skip the step.", rich_help_panel=_OPTIMISATION)] = "stop",
+    lr_d: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--lr-d", help="The discriminator's Adam (0.5, 0.9) learning rate (--lr is the generator's: 1.6e-4).",
+        show_default="1.25e-4", rich_help_panel=_DDGAN)] = None,
+    lr_min: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--lr-min", help="Both rates decay on a cosine to this at --max-steps (constant without --max-steps).",
+        show_default="1e-5", rich_help_panel=_DDGAN)] = None,
+    r1_gamma: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--r1-gamma", help="R1 penalty gamma/2 E||grad D(real)||^2 on real pairs (0: none).",
+        show_default="0.02", rich_help_panel=_DDGAN)] = None,
+    lazy_reg: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--lazy-reg", metavar="K", help="Add R1 every K discriminator steps (not scaled by K, as the official "
+        "code).", show_default="15", rich_help_panel=_DDGAN)] = None,
+    nz: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--nz", help="Dimensions of the generator's latent z.", show_default="100", rich_help_panel=_DDGAN)] = None,
+    disc_channels: Annotated[Optional[int], _opt(  # noqa: UP007
+        "--disc-channels", help="The discriminator's base width (2, 4, 8x it per level).",
+        show_default="64 from 32x32 up, else 32", rich_help_panel=_DDGAN)] = None,
     max_steps: Annotated[Optional[int], _opt(  # noqa: UP007
         "--max-steps", help="Stop after this many optimizer steps in all.", show_default="no limit",
         rich_help_panel=_RUN)] = None,
     max_time: Annotated[Optional[str], _opt(  # noqa: UP007
-        "--max-time", metavar="DURATION", help="Wall-clock budget of this invocation, e.g. 90s, 10m, 2h.",
+        "--max-time", metavar="DURATION", help="Wall-clock budget of this invocation, e.g. 90s, 10m, 2h, 1h30m.",
         show_default="no limit", rich_help_panel=_RUN)] = None,
     save_every: Annotated[int, _opt("--save-every", metavar="STEPS", help="Checkpoint interval.",
                                     rich_help_panel=_RUN)] = 1000,
@@ -337,7 +381,8 @@ def train_command(
     quiet: Annotated[bool, _opt("--quiet", "-q", help="Show nothing but errors.")] = False,
     json_output: Annotated[bool, _opt("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
-    """Train an Improved-DDPM model on an image folder (or builtin:digits); torchrun for several processes."""
+    """Train an Improved-DDPM model (or, with --method ddgan, a denoising diffusion GAN) on an image folder (or
+    builtin:digits); torchrun for several processes."""
     from pydantic import ValidationError
 
     from ddpmctl.config import TrainConfig
@@ -346,12 +391,12 @@ def train_command(
     from ddpmctl.runfolder import saved_train_config
     from ddpmctl.train import train
 
-    given = _normalise({name: value for name, value in ctx.params.items()
-                        if name not in _NOT_FIELDS and _given(ctx, name)})
+    from_flags = _normalise({name: value for name, value in ctx.params.items()
+                             if name not in _NOT_FIELDS and given(ctx, name)})
     file_values = _read_config_file(config_file, TrainConfig.model_fields) if config_file is not None else {}
     if resume and force:
         raise usage_error("--resume continues the run in --out, --force deletes it: give one of them")
-    values = {**file_values, **given}
+    values = {**file_values, **from_flags}
     if values.get("init_from") is not None and not resume:
         from ddpmctl.finetune import options_from_checkpoint
 
@@ -395,3 +440,23 @@ def train_command(
         typer.echo(f"interrupted at step {result.step}: saved {result.ema_checkpoint}; continue with "
                    f"`ddpmctl train --out {result.run_dir} --resume`", err=True)
         raise typer.Exit(130)
+    if not quiet and not json_output:
+        message = stop_message(result, config)
+        if message:
+            typer.echo(message, err=True)
+
+
+def stop_message(result: Any, config: TrainConfig) -> str | None:
+    """Why a run ended where it did, when that is not simply its --max-steps reached: the --max-time budget, or a
+    resumed run that had nothing left to train (and how to go on)."""
+    from ddpmctl.config import format_duration
+
+    resume = f"`ddpmctl train --out {result.run_dir} --resume"
+    if result.stop_reason == "max_time" and config.max_time is not None:
+        of = f" of --max-steps {config.max_steps}" if config.max_steps is not None else ""
+        return (f"stopped by --max-time {format_duration(config.max_time)} at step {result.step}{of}: saved "
+                f"{result.ema_checkpoint}; continue with {resume}` (the time budget counts per invocation)")
+    if result.stop_reason == "max_steps" and result.step == result.start_step and config.max_steps is not None:
+        return (f"{result.run_dir} is already at step {result.step}, --max-steps {config.max_steps}: nothing to "
+                f"train; continue with {resume} --max-steps {max(2 * result.step, config.max_steps + 1)}`")
+    return None

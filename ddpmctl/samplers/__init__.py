@@ -27,15 +27,18 @@ from ddpmctl.samplers.driver import (
 )
 from ddpmctl.samplers.options import describe_options, parse_options
 from ddpmctl.samplers.registry import (
+    DEFAULT_SAMPLER,
     ENTRY_POINT_GROUP,
+    SAMPLER_FOR_KIND,
     SamplerEntry,
     available_samplers,
+    default_sampler,
     get_sampler,
     reset_registry,
 )
 from ddpmctl.timesteps import choose_timesteps, step_counts_with_ddim_stride
 
-__all__ = ["API_VERSION", "ENTRY_POINT_GROUP", "SampleProgress", "SampleRNG", "Sampler", "SamplerEntry",
+__all__ = ["API_VERSION", "DEFAULT_SAMPLER", "ENTRY_POINT_GROUP", "SAMPLER_FOR_KIND", "SampleProgress", "SampleRNG", "Sampler", "SamplerEntry",
            "SamplerOptions", "StepCallback", "StepInfo", "available_samplers", "build_denoiser",
-           "check_sample_counts", "choose_timesteps", "describe_options", "draw_labels", "generate", "get_sampler",
+           "check_sample_counts", "choose_timesteps", "default_sampler", "describe_options", "draw_labels", "generate", "get_sampler",
            "parse_options", "reset_registry", "sampling_timesteps", "step_counts_with_ddim_stride"]

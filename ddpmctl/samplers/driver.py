@@ -57,6 +57,20 @@ def _checkpoint_chain(checkpoint: LoadedCheckpoint) -> list[OriginalStep]:
     return [int(t) for t in checkpoint.diffusion.timestep_map]
 
 
+def _check_kind(checkpoint: LoadedCheckpoint, sampler: Sampler, name: str) -> None:
+    """SamplerError (one line) when ``sampler`` does not sample checkpoints of this kind, naming the one that does."""
+    kinds = type(sampler).checkpoint_kinds
+    if checkpoint.kind == "student" and "student" not in kinds:
+        raise SamplerError(f"{name} is a distilled student: sample it with --sampler student")
+    if checkpoint.kind == "ddgan" and "ddgan" not in kinds:
+        raise SamplerError(f"{name} is a denoising diffusion GAN: sample it with --sampler ddgan")
+    if checkpoint.kind != "student" and checkpoint.kind not in kinds:
+        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a "
+                           + ("distilled student (make one with `ddpmctl distill`)" if "student" in kinds else
+                              "denoising diffusion GAN (train one with `ddpmctl train --method ddgan`)")
+                           + ": use --sampler ddim, strided or ancestral")
+
+
 def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: int | None = None,
                        timesteps: Sequence[int] | None = None) -> tuple[OriginalStep, ...]:
     """The original steps ``sampler`` walks on ``checkpoint``, noisiest first; SamplerError (one line) otherwise.
@@ -66,13 +80,8 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
     A distilled student is sampled on its own grid by samplers that list the "student" kind, and only by them.
     """
     name = checkpoint.path.name
-    kinds = type(sampler).checkpoint_kinds
     is_student = checkpoint.kind == "student"
-    if is_student and "student" not in kinds:
-        raise SamplerError(f"{name} is a distilled student: sample it with --sampler student")
-    if not is_student and checkpoint.kind not in kinds:
-        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a distilled student (make one with "
-                           "`ddpmctl distill`): use --sampler ddim, strided or ancestral")
+    _check_kind(checkpoint, sampler, name)
     if is_student:
         student = checkpoint.config.student
         if student is None or checkpoint.config.diffusion.use_timesteps is not None:
@@ -94,6 +103,8 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
             raise SamplerError(f"{sampler.name} walks the checkpoint's whole chain of {total} steps")
         return tuple(reversed(chosen))
     if type(sampler).whole_chain:
+        if steps is not None and steps != total and checkpoint.kind == "ddgan":
+            raise SamplerError(f"{name} is a {total}-step denoising diffusion GAN: omit --steps or pass --steps {total}")
         if steps is not None and steps != total:
             raise SamplerError(
                 f"{sampler.name} walks the checkpoint's whole chain of {total} steps, not {steps}: use --sampler "
@@ -116,18 +127,21 @@ def build_denoiser(checkpoint: LoadedCheckpoint, timesteps: Sequence[OriginalSte
     network = inference_network(checkpoint.model, _model_device(checkpoint.model), model_config.image_size,
                                 model_config.model_channels, precision=precision, micro_batch=micro_batch)
     student = checkpoint.config.student if checkpoint.kind == "student" else None
+    latent = model_config.latent
     return Denoiser(network, checkpoint.config.diffusion, timesteps,
-                    student_head=student.param if student is not None else None)
+                    student_head=student.param if student is not None else None,
+                    latent_dim=latent.dim if latent is not None else None)
 
 
-def check_sample_counts(num: int, batch_size: int, seed: int) -> None:
-    """What :func:`generate` accepts for ``num``, ``batch_size`` and ``seed`` (SamplerError naming the option)."""
-    if num < 1:
-        raise SamplerError(f"--num must be at least 1, not {num}")
-    if batch_size < 1:
-        raise SamplerError(f"--batch-size must be at least 1, not {batch_size}")
-    if seed < 0:
-        raise SamplerError(f"--seed must be >= 0, not {seed}")
+def check_sample_counts(num: int, batch_size: int, seed: int, start_index: int = 0) -> None:
+    """What :func:`generate` accepts for ``num``, ``batch_size``, ``seed`` and ``start_index`` (SamplerError naming
+    the option)."""
+    for flag, value in (("--num", num), ("--batch-size", batch_size)):
+        if value < 1:
+            raise SamplerError(f"{flag} must be at least 1, not {value}")
+    for flag, value in (("--seed", seed), ("--start-index", start_index)):
+        if value < 0:
+            raise SamplerError(f"{flag} must be at least 0, not {value}")
 
 
 def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_size: int, seed: int,
@@ -135,8 +149,10 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
              callback: Callable[[SampleProgress], None] | None = None,
              output: Literal["float", "uint8"] = "float", precision: Precision = "fp32",
              micro_batch: MicroBatch = "auto",
-             timesteps: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Sample ``num`` images in batches; image i depends only on (seed, i), never on ``batch_size``.
+             timesteps: Sequence[int] | None = None,
+             start_index: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Sample images ``start_index`` .. ``start_index + num - 1`` in batches; image i depends only on (seed, i), never
+    on ``batch_size``, so shards of one set (``start_index`` 0, n, 2n, ...) concatenate to the whole set.
 
     Returns (images [num, C, H, W] on the CPU: float in [-1, 1] or uint8, labels int64 [num] or None). For a
     class-conditional checkpoint the labels are ``class_label`` for every image, or drawn per image from (seed, i).
@@ -144,7 +160,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     autocast (the sampler's arithmetic stays fp32); ``micro_batch`` caps the images per network call ("auto":
     sized for the CPU, see ddpmctl.inference) and, like ``batch_size``, changes an image only at float rounding.
     """
-    check_sample_counts(num, batch_size, seed)
+    check_sample_counts(num, batch_size, seed, start_index)
     run_steps = sampling_timesteps(checkpoint, sampler, steps, timesteps)  # validates before any network call
     total_steps = len(run_steps)
 
@@ -158,7 +174,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     labels = None
     if num_classes is not None:
         labels = (torch.full((num,), class_label, dtype=torch.int64) if class_label is not None
-                  else draw_labels(seed, range(num), num_classes))
+                  else draw_labels(seed, range(start_index, start_index + num), num_classes))
 
     device = _model_device(checkpoint.model)
     denoiser = build_denoiser(checkpoint, run_steps, precision=precision, micro_batch=micro_batch)
@@ -167,7 +183,7 @@ def generate(checkpoint: LoadedCheckpoint, sampler: Sampler, *, num: int, batch_
     images = torch.empty((num, *shape), dtype=out_dtype)
     for start in range(0, num, batch_size):
         stop = min(start + batch_size, num)
-        rng = SampleRNG(seed, range(start, stop), device)
+        rng = SampleRNG(seed, range(start_index + start, start_index + stop), device)
         x_T = rng.randn(shape)
         batch_denoiser = denoiser.conditioned(y=labels[start:stop].to(device)) if labels is not None else denoiser
 

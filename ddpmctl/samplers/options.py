@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -9,6 +10,13 @@ from pydantic import ValidationError
 
 from ddpmctl.errors import SamplerError, validation_problem
 from ddpmctl.samplers.contract import Sampler, SamplerOptions
+
+
+_NONE_WORDS = ("none", "null")
+
+
+def _accepts_none(annotation: Any) -> bool:
+    return annotation is None or type(None) in typing.get_args(annotation)
 
 
 def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
@@ -26,8 +34,12 @@ def parse_options(cls: type[Sampler], items: Sequence[str]) -> SamplerOptions:
         if key in values:
             raise SamplerError(f"option {key!r} given twice")
         values[key] = value.strip()
+    # "None" is how `ddpmctl samplers` shows an unset default: it means the same when typed, where None is allowed.
+    parsed: dict[str, str | None] = {
+        key: None if value.lower() in _NONE_WORDS and _accepts_none(fields[key].annotation) else value
+        for key, value in values.items()}
     try:
-        return cls.Options.model_validate(values)
+        return cls.Options.model_validate(parsed)
     except ValidationError as err:
         def option(loc: tuple[str | int, ...]) -> str:
             if not loc:  # a check across options (e.g. a range's two ends): name them all

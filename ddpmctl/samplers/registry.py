@@ -112,3 +112,14 @@ def get_sampler(name: str) -> type[Sampler]:
         state = "incompatible" if entry.incompatible else "broken"
         raise SamplerError(f"sampler {name!r} is installed but {state}: {entry.error}")
     return entry.cls
+
+
+# The sampler `ddpmctl sample` uses when --sampler is left out, by checkpoint kind (checkpoint.KINDS). A new kind
+# whose checkpoints only its own sampler can run adds itself here; every other kind samples with DEFAULT_SAMPLER.
+DEFAULT_SAMPLER = "ddim"
+SAMPLER_FOR_KIND: dict[str, str] = {"student": "student", "ddgan": "ddgan"}
+
+
+def default_sampler(kind: str) -> str:
+    """The sampler name for a checkpoint of this kind when the user names none (SAMPLER_FOR_KIND, else ddim)."""
+    return SAMPLER_FOR_KIND.get(kind, DEFAULT_SAMPLER)

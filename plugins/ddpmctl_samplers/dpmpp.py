@@ -9,13 +9,18 @@ step, then uniform in lambda over the range where the image forms (on an even-in
   multiplies its error by sigma/alpha = e^-lambda; below lambda of about -2 the clipped x_hat swings between -1 and 1
   and the trajectory needs short steps there. A v or x0 network's x_hat stays bounded, and steps spent above
   lambda = -1.5 (nearly pure noise) are lost.
-- high end, lambda = 2.5 (sigma/alpha = 0.08). The final step to sigma = 0 (x_hat itself) costs less from there
-  than a 2M step of the size the rest of a 10-step grid would need to reach the chain's bottom step.
-- Past 10 steps both ends move out by a quarter of the 10-step spacing per extra step, up to the whole chain.
+- high end, lambda = 3.5 (sigma/alpha = 0.03, about 4 grey levels of an 8-bit image). The last step returns
+  x_hat = E[x_0 | x] there, which shrinks every sample towards the mean by sqrt(s^2 / (s^2 + (sigma/alpha)^2)) for
+  data of spread s more than the ODE does: the cost of stopping early, against the discretisation error of wider
+  2M steps. On Gaussian data (``ddpmctl.testing.gaussian_ode_error``, measured against the exact sigma = 0
+  endpoint) a 10-step grid is 2-3e-3 RMS from it with this end, 1.1-1.2e-2 ending at 2.5 (4% too narrow) and
+  0.8-1.1e-2 ending at the chain's bottom step; a long final 2M step to the bottom step (an uneven grid) is worse.
+- Past 10 steps both ends move out by a quarter of the 10-step spacing per extra step, up to the whole chain: by about
+  20 steps the grid ends at the chain's bottom step.
 
-Measured on digits models (eps and v), 10 steps, mean squared distance to the full-chain DDIM from the same
-noise: 1.2x (v) and 1.7x (eps) closer than DDIM at 20 steps, 5-12x closer than a logSNR grid over the whole chain
-(benchmarks/README.md, which also lists the grids tried).
+Measured by FD on digits models (benchmarks/README.md "Few-step sample quality", which lists the grids tried):
+at 10 steps the high end of 3.5 scored best or level among 2.5 / 3.5 / 4.5 / the chain's bottom step at every low
+end tried, on both models, and the low ends (-3 for eps, -1.5 for v) scored best of those tried.
 
 Steps are ODE steps: the n network calls make n steps t_0 -> t_1 -> ... -> t_{n-1} -> sigma = 0. The last one
 is the "lower-order final" step of the reference, first order by necessity (h is infinite there, and the
@@ -33,13 +38,13 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ddpmctl import Denoiser, Sampler, SampleRNG, StepCallback, StepInfo
+from ddpmctl import Denoiser, Sampler, SampleRNG, SamplerError, StepCallback, StepInfo
 
 
 # The default logsnr grid (module docstring): its low end by the network's prediction, its high end at 10 steps.
 EPS_LAMBDA_MIN = -3.0
 LAMBDA_MIN = -1.5
-TEN_STEP_LAMBDA_MAX = 2.5
+TEN_STEP_LAMBDA_MAX = 3.5
 
 
 class DPMSolverPlusPlus2MSampler(Sampler):
@@ -60,11 +65,16 @@ class DPMSolverPlusPlus2MSampler(Sampler):
             None, description="logsnr spacing: lambda = log(alpha/sigma) after the top step (default at 10 steps: -3 "
                               "for eps networks, -1.5 for v and x0; lower with more steps)")
         lambda_max: float | None = Field(
-            None, description="logsnr spacing: lambda of the last step before sigma = 0 (default: 2.5 up to 10 "
+            None, description="logsnr spacing: lambda of the last step before sigma = 0 (default: 3.5 up to 10 "
                               "steps, then farther, up to the chain's bottom step)")
 
         @model_validator(mode="after")
         def _ordered(self) -> DPMSolverPlusPlus2MSampler.Options:
+            given = [f"{key}={value:g}" for key, value in (("lambda_min", self.lambda_min),
+                                                           ("lambda_max", self.lambda_max)) if value is not None]
+            if given and self.spacing != "logsnr":
+                verb = "apply" if len(given) > 1 else "applies"
+                raise ValueError(f"{' and '.join(given)} {verb} only to spacing=logsnr, not spacing={self.spacing}")
             if self.lambda_min is not None and self.lambda_max is not None and self.lambda_min >= self.lambda_max:
                 raise ValueError(f"lambda_min must be below lambda_max, not {self.lambda_min:g} >= {self.lambda_max:g}")
             return self
@@ -74,8 +84,16 @@ class DPMSolverPlusPlus2MSampler(Sampler):
         # Past 10 steps the range widens by half the 10-step spacing per extra step, a quarter at each end: at 20
         # steps the middle is still denser than at 10, by 50 steps the grid covers the whole chain.
         widen = max(0, steps - 10) * (TEN_STEP_LAMBDA_MAX - low0) / 8 / 4
-        low = low0 - widen if self.options.lambda_min is None else self.options.lambda_min
-        high = min(bottom, TEN_STEP_LAMBDA_MAX + widen) if self.options.lambda_max is None else self.options.lambda_max
+        default_low, default_high = low0 - widen, min(bottom, TEN_STEP_LAMBDA_MAX + widen)
+        low = default_low if self.options.lambda_min is None else self.options.lambda_min
+        high = default_high if self.options.lambda_max is None else self.options.lambda_max
+        # One end given and the default other end on its wrong side: say which end was a default.
+        if self.options.lambda_max is None and low >= high:
+            raise SamplerError(f"option lambda_min={low:g} is not below the default high end at {steps} steps "
+                               f"(lambda {high:g}): give lambda_max as well")
+        if self.options.lambda_min is None and low >= high:
+            raise SamplerError(f"option lambda_max={high:g} is not above the default low end at {steps} steps "
+                               f"(lambda {low:g}): give lambda_min as well")
         return low, high
 
     def sample(self, denoiser: Denoiser, x_T: torch.Tensor, timesteps: Sequence[int], *, noise: SampleRNG,
