@@ -254,6 +254,8 @@ class TrainRun(_Schema):
     num_parameters: int | None = Field(None, ge=0)
     world_size: int | None = Field(None, ge=1)
     created_with: str | None = Field(None, max_length=100)
+    # --init-from: the parent checkpoint's lineage and the init entry, carried into every checkpoint of the run.
+    init_lineage: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
 
 
 def check_train_run(payload: Any, path: Path, *, error: type[DdpmctlError] = ConfigError) -> TrainRun:
