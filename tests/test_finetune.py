@@ -86,3 +86,11 @@ def test_a_bad_checkpoint_is_one_error_line(tmp_path: Path) -> None:
     line = one_error_line(invoke_cli("train", "builtin:digits", "--init-from", str(bad), "--out", str(tmp_path / "r"),
                            "--max-steps", "1", "--device", "cpu"), 1)
     assert str(bad) in line
+
+
+def test_a_ddgan_run_cannot_start_from_a_diffusion_checkpoint(parent: Path, tmp_path: Path) -> None:
+    result = invoke_cli("train", "builtin:digits", "--method", "ddgan", "--init-from", str(parent), "--out",
+                        str(tmp_path / "gan"), "--max-steps", "1", "--device", "cpu", "--quiet")
+    line = one_error_line(result, 2)
+    assert "--init-from" in line and "--method ddgan" in line
+    assert not (tmp_path / "gan").exists()

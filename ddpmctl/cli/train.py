@@ -400,6 +400,9 @@ def train_command(
     if values.get("init_from") is not None and not resume:
         from ddpmctl.finetune import options_from_checkpoint
 
+        if values.get("method") == "ddgan":
+            raise usage_error("--init-from starts from a diffusion model's weights: it does not apply to --method ddgan")
+
         # Layers: the checkpoint's network and diffusion, then --config, then the command line.
         values = {**options_from_checkpoint(values["init_from"]), **values}
     if resume:
