@@ -189,3 +189,18 @@ def test_command_line_mistakes_exit_2(tmp_path: Path, train_npz: Path) -> None:
     assert _error(2, str(train_npz), "--features", "vgg")
     assert "does not exist" in _error(1, str(train_npz), "--ref", str(tmp_path / "absent"))
     assert _error(1, str(tmp_path / "absent.safetensors"), "--ref", "builtin:digits")
+
+
+def test_a_run_folder_stands_for_its_newest_ema_checkpoint(ckpt: Path, tmp_path: Path) -> None:
+    # A (tiny) training run: the folder is evaluated as its newest EMA save, and says which.
+    run = tmp_path / "run"
+    trained = _invoke("train", "builtin:digits", "--out", str(run), "--model-channels", "8", "--channel-mult", "1,2",
+                      "--res-blocks", "1", "--attention-resolutions", "4", "--timesteps", "20", "-b", "8",
+                      "--max-steps", "2", "--save-every", "1", "--device", "cpu", "--quiet")
+    assert trained.exit_code == 0, trained.output
+    by_folder = _json(str(run), "--steps", "3", "-n", "16")
+    by_file = _json(str(run / "ema_0.9999_000002.safetensors"), "--steps", "3", "-n", "16")
+    assert by_folder["fd"] == pytest.approx(by_file["fd"], rel=1e-12)
+    assert by_folder["samples"].endswith("ema_0.9999_000002.safetensors")
+    told = _invoke("eval-samples", str(run), "--steps", "3", "-n", "16", "--device", "cpu")
+    assert told.exit_code == 0 and "ema_0.9999_000002.safetensors" in told.output, told.output

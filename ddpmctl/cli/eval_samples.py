@@ -10,7 +10,7 @@ import typer
 
 from ddpmctl.choices import FeatureRequest, PrecisionRequest, Split
 from ddpmctl.cli.common import (PRECISION_HELP, console, device_option, guarded, option_errors, out_console, print_json,
-                                resolve_device, resolve_precision_option, usage_error)
+                                resolve_checkpoint_argument, resolve_device, resolve_precision_option, usage_error)
 from ddpmctl.errors import SamplerError, UnknownSamplerError
 
 DEFAULT_NUM = 1000  # images sampled from a checkpoint
@@ -173,6 +173,9 @@ def eval_samples_command(
 ) -> None:
     """Sample quality: Frechet distance (FID with Inception features, FD with the digits network), KID, and
     precision/recall (k = 3) of samples against reference images or statistics."""
+    if samples.is_dir() and any((samples / name).is_file() for name in ("config.json", "distill.json")):
+        # A run folder stands for its newest EMA save (a distillation run: its final student), not for images.
+        samples = resolve_checkpoint_argument(samples, quiet=quiet or json_output)
     kind = _kind(samples)
     sampling_flags = steps is not None or option or sampler != "ddim" or seed != 0
     if kind != "checkpoint" and sampling_flags:
