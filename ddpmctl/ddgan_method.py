@@ -234,9 +234,9 @@ class DdganMethod(Method):
         n = max(float(acc[1]), 1.0)  # steps x ranks: the mean of the ranks' means
         record: dict[str, Any] = {"loss": float(acc[0]) / n}
         record.update({name: float(acc[11 + i]) / n for i, name in enumerate(D_METRICS)})
-        for q in range(4):
+        for q in range(4):  # quartiles of t numbered q1..q4, as IDDPM training and eval-nll number them
             count = float(acc[7 + q])
-            record[f"q{q}"] = float(acc[3 + q]) / count if count else None
+            record[f"q{q + 1}"] = float(acc[3 + q]) / count if count else None
         record["grad_norm"] = float(acc[2]) / n
         record["lr"] = self.optimizer.param_groups[0]["lr"]
         record["lr_d"] = self.d_optimizer.param_groups[0]["lr"]

@@ -43,7 +43,7 @@ class Panel:
 
 PANELS: tuple[Panel, ...] = (
     Panel("loss", ("loss", "mse", "vb", "val_loss", "val_mse", "val_vb"), log=True),
-    # The loss of the batch's samples whose t falls in each quarter of the chain (q0 = the least noisy).
+    # The loss of the batch's samples whose t falls in each quarter of the chain (q1 = the least noisy).
     Panel("loss by quartile of t", (), pattern=r"q\d", log=True),
     Panel("gradient norm", ("grad_norm",), log=True),
     Panel("learning rate", ("lr",)),

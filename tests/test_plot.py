@@ -22,9 +22,9 @@ def write_metrics(run: Path, records: list[dict[str, Any]], tail: str = "") -> N
 
 
 RECORDS = [
-    {"step": 10, "loss": 1.5, "mse": 0.9, "vb": 0.6, "q0": 3.0, "q1": None, "q2": 0.5, "q3": 0.2, "grad_norm": 2.0,
+    {"step": 10, "loss": 1.5, "mse": 0.9, "vb": 0.6, "q1": 3.0, "q2": None, "q3": 0.5, "q4": 0.2, "grad_norm": 2.0,
      "lr": 1e-4, "img_per_s": 300.0, "elapsed": 1.0, "nan_skips": 0, "precision": "fp32"},
-    {"step": 20, "loss": 1.0, "mse": 0.7, "vb": 0.3, "q0": 2.0, "q1": 1.0, "q2": 0.4, "q3": 0.1, "grad_norm": 1.5,
+    {"step": 20, "loss": 1.0, "mse": 0.7, "vb": 0.3, "q1": 2.0, "q2": 1.0, "q3": 0.4, "q4": 0.1, "grad_norm": 1.5,
      "lr": 1e-4, "img_per_s": 320.0, "elapsed": 2.0, "nan_skips": 0, "precision": "fp32", "fd": 12.5, "kid": 0.01},
     {"step": 20, "eval_fd": 30.0, "eval_precision": 0.5, "eval_recall": 0.4, "eval_num": 256, "eval_seconds": 9.5},
 ]
@@ -40,7 +40,7 @@ def test_records_sorted_into_panels(tmp_path: Path) -> None:
                             "Frechet distance", "KID, precision, recall"]
     assert panels["loss"] == {"loss": [(10, 1.5), (20, 1.0)], "mse": [(10, 0.9), (20, 0.7)],
                               "vb": [(10, 0.6), (20, 0.3)]}
-    assert panels["loss by quartile of t"]["q1"] == [(20, 1.0)]  # None (no sample in that quarter) is no point
+    assert panels["loss by quartile of t"]["q2"] == [(20, 1.0)]  # None (no sample in that quarter) is no point
     # what train --eval-every logs (eval_*), and the bare names
     assert panels["Frechet distance"] == {"eval_fd": [(20, 30.0)], "fd": [(20, 12.5)]}
     assert panels["KID, precision, recall"] == {"eval_precision": [(20, 0.5)], "eval_recall": [(20, 0.4)],
