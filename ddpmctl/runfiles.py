@@ -208,12 +208,13 @@ def run_settings(config: TrainConfig, resumable: frozenset[str]) -> dict[str, An
 
 def check_train_state(payload: Any, path: Path, *, step: int, config: TrainConfig, num_images: int | None,
                       files: dict[str, str], resumable: frozenset[str],
-                      error: type[DdpmctlError]) -> dict[str, Any]:
+                      error: type[DdpmctlError], settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate a training state read from ``path`` (named for ``step``) against the run it resumes.
 
     ``config`` is the resolved run (batch size, EMA, timestep sampler, and its settings, which must be those the
     save recorded except the ``resumable`` ones), ``num_images`` the training set's size and ``files`` the names of
-    the save's other files. Returns the state with ``ema_updates`` filled in.
+    the save's other files; ``settings``, where given, the run's settings as a save of it records them (default:
+    ``config``'s). Returns the state with ``ema_updates`` filled in.
     """
     state: LoopState = _validate(LoopState, payload, path, error)
     if state.format is None or state.step is None:
@@ -228,7 +229,7 @@ def check_train_state(payload: Any, path: Path, *, step: int, config: TrainConfi
         if value is not None and value != expected:
             raise _bad(path, error, field, f"{value!r} differs from {expected!r} in the run's config.json")
     if state.settings is not None:
-        now = run_settings(config, resumable)
+        now = settings if settings is not None else run_settings(config, resumable)
         for field in sorted(set(now) | set(state.settings)):
             if state.settings.get(field) != now.get(field):
                 raise _bad(path, error, f"settings.{field}", f"the run saved with {_show(state.settings.get(field))}"

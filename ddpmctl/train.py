@@ -214,7 +214,8 @@ class RunFolderSaves:
         files = {"ema": ema_path.name, "model": model_path.name, "state": state_path.name}
         meta = runfiles.check_train_state(meta, json_path, step=step, config=self.config,
                                           num_images=self.num_images, files=files,
-                                          resumable=runfolder.TRAINING.resumable, error=CheckpointError)
+                                          resumable=runfolder.TRAINING.resumable, error=CheckpointError,
+                                          settings=self._settings())
         tensors = load_tensors(state_path)[0]
         weights = {self.sampled: load_tensors(model_path)[0]}
         ema = {self.sampled: load_tensors(ema_path)[0]}
