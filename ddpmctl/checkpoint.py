@@ -1,7 +1,7 @@
 """The one checkpoint format: safetensors with ddpmctl metadata; atomic writes, validated loads, never pickle.
 
 A checkpoint holds the network's state dict and, in safetensors' string metadata, ``format`` ("ddpmctl/1"),
-``config`` (JSON of :class:`~ddpmctl.config.CheckpointConfig`), ``kind`` (model | respaced | student | ddgan),
+``config`` (JSON of :class:`~ddpmctl.config.CheckpointConfig`), ``kind`` (model | respaced | student | ddgan | cld),
 ``lineage`` (JSON list of what produced it) and ``created_with`` (the ddpmctl version).
 
 Files are untrusted: the loader reads the 8-byte header length and the JSON header itself (with a size cap), checks
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 FORMAT = "ddpmctl/1"
-KINDS = ("model", "respaced", "student", "ddgan")
+KINDS = ("model", "respaced", "student", "ddgan", "cld")
 
 
 
@@ -97,6 +97,9 @@ def _check_consistency(config: CheckpointConfig, kind: str) -> str | None:
         return "kind is student but config.student is missing"
     if kind != "student" and config.student is not None:
         return f"kind is {kind} but config.student is set (only student checkpoints have one)"
+    if (kind == "cld") != (config.cld is not None):
+        return ("kind is cld but config.cld is missing" if kind == "cld"
+                else f"kind is {kind} but config.cld is set (only cld checkpoints have one)")
     return _check_ddgan(config, kind)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ChainSchedule", "ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "Method",
+__all__ = ["ChainSchedule", "CldWeighting", "Striding", "ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "Method",
            "NanPolicy", "Precision", "PrecisionRequest", "EmaWarmup", "FeatureName", "FeatureRequest", "Schedule",
            "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
            "is_learned_variance"]
@@ -17,8 +17,9 @@ __all__ = ["ChainSchedule", "ColorMode", "Estimator", "LEARNED_VARIANCES", "Loss
 Schedule = Literal["cosine", "linear"]  # (the default first: --help lists them in this order)
 # Every chain a checkpoint may hold: train's --schedule choices, and DDGAN's discretised VP-SDE (few steps only).
 ChainSchedule = Literal["cosine", "linear", "vp-sde"]
-# What `train --method` trains: an Improved-DDPM model, or a denoising diffusion GAN (Xiao et al. 2022).
-Method = Literal["iddpm", "ddgan"]
+# What `train --method` trains: an Improved-DDPM model, a denoising diffusion GAN (Xiao et al. 2022), or a
+# critically-damped Langevin diffusion (Dockhorn et al. 2022).
+Method = Literal["iddpm", "ddgan", "cld"]
 MeanType = Literal["eps", "x0", "v"]
 VarType = Literal["fixed_small", "fixed_large", "learned", "learned_range"]
 LossType = Literal["mse", "rescaled_mse", "kl", "rescaled_kl"]
@@ -34,7 +35,10 @@ Split = Literal["test", "train"]
 StudentParam = Literal["v", "x", "both"]
 Weighting = Literal["truncated-snr", "snr+1"]
 Estimator = Literal["exact", "mc"]
-Spacing = Literal["even", "ddim", "logsnr"]  # how a sampler places its steps on the chain
+Spacing = Literal["even", "ddim", "logsnr"]
+# CLD's loss weightings (ddpmctl.cld.CldProcess.hsm_loss) and the time grids of its fixed-step integrators.
+CldWeighting = Literal["reweightedv2", "reweightedv1", "likelihood"]
+Striding = Literal["even", "quadratic"]  # how a sampler places its steps on the chain
 FeatureName = Literal["digits", "inception"]  # ddpmctl.features: the networks sample quality is measured with
 FeatureRequest = Literal["auto", "digits", "inception"]  # eval-samples --features: auto picks by the images
 

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler
 
 from ddpmctl.choices import (
     ChainSchedule,
+    CldWeighting,
     ColorMode,
     LossName,
     LossType,
@@ -176,13 +177,36 @@ class StudentConfig(_Frozen):
         return self
 
 
-class CheckpointConfig(_Frozen):
-    """The ``config`` metadata of a checkpoint: rebuilds network + diffusion exactly."""
+class CldConfig(_Frozen):
+    """The critically-damped Langevin process of a CLD score network (``ddpmctl.cld.CldProcess``; docs/cld.md):
+    mass M (Gamma = 2 sqrt(M), critical damping), the constant beta, v_0 ~ N(0, gamma M), the numerical epsilon on
+    the training kernel's variances, and ``t_min``, the smallest time trained on (and where the likelihood's ODE
+    starts). The official CIFAR-10 values are the defaults."""
+
+    mass: float = Field(0.25, gt=0.0, le=100.0)
+    beta: float = Field(4.0, gt=0.0, le=1000.0)
+    gamma: float = Field(0.04, gt=0.0, le=1.0)
+    numerical_eps: float = Field(1e-9, ge=0.0, le=1e-2)
+    t_min: float = Field(1e-5, gt=0.0, le=0.1)
+
+
+# The diffusion block of a CLD checkpoint: a CLD network has no chain; T = 1000 only sets the network's time scale
+# (the SDE's t in [0, 1] enters its embedding as t * 1000, the scale of the discrete models).
+CLD_DIFFUSION = DiffusionConfig(schedule="linear", timesteps=1000, mean_type="eps", var_type="fixed_small",
+                                loss_type="mse")
+
+
+class CheckpointConfig(_OmitsUnusedExtensions):
+    """The ``config`` metadata of a checkpoint: rebuilds network + diffusion exactly. ``cld`` makes it a CLD score
+    network (its diffusion block is then CLD_DIFFUSION); left out of the JSON when unset."""
+
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("cld",)
 
     model: ModelConfig
     diffusion: DiffusionConfig
     data: DataInfo | None = None
     student: StudentConfig | None = None
+    cld: CldConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -218,7 +242,18 @@ class CheckpointConfig(_Frozen):
         if data is not None and data.class_names is not None and model.num_classes is not None \
                 and len(data.class_names) != model.num_classes:
             raise ValueError(f"data names {len(data.class_names)} classes but the model has {model.num_classes}")
+        if self.cld is not None:
+            if self.diffusion != CLD_DIFFUSION:
+                raise ValueError("a CLD network's diffusion block must be the fixed time scale (linear, 1000 steps, "
+                                 "eps, fixed_small, mse)")
+            if self.student is not None or model.latent is not None or model.num_classes is not None:
+                raise ValueError("a CLD network has no student grid, no latent input and no classes")
         return self
+
+    @property
+    def network_in_channels(self) -> int:
+        """The network's input channels: the image's C, or 2C for a CLD score network, which reads (x, v)."""
+        return 2 * self.model.in_channels if self.cld is not None else self.model.in_channels
 
     @property
     def out_channels(self) -> int:
@@ -336,12 +371,24 @@ def default_ddgan_training(image_size: int, num_images: int, data: str = "") -> 
     }
 
 
+def default_cld_training(image_size: int, num_images: int, data: str = "") -> dict[str, object]:
+    """``train --method cld`` defaults (docs/cld.md "Training"; explicit values always win): train's batch, dropout
+    and flips for the data; the official learning rate 2e-4 and gradient clipping at 1; the official process
+    (CldConfig's defaults) and loss weighting reweightedv2. T and the mean type only fix the network's time scale
+    (CLD_DIFFUSION)."""
+    chosen = default_training(image_size, num_images, data)
+    return {**chosen, "timesteps": CLD_DIFFUSION.timesteps, "mean_type": CLD_DIFFUSION.mean_type, "lr": 2e-4,
+            "grad_clip": 1.0, "cld_weighting": "reweightedv2", "cld_mass": CldConfig.model_fields["mass"].default,
+            "cld_beta": CldConfig.model_fields["beta"].default, "cld_gamma": CldConfig.model_fields["gamma"].default}
+
+
 # TrainConfig fields that default to None = "chosen from the data" (default_training / default_model_shape), and
-# those only a DDGAN run has (default_ddgan_training).
+# those only a DDGAN run has (default_ddgan_training), or only a CLD run (default_cld_training).
 DATA_DEFAULT_FIELDS = ("timesteps", "mean_type", "batch_size", "lr", "dropout", "flip")
 # TrainConfig fields that default to None = "scaled with the image size" (default_model_shape).
 NETWORK_SHAPE_FIELDS = ("model_channels", "channel_mult", "res_blocks", "attention_resolutions")
 DDGAN_FIELDS = ("lr_d", "lr_min", "r1_gamma", "lazy_reg", "nz", "disc_channels")
+CLD_FIELDS = ("cld_weighting", "cld_mass", "cld_beta", "cld_gamma")
 # What `--method ddgan` leaves to the generator and the posterior: IDDPM-only options it refuses when given.
 IDDPM_ONLY_FIELDS = ("schedule", "var_type", "loss", "timestep_sampler", "weight_decay")
 # A DDGAN chain is short: the generator replaces thousands of small steps by a few large ones.
@@ -381,7 +428,7 @@ class TrainConfig(_OmitsUnusedExtensions):
     out of an IDDPM run's config.json.
     """
 
-    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("method", *DDGAN_FIELDS)
+    _EXTENSIONS: ClassVar[tuple[str, ...]] = ("method", *DDGAN_FIELDS, *CLD_FIELDS)
 
     method: Method = "iddpm"
     data: str
@@ -439,6 +486,12 @@ class TrainConfig(_OmitsUnusedExtensions):
     nz: int | None = Field(None, ge=1, le=4096)
     disc_channels: int | None = Field(None, ge=4, le=1024)
 
+    # --method cld only (None: chosen by default_cld_training; bounds as CldConfig's).
+    cld_weighting: CldWeighting | None = None
+    cld_mass: float | None = Field(None, gt=0.0, le=100.0)
+    cld_beta: float | None = Field(None, gt=0.0, le=1000.0)
+    cld_gamma: float | None = Field(None, gt=0.0, le=1.0)
+
     @field_validator("attention_resolutions")
     @classmethod
     def _positive_ints(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
@@ -458,11 +511,16 @@ class TrainConfig(_OmitsUnusedExtensions):
 
     @model_validator(mode="after")
     def _combinations(self) -> TrainConfig:
+        given_cld = [f"--{f.replace('_', '-')}" for f in CLD_FIELDS if getattr(self, f) is not None]
+        if given_cld and self.method != "cld":
+            raise ValueError(f"{', '.join(given_cld)} configure(s) a CLD run: add --method cld")
         if self.method == "ddgan":
             return self._ddgan_combinations()
         given = [f"--{f.replace('_', '-')}" for f in DDGAN_FIELDS if getattr(self, f) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} configure(s) a DDGAN run: add --method ddgan")
+        if self.method == "cld":
+            return self._cld_combinations()
         if self.timesteps is not None:
             _check_linear_length(self.schedule, self.timesteps)
         learned = is_learned_variance(self.var_type)
@@ -491,6 +549,29 @@ class TrainConfig(_OmitsUnusedExtensions):
             raise ValueError("--method ddgan trains an unconditional generator: drop --class-cond")
         return self
 
+    def _cld_combinations(self) -> TrainConfig:
+        changed = [f"--{f.replace('_', '-')}" for f in ("schedule", "var_type", "loss", "timestep_sampler")
+                   if getattr(self, f) != type(self).model_fields[f].default]
+        if self.timesteps is not None and self.timesteps != CLD_DIFFUSION.timesteps:
+            changed.append("--timesteps")
+        if self.mean_type not in (None, CLD_DIFFUSION.mean_type):
+            changed.append("--mean-type")
+        if changed:
+            raise ValueError(f"{', '.join(changed)} do(es) not apply to --method cld (a continuous-time SDE whose "
+                             "network learns the velocity's score; see --cld-weighting): drop it")
+        if self.class_cond:
+            raise ValueError("--method cld trains an unconditional model: drop --class-cond")
+        if self.init_from is not None:
+            raise ValueError("--init-from fine-tunes a diffusion model: it does not apply to --method cld")
+        return self
+
+    def make_cld_config(self) -> CldConfig | None:
+        """The process of a CLD run (None for the other methods)."""
+        if self.method != "cld":
+            return None
+        values = {"mass": self.cld_mass, "beta": self.cld_beta, "gamma": self.cld_gamma}
+        return CldConfig(**{k: v for k, v in values.items() if v is not None})
+
     @property
     def loss_type(self) -> LossType:
         return LOSS_TYPES[self.loss]
@@ -501,6 +582,9 @@ class TrainConfig(_OmitsUnusedExtensions):
         if self.method == "ddgan":
             chosen = default_ddgan_training(image_size, num_images, self.data)
             fields: tuple[str, ...] = (*DATA_DEFAULT_FIELDS, *DDGAN_FIELDS)
+        elif self.method == "cld":
+            chosen = default_cld_training(image_size, num_images, self.data)
+            fields = (*DATA_DEFAULT_FIELDS, *CLD_FIELDS, "grad_clip")
         else:
             chosen, fields = default_training(image_size, num_images, self.data), DATA_DEFAULT_FIELDS
         fill = {field: chosen[field] for field in fields if getattr(self, field) is None}
@@ -513,6 +597,8 @@ class TrainConfig(_OmitsUnusedExtensions):
             # The generator's x_0' goes through the posterior q(x_{t-1} | x_t, x_0'): the fixed_small reverse step.
             return DiffusionConfig(schedule="vp-sde", timesteps=self.timesteps, mean_type="x0",
                                    var_type="fixed_small", loss_type="mse")
+        if self.method == "cld":
+            return CLD_DIFFUSION
         return DiffusionConfig(schedule=self.schedule, timesteps=self.timesteps, mean_type=self.mean_type,
                                var_type=self.var_type, loss_type=self.loss_type)
 

@@ -12,7 +12,15 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-__all__ = ["clip_gradients", "dotted_keys", "load_optimizer_state", "optimizer_state_tensors"]
+__all__ = ["adamw", "clip_gradients", "dotted_keys", "load_optimizer_state", "optimizer_state_tensors"]
+
+
+def adamw(params: list[torch.nn.Parameter], *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused where this torch/device supports it, else multi-tensor (foreach)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 def clip_gradients(params: Iterable[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor:

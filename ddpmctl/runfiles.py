@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddpmctl.choices import EmaWarmup, Precision, StudentParam, TimestepSamplerName
-from ddpmctl.config import (DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, DataInfo, DiffusionConfig, DistillConfig, ModelConfig,
+from ddpmctl.config import (CLD_DIFFUSION, DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, DataInfo, DiffusionConfig, DistillConfig, ModelConfig,
                             TrainConfig)
 from ddpmctl.errors import ConfigError, DdpmctlError, validation_problem
 
@@ -273,7 +273,10 @@ def check_train_run(payload: Any, path: Path, *, error: type[DdpmctlError] = Con
                   ("model.dropout", model.dropout, train.dropout)]
         if train.image_size is not None:
             pairs.append(("model.image_size", model.image_size, train.image_size))
-    if diffusion is not None and train.method == "ddgan":
+    if diffusion is not None and train.method == "cld":
+        # A CLD network has no chain: its diffusion block only fixes the time scale (config.CLD_DIFFUSION).
+        pairs.append(("diffusion", diffusion, CLD_DIFFUSION))
+    elif diffusion is not None and train.method == "ddgan":
         # A DDGAN run's chain is fixed by the method (vp-sde, x_0, fixed_small); the IDDPM options do not describe it.
         pairs += [("diffusion.timesteps", diffusion.timesteps, train.timesteps),
                   ("diffusion.schedule", diffusion.schedule, "vp-sde"),

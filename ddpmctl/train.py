@@ -4,7 +4,8 @@ loss, on the shared training loop (:mod:`ddpmctl.loop`: run folder, EMA, resume,
 Three pieces, one job each: ``RunFolderSaves`` (the run folder, ``--out``: --resume / --force, config.json, the
 files of each save, metrics.jsonl), ``IDDPMMethod`` (the objective: network, diffusion, optimizer, timestep sampler,
 data stream; batches, losses, updates) and :func:`train` (fits the settings to the data and runs the loop).
-``--method ddgan`` runs :class:`ddpmctl.ddgan_method.DdganMethod` on the same folder and loop instead.
+``--method ddgan`` runs :class:`ddpmctl.ddgan_method.DdganMethod`, ``--method cld``
+:class:`ddpmctl.cld_method.CldMethod`, on the same folder and loop instead.
 
 Determinism: one CPU ``torch.Generator`` seeded with ``--seed`` draws everything data-side for the GLOBAL batch
 (epoch permutations, flips, timesteps, noise); each rank takes its slice, so every rank's generator stays identical
@@ -31,6 +32,7 @@ from ddpmctl.checkpoint import save_checkpoint
 from ddpmctl.config import (DATA_DEFAULT_FIELDS, NETWORK_SHAPE_FIELDS, CheckpointConfig, ModelConfig, TrainConfig,
                             halvable_size)
 from ddpmctl.data import ImageDataset, load_dataset
+from ddpmctl.cld_method import CldMethod
 from ddpmctl.ddgan_method import DdganMethod
 from ddpmctl.ema import decay_summary
 from ddpmctl.errors import CheckpointError, ConfigError, DataError
@@ -39,7 +41,7 @@ from ddpmctl.finetune import InitWeights, check_same_network, read_init_weights
 from ddpmctl.hardware import memory_format, resolve_precision
 from ddpmctl.loop import LoopEvent, LoopSettings, Periodic, Save, StopReason, TrainingLoop
 from ddpmctl.method import Method, Runtime, StepOutput
-from ddpmctl.optim import clip_gradients, load_optimizer_state, optimizer_state_tensors
+from ddpmctl.optim import adamw, clip_gradients, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.resample import create_named_schedule_sampler
 from ddpmctl.seeds import TRAIN_DROPOUT, derive_seed
 from ddpmctl.watch import training_watchers
@@ -89,11 +91,8 @@ def compute_losses(diffusion: Any, model: Callable[..., torch.Tensor], x_start: 
 
 
 def make_optimizer(params: list[nn.Parameter], config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW, fused where this torch/device supports it, else multi-tensor (foreach)."""
-    try:
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
-    except (RuntimeError, ValueError, TypeError):
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, foreach=True)
+    """AdamW with the run's --lr and --weight-decay (:func:`ddpmctl.optim.adamw`)."""
+    return adamw(params, lr=config.lr or 0.0, weight_decay=config.weight_decay)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -372,7 +371,8 @@ class _Setup:
         model_config = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels,
                                                 num_classes=dataset.num_classes if config.class_cond else None)
         self.ckpt_config = self.folder.ckpt_config = CheckpointConfig(
-            model=model_config, diffusion=config.make_diffusion_config(), data=dataset.info())
+            model=model_config, diffusion=config.make_diffusion_config(), data=dataset.info(),
+            cld=config.make_cld_config())
         if saved is not None:
             self.folder.check_network(saved, model_config)
         if init is not None:
@@ -384,10 +384,15 @@ class _Setup:
             if init is not None:
                 raise ConfigError("--init-from fine-tunes a diffusion model: it does not apply to --method ddgan")
             self.method = DdganMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
+        elif config.method == "cld":
+            if init is not None:
+                raise ConfigError("--init-from fine-tunes a diffusion model: it does not apply to --method cld")
+            self.method = CldMethod(config, dist, self.local_batch, self.ckpt_config, dataset)
         else:
             self.method = IDDPMMethod(config, dist, self.local_batch, self.ckpt_config, dataset, init)
-        # The sampled network (the method's first) makes the run's checkpoints: a DDGAN's generator is kind ddgan.
-        self.folder.kind = "ddgan" if config.method == "ddgan" else "model"
+        # The sampled network (the method's first) makes the run's checkpoints: a DDGAN's generator is kind ddgan,
+        # a CLD score network kind cld.
+        self.folder.kind = config.method if config.method in ("ddgan", "cld") else "model"
         self.folder.sampled, sampled = next(iter(self.method.networks().items()))
         self.num_parameters = sum(p.numel() for p in sampled.parameters())
         self.folder.open(self._run_config_payload())

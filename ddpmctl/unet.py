@@ -278,7 +278,8 @@ class UNetModel(nn.Module):
     returns tanh of the output, x_0 in [-1, 1] (Xiao et al. 2022 App. C).
     """
 
-    def __init__(self, config: ModelConfig, *, out_channels: int, num_timesteps: int) -> None:
+    def __init__(self, config: ModelConfig, *, out_channels: int, num_timesteps: int,
+                 in_channels: int | None = None) -> None:
         super().__init__()
         self.config = config
         self.out_channels = out_channels
@@ -310,7 +311,9 @@ class UNetModel(nn.Module):
             return ResBlock(c_in, emb_dim, config.dropout, c_out, use_scale_shift_norm=config.use_scale_shift_norm)
 
         attention = set(config.attention_resolutions)
-        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(_conv3x3(config.in_channels, mc))])
+        # A CLD score network reads (x, v): twice the image's channels (``in_channels``; build_model passes it).
+        self.in_channels = in_channels or config.in_channels
+        self.input_blocks = nn.ModuleList([TimestepEmbedSequential(_conv3x3(self.in_channels, mc))])
         skip_channels = [mc]
         ch, size = mc, config.image_size
         for level, mult in enumerate(config.channel_mult):

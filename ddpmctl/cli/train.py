@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
-from ddpmctl.choices import (ColorMode, EmaWarmup, LossName, MeanType, Method, NanPolicy, PrecisionRequest, Schedule,
+from ddpmctl.choices import (CldWeighting, ColorMode, EmaWarmup, LossName, MeanType, Method, NanPolicy, PrecisionRequest, Schedule,
                              TimestepSamplerName)
 from ddpmctl.cli.common import console, device_option, given, guarded, print_json, resolve_device, usage_error
 from ddpmctl.errors import validation_problem
@@ -236,6 +236,7 @@ def _opt(*names: str, **kwargs: Any) -> Any:
 
 _DATA, _DIFFUSION, _NETWORK, _OPTIMISATION, _RUN = "Data", "Diffusion", "Network", "Optimisation", "Run"
 _DDGAN = "DDGAN (--method ddgan; docs/ddgan.md)"
+_CLD = "CLD (--method cld; docs/cld.md)"
 _SCALED = "scaled with the image size, like the reference's"
 _CHOSEN = "chosen from the data (README: Defaults that fit the data)"
 
@@ -255,7 +256,8 @@ def train_command(
              "(or the run folder itself) to reuse its settings; options given here override it.")] = None,
     method: Annotated[Method, _opt(
         "--method", help="iddpm: an Improved-DDPM diffusion model; ddgan: a denoising diffusion GAN (Xiao et al. "
-        "2022) that samples in T = 2-8 generator steps (sample it with --sampler ddgan).",
+        "2022) that samples in T = 2-8 generator steps (sample it with --sampler ddgan); cld: critically-damped "
+        "Langevin diffusion (Dockhorn et al. 2022; sample it with --sampler sscs, em or cld-ode).",
         rich_help_panel=_RUN)] = "iddpm",
     image_size: Annotated[Optional[int], _opt(  # noqa: UP007
         "--image-size", help="Resize/crop to this size.", show_default="the data's",
@@ -338,6 +340,18 @@ def train_command(
     disc_channels: Annotated[Optional[int], _opt(  # noqa: UP007
         "--disc-channels", help="The discriminator's base width (2, 4, 8x it per level).",
         show_default="64 from 32x32 up, else 32", rich_help_panel=_DDGAN)] = None,
+    cld_weighting: Annotated[Optional[CldWeighting], _opt(  # noqa: UP007
+        "--cld-weighting", help="The score-matching loss's weighting: reweightedv2 (the official default, the "
+        "noise-prediction loss), reweightedv1 (that times beta Gamma), or likelihood (the weighting under which the "
+        "loss bounds the likelihood).", show_default="reweightedv2", rich_help_panel=_CLD)] = None,
+    cld_mass: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--cld-mass", metavar="M", help="The velocity's mass M (the damping Gamma = 2 sqrt(M): critical).",
+        show_default="0.25", rich_help_panel=_CLD)] = None,
+    cld_beta: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--cld-beta", help="The SDE's constant time scaling beta.", show_default="4", rich_help_panel=_CLD)] = None,
+    cld_gamma: Annotated[Optional[float], _opt(  # noqa: UP007
+        "--cld-gamma", help="The initial velocity's variance, as a fraction of M: v_0 ~ N(0, gamma M).",
+        show_default="0.04", rich_help_panel=_CLD)] = None,
     max_steps: Annotated[Optional[int], _opt(  # noqa: UP007
         "--max-steps", help="Stop after this many optimizer steps in all.", show_default="no limit",
         rich_help_panel=_RUN)] = None,
@@ -381,8 +395,8 @@ def train_command(
     quiet: Annotated[bool, _opt("--quiet", "-q", help="Show nothing but errors.")] = False,
     json_output: Annotated[bool, _opt("--json", help="Print the final summary as JSON.")] = False,
 ) -> None:
-    """Train an Improved-DDPM model (or, with --method ddgan, a denoising diffusion GAN) on an image folder (or
-    builtin:digits); torchrun for several processes."""
+    """Train an Improved-DDPM model (or, with --method ddgan, a denoising diffusion GAN; with --method cld, a
+    critically-damped Langevin diffusion) on an image folder (or builtin:digits); torchrun for several processes."""
     from pydantic import ValidationError
 
     from ddpmctl.config import TrainConfig
@@ -400,8 +414,9 @@ def train_command(
     if values.get("init_from") is not None and not resume:
         from ddpmctl.finetune import options_from_checkpoint
 
-        if values.get("method") == "ddgan":
-            raise usage_error("--init-from starts from a diffusion model's weights: it does not apply to --method ddgan")
+        if values.get("method") in ("ddgan", "cld"):
+            raise usage_error("--init-from starts from a diffusion model's weights: it does not apply to "
+                              f"--method {values['method']}")
 
         # Layers: the checkpoint's network and diffusion, then --config, then the command line.
         values = {**options_from_checkpoint(values["init_from"]), **values}
