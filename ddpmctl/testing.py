@@ -5,7 +5,8 @@ timesteps and builds the :class:`~ddpmctl.denoiser.Denoiser` -- against exact ne
 that is one fixed image x*, eps(x_t, t) = (x_t - sqrt(abar_t) x*) / sqrt(1 - abar_t) and a correct sampler returns
 x* (also in a single step from the top); for Gaussian data N(m, s^2) (elementwise) E[x_0 | x_t] is linear in x_t,
 which gives seed-dependent samples to check reproducibility and batch independence. It raises AssertionError with
-a message saying what is wrong.
+a message saying what is wrong. A sampler of CLD checkpoints (kind cld) is run on :class:`ExactCldGaussianScore`,
+the exact score of Gaussian (or, at std 0, one-point) data under critically-damped Langevin diffusion.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import ddpmctl
 from ddpmctl.build import build_diffusion
 from ddpmctl.checkpoint import LoadedCheckpoint
 from ddpmctl.choices import is_learned_variance
-from ddpmctl.config import CheckpointConfig, DiffusionConfig, LatentConfig, ModelConfig, StudentConfig
+from ddpmctl.cld import CldProcess
+from ddpmctl.config import (CLD_DIFFUSION, CheckpointConfig, CldConfig, DiffusionConfig, LatentConfig, ModelConfig,
+                            StudentConfig)
 from ddpmctl.progressive import student_grid  # re-exported: the one grid k_i = round(i T / N) - 1
 from ddpmctl.samplers import API_VERSION, Sampler, SampleRNG, StepInfo, build_denoiser, sampling_timesteps
 
-__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "ExactGenerator", "exact_checkpoint", "student_grid", "check_sampler",
-           "gaussian_ode_error"]
+__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "ExactGenerator", "ExactCldGaussianScore", "cld_gaussian_marginal",
+           "exact_checkpoint", "student_grid", "check_sampler", "gaussian_ode_error"]
 
 
 class ExactPointDenoiser(torch.nn.Module):
@@ -160,17 +163,22 @@ def exact_checkpoint(model: torch.nn.Module, *, channels: int, image_size: int, 
     """Wrap a closed-form denoiser as a LoadedCheckpoint (no file behind it) so samplers can run on it.
 
     ``kind="student"`` describes an x-head student on a ``student_steps`` grid (give it a denoiser with head "x");
-    ``kind="ddgan"`` a generator with a latent of C*H*W dimensions (give it an :class:`ExactGenerator`).
+    ``kind="ddgan"`` a generator with a latent of C*H*W dimensions (give it an :class:`ExactGenerator`);
+    ``kind="cld"`` a CLD score network with the default process (give it an :class:`ExactCldGaussianScore`; the
+    ``diffusion`` is then the placeholder CLD_DIFFUSION whatever is passed).
     """
     student = None
     if kind == "student":
         student = StudentConfig(param="x", steps=tuple(student_grid(diffusion.timesteps, student_steps)),
                                 teacher_steps=2 * student_steps)
     latent = LatentConfig(dim=channels * image_size**2) if kind == "ddgan" else None
+    if kind == "cld":
+        diffusion = CLD_DIFFUSION
     config = CheckpointConfig(
         model=ModelConfig(image_size=image_size, in_channels=channels, num_classes=num_classes, latent=latent),
         diffusion=diffusion,
         student=student,
+        cld=CldConfig() if kind == "cld" else None,
     )
     return LoadedCheckpoint(path=Path("exact-denoiser.safetensors"), config=config, kind=kind, lineage=[],
                             created_with=ddpmctl.__version__, model=model.eval(), diffusion=build_diffusion(diffusion),
@@ -206,6 +214,103 @@ def _gaussian_checkpoint(mean: float, std: float, *, kind: str, channels: int, i
     model = ExactGaussianDenoiser(mean, std, full.alphas_cumprod, betas=full.betas, learned_sigma=True,
                                   head="x" if kind == "student" else "eps")
     return exact_checkpoint(model, channels=channels, image_size=image_size, diffusion=dconf, kind=kind)
+
+
+# ----------------------------------------------------------------------------------------------- CLD (kind cld)
+def cld_gaussian_marginal(process: CldProcess, t: torch.Tensor, mean: float, std: float
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The law of u_t = (x_t, v_t) per dimension for data x_0 ~ N(mean, std^2), v_0 ~ N(0, gamma M), at SDE times t
+    [N] (float64): (mu [N, 2], Sigma [N, 2, 2]).
+
+    Computed from the SDE itself, not from ``ddpmctl.cld``'s closed form: with b = B(t), the drift matrix per unit b
+    A = [[0, 1/M], [-1, -Gamma/M]] and noise rate Q = diag(0, 2 Gamma), Van Loan's block exponential
+    exp(b [[-A, Q], [0, A^T]]) = [[., F12], [0, F22]] gives Phi = F22^T and the noise's covariance Phi F12; then
+    mu = Phi (mean, 0) and Sigma = Phi diag(std^2, gamma M) Phi^T + Phi F12.
+    """
+    m, gam = process.mass, process.damping
+    t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
+    a = torch.tensor([[0.0, 1.0 / m], [-1.0, -gam / m]], dtype=torch.float64)
+    q = torch.diag(torch.tensor([0.0, 2.0 * gam], dtype=torch.float64))
+    block = torch.zeros(4, 4, dtype=torch.float64)
+    block[:2, :2], block[:2, 2:], block[2:, 2:] = -a, q, a.T
+    b = process.beta_integral(t)
+    exp = torch.linalg.matrix_exp(b.view(-1, 1, 1) * block)
+    phi = exp[:, 2:, 2:].transpose(1, 2)
+    noise_cov = phi @ exp[:, :2, 2:]
+    start = torch.diag(torch.tensor([std**2, process.gamma * m], dtype=torch.float64))
+    sigma = phi @ start @ phi.transpose(1, 2) + noise_cov
+    sigma = 0.5 * (sigma + sigma.transpose(1, 2))
+    mu = phi[:, :, 0] * mean
+    return mu, sigma
+
+
+class ExactCldGaussianScore(torch.nn.Module):
+    """A CLD "network" for data x_0 ~ N(mean, std^2) elementwise (std 0: the one point ``mean``) whose mixed score
+    is the exact v-score of the marginal: takes (cat(x, v) [N, 2C, ...], t * 1000) like the CLD U-Net and returns
+    n [N, C, ...] with -v / S_vv + l_t n = grad_v log p_t(x, v) (S_vv, l_t of the process's training kernel).
+
+    The exact score of the Gaussian marginal N(mu, Sigma) (:func:`cld_gaussian_marginal`) is
+    -(Sigma^-1 (u - mu))_v = (Sigma_xv (x - mu_x) - Sigma_xx (v - mu_v)) / det Sigma. ``mean`` may also be a
+    tensor shaped like one image (a mean per pixel; mu is linear in it, Sigma does not depend on it).
+    """
+
+    def __init__(self, process: CldProcess, mean: float | torch.Tensor = 0.0, std: float = 0.0) -> None:
+        super().__init__()
+        self.process, self.std = process, float(std)
+        self.mean = torch.as_tensor(mean, dtype=torch.float64)
+
+    def forward(self, u: torch.Tensor, t_net: torch.Tensor, **_: object) -> torch.Tensor:
+        channels = u.shape[1] // 2
+        x, v = u[:, :channels].double(), u[:, channels:].double()
+        t = t_net.double() / 1000.0
+        mu, sigma = cld_gaussian_marginal(self.process, t, 1.0, self.std)  # for a unit mean; scaled below
+        shape = (-1, *([1] * (x.dim() - 1)))
+        mean = self.mean.to(x.device)
+        mu_x, mu_v = mu[:, 0].view(shape) * mean, mu[:, 1].view(shape) * mean
+        sxx, sxv, svv = (sigma[:, i, j].view(shape) for i, j in ((0, 0), (0, 1), (1, 1)))
+        exact = (sxv * (x - mu_x) - sxx * (v - mu_v)) / (sxx * svv - sxv**2)
+        kernel = self.process.hsm_covariance(t)
+        inv_vv = (1.0 / kernel.vv).view(shape)
+        scale = self.process.score_scale(t).view(shape)
+        return ((exact + v * inv_vv) / scale).to(u.dtype)
+
+
+def _cld_checkpoint(mean: float | torch.Tensor, std: float, *, channels: int, image_size: int) -> LoadedCheckpoint:
+    model = ExactCldGaussianScore(CldProcess(), mean, std)
+    return exact_checkpoint(model, channels=channels, image_size=image_size, diffusion=CLD_DIFFUSION, kind="cld")
+
+
+def _check_cld_sampler(cls: type[Sampler], sampler: Sampler, steps: int | None, atol: float) -> None:
+    """check_sampler for a sampler of CLD checkpoints: no chain, no labels, no one-step limit (a CLD model needs
+    many steps); the point-mass limit, the callback and the randomness."""
+    name = cls.__name__
+    torch.manual_seed(12345)
+    x_star = torch.linspace(-0.9, 0.9, 3 * 4 * 4, dtype=torch.float64).reshape(3, 4, 4)
+    x_star = x_star[:, torch.randperm(4)]
+    # 1. One data point x*: the exact score drives every sample to x* (to within the spread the process leaves at
+    #    the sampler's last time, about 1e-3).
+    ckpt = _cld_checkpoint(x_star, 0.0, channels=3, image_size=4)
+    out, seen, _, timesteps = _run(sampler, ckpt, seed=1, indices=range(4), steps=steps)
+    err = float((out.to(torch.float64) - x_star).abs().max())
+    assert err <= 10 * atol, f"{name} does not recover the single data point x* of an exact CLD score: {err:.3g}"
+    # 2. The callback sees every step, in order.
+    n = len(timesteps)
+    assert len(seen) == n, f"{name} called the callback {len(seen)} times for {n} steps"
+    assert [s.index for s in seen] == list(range(n)), f"{name}: StepInfo.index must run 0..{n - 1} in order"
+    assert [s.t for s in seen] == list(timesteps), f"{name}: StepInfo.t must be the timesteps, in order"
+    assert all(s.total == n and s.x.shape == out.shape for s in seen), f"{name}: StepInfo.total / x are wrong"
+    # 3. Randomness only from the SampleRNG: reproducible, seed-dependent, independent of the batch.
+    ckpt = _cld_checkpoint(0.1, 0.3, channels=3, image_size=4)
+    torch.manual_seed(1)
+    first, _, _, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
+    torch.manual_seed(2)
+    again, _, _, _ = _run(sampler, ckpt, seed=7, indices=range(4), steps=steps)
+    assert torch.equal(first, again), f"{name}: the same seed gave different samples (is torch's global RNG used?)"
+    other, _, _, _ = _run(sampler, ckpt, seed=8, indices=range(4), steps=steps)
+    assert not torch.allclose(first, other), f"{name}: different seeds gave the same samples"
+    part, _, _, _ = _run(sampler, ckpt, seed=7, indices=[2, 3], steps=steps)
+    assert torch.allclose(part, first[2:], atol=1e-5, rtol=0), (
+        f"{name}: image i changed with the batch it was sampled in: draw noise only via noise.randn_like / noise.randn")
 
 
 def _run(sampler: Sampler, ckpt: LoadedCheckpoint, *, seed: int, indices: Sequence[int], steps: int | None,
@@ -273,9 +378,12 @@ def check_sampler(cls: type[Sampler], *, steps: int | None = None, options: Base
     name = cls.__name__
     sampler = cls(options)
     kinds = cls.checkpoint_kinds
-    assert kinds and all(k in ("model", "respaced", "student", "ddgan") for k in kinds), (
-        f"{name}.checkpoint_kinds must list model, respaced, student and/or ddgan, not {kinds!r}")
+    assert kinds and all(k in ("model", "respaced", "student", "ddgan", "cld") for k in kinds), (
+        f"{name}.checkpoint_kinds must list model, respaced, student, ddgan and/or cld, not {kinds!r}")
     kind = kinds[0]
+    if kind == "cld":
+        _check_cld_sampler(cls, sampler, steps, atol)
+        return
     torch.manual_seed(12345)
     x_star = torch.linspace(-0.9, 0.9, 3 * 4 * 4, dtype=torch.float64).reshape(3, 4, 4)
     x_star = x_star[:, torch.randperm(4)]  # not separable per row, so a channel or pixel mix-up shows

@@ -1,7 +1,7 @@
 """Sample quality during training (``train --eval-every N``): FD / FID of the EMA weights every N steps.
 
 Every N steps the run samples ``eval_num`` images from its EMA weights with deterministic DDIM on ``eval_steps``
-steps (the same seed every time, so the numbers of two steps differ only through the weights) and measures them
+steps (a CLD model with ``sscs`` on ``eval_steps`` steps; a DDGAN generator with its own chain) (the same seed every time, so the numbers of two steps differ only through the weights) and measures them
 against held-out data: the held-out split of a ``builtin:`` dataset, else the training images themselves. The
 feature network is chosen like ``eval-samples --features auto``: the digits classifier for grayscale images up to
 16 px, else the FID Inception-v3 (``DDPMCTL_INCEPTION_WEIGHTS``).
@@ -44,7 +44,7 @@ class QualityProbe:
 
     def __init__(self, ckpt_config: CheckpointConfig, dataset: ImageDataset, source: str, *, every: int, num: int,
                  steps: int, device: torch.device, kind: str = "model") -> None:
-        from ddpmctl.samplers import get_sampler
+        from ddpmctl.samplers import default_sampler, get_sampler
 
         model_config = ckpt_config.model
         if model_config.num_classes is not None:
@@ -55,9 +55,10 @@ class QualityProbe:
         except FeaturesError as err:
             raise ConfigError(f"--eval-every: {err}") from None
         self.ckpt_config, self.diffusion = ckpt_config, build_diffusion(ckpt_config.diffusion)
-        # A diffusion model is probed with DDIM on --eval-steps; a DDGAN generator with its own chain (all T steps).
+        # A diffusion model is probed with DDIM on --eval-steps, a CLD model with sscs on --eval-steps (the kind's
+        # default sampler); a DDGAN generator with its own chain (all T steps).
         self.kind = kind
-        self.sampler = get_sampler("ddgan" if kind == "ddgan" else "ddim")()
+        self.sampler = get_sampler(default_sampler(kind))()
         self.steps: int | None = None if kind == "ddgan" else steps
         self.every, self.num, self.device = every, num, device
         self.reference = self._reference(dataset, source)

@@ -39,7 +39,10 @@ def heldout_source(config: TrainConfig) -> str:
 def _checkpoint_config(run_dir: Path) -> CheckpointConfig:
     """The network and diffusion of the run, as its config.json records them (written before training starts)."""
     saved = read_run_config(run_dir)
-    return CheckpointConfig(model=saved["model"], diffusion=saved["diffusion"])
+    train = saved["train"]
+    # A CLD run's process is rebuilt from its train settings (the run config records no cld section).
+    cld = TrainConfig.model_validate(train).make_cld_config() if train.get("method") == "cld" else None
+    return CheckpointConfig(model=saved["model"], diffusion=saved["diffusion"], cld=cld)
 
 
 class _Preview:

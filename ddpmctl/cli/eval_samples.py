@@ -49,14 +49,17 @@ def _bar(progress: Any, label: str) -> Any:
     return update
 
 
-def _sample(path: Path, *, sampler: str, steps: int | None, num: int, seed: int, batch_size: int,
+def _sample(path: Path, *, sampler: str | None, steps: int | None, num: int, seed: int, batch_size: int,
             options: list[str], precision: str, device: Any, progress: Any) -> tuple[Any, dict[str, Any], Any]:
     """Images drawn from a checkpoint with the existing sampling driver; (images, what was done, checkpoint)."""
-    from ddpmctl.checkpoint import load_checkpoint
-    from ddpmctl.samplers import check_sample_counts, generate, get_sampler, parse_options, sampling_timesteps
+    from ddpmctl.checkpoint import load_checkpoint, read_checkpoint_info
+    from ddpmctl.samplers import (check_sample_counts, default_sampler, generate, get_sampler, parse_options,
+                                  sampling_timesteps)
 
     with option_errors(SamplerError):
         check_sample_counts(num, batch_size, seed)
+    if sampler is None:  # the checkpoint's own, as `ddpmctl sample` chooses it (ddim; sscs for a CLD model ...)
+        sampler = default_sampler(read_checkpoint_info(path).kind)
     with option_errors(UnknownSamplerError):
         sampler_cls = get_sampler(sampler)
     with option_errors(SamplerError):
@@ -147,7 +150,9 @@ def eval_samples_command(
         "--features-weights", help="Weights file of the feature network (inception: torch-fidelity's or "
                                    "pytorch-fid's .pth, or a safetensors copy).",
         show_default="$DDPMCTL_INCEPTION_WEIGHTS; digits: the packaged network")] = None,
-    sampler: Annotated[str, typer.Option("--sampler", "-s", help="Checkpoint only: sampler plugin.")] = "ddim",
+    sampler: Annotated[Optional[str], typer.Option(  # noqa: UP007
+        "--sampler", "-s", help="Checkpoint only: sampler plugin.",
+        show_default="from the checkpoint's kind, as for `ddpmctl sample`")] = None,
     steps: Annotated[Optional[int], typer.Option(  # noqa: UP007
         "--steps", min=1, help="Checkpoint only: network steps.", show_default="the sampler's own")] = None,
     num: Annotated[Optional[int], typer.Option(  # noqa: UP007
@@ -177,7 +182,7 @@ def eval_samples_command(
         # A run folder stands for its newest EMA save (a distillation run: its final student), not for images.
         samples = resolve_checkpoint_argument(samples, quiet=quiet or json_output)
     kind = _kind(samples)
-    sampling_flags = steps is not None or option or sampler != "ddim" or seed != 0
+    sampling_flags = steps is not None or option or sampler is not None or seed != 0
     if kind != "checkpoint" and sampling_flags:
         raise usage_error("--sampler, --steps, --seed and --opt are for a checkpoint; SAMPLES is an "
                           f"{'image folder' if kind == 'folder' else '.npz'}")
@@ -203,7 +208,7 @@ def eval_samples_command(
 
 
 def _run(samples: Path, kind: str, *, ref: str | None, ref_split: Split, features: str, weights: Path | None,
-         sampler: str, steps: int | None, num: int | None, seed: int, options: list[str], batch_size: int,
+         sampler: str | None, steps: int | None, num: int | None, seed: int, options: list[str], batch_size: int,
          cache: bool, precision: str, device: Any, notes: list[str], progress: Any) -> tuple[Any, Any, Any, dict[str, Any]]:
     """Samples -> reference -> features -> metrics; the JSON payload."""
     note = notes.append

@@ -21,6 +21,10 @@ from ddpmctl.timesteps import choose_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
     from ddpmctl.checkpoint import LoadedCheckpoint
+    from ddpmctl.cld_score import CldScore
+
+# The samplers of CLD checkpoints (kind cld), for the error that names them.
+CLD_SAMPLERS = ("sscs", "em", "cld-ode")
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,36 @@ def _check_kind(checkpoint: LoadedCheckpoint, sampler: Sampler, name: str) -> No
         raise SamplerError(f"{name} is a distilled student: sample it with --sampler student")
     if checkpoint.kind == "ddgan" and "ddgan" not in kinds:
         raise SamplerError(f"{name} is a denoising diffusion GAN: sample it with --sampler ddgan")
+    if checkpoint.kind == "cld" and "cld" not in kinds:
+        raise SamplerError(f"{name} is a critically-damped Langevin diffusion: sample it with --sampler "
+                           f"{', '.join(CLD_SAMPLERS)}")
     if checkpoint.kind != "student" and checkpoint.kind not in kinds:
-        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a "
-                           + ("distilled student (make one with `ddpmctl distill`)" if "student" in kinds else
-                              "denoising diffusion GAN (train one with `ddpmctl train --method ddgan`)")
-                           + ": use --sampler ddim, strided or ancestral")
+        if "cld" in kinds:
+            wanted = "critically-damped Langevin diffusion (train one with `ddpmctl train --method cld`)"
+        elif "student" in kinds:
+            wanted = "distilled student (make one with `ddpmctl distill`)"
+        else:
+            wanted = "denoising diffusion GAN (train one with `ddpmctl train --method ddgan`)"
+        raise SamplerError(f"{name} is a {checkpoint.kind} checkpoint, not a {wanted}: use --sampler ddim, strided "
+                           "or ancestral")
+
+
+def _cld_countdown(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: int | None,
+                   timesteps: Sequence[int] | None) -> tuple[int, ...]:
+    """A CLD model is continuous in time: its run is ``steps`` network steps (the sampler's ``default_steps`` when
+    None), handed to the sampler as the countdown K-1, ..., 0; the sampler places them in time itself."""
+    if timesteps is not None:
+        k = len(timesteps)
+        if k < 1 or list(timesteps) != list(range(k - 1, -1, -1)):
+            raise SamplerError(f"{checkpoint.path.name} is continuous in time (a critically-damped Langevin "
+                               "diffusion): choose its steps with --steps, not a list of timesteps")
+        if steps is not None and steps != k:
+            raise SamplerError(f"--steps {steps} and {k} timesteps disagree")
+        return tuple(timesteps)
+    k = type(sampler).default_steps if steps is None else steps
+    if k is None or k < 1:
+        raise SamplerError(f"--steps must be at least 1, not {k}")
+    return tuple(range(k - 1, -1, -1))
 
 
 def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: int | None = None,
@@ -78,10 +107,14 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
     ``steps`` is the user's --steps (None: the sampler's ``default_steps``, capped by the chain), spaced over the
     checkpoint's chain by ``sampler.spacing``; ``timesteps`` instead gives an explicit list of steps of the chain.
     A distilled student is sampled on its own grid by samplers that list the "student" kind, and only by them.
+    A CLD checkpoint (kind cld) has no chain: its run is the countdown K-1, ..., 0 of ``steps`` network steps
+    (``timesteps`` only as that countdown, which is what this function returns), sampled by the cld samplers only.
     """
     name = checkpoint.path.name
     is_student = checkpoint.kind == "student"
     _check_kind(checkpoint, sampler, name)
+    if checkpoint.kind == "cld":
+        return _cld_countdown(checkpoint, sampler, steps, timesteps)
     if is_student:
         student = checkpoint.config.student
         if student is None or checkpoint.config.diffusion.use_timesteps is not None:
@@ -120,12 +153,17 @@ def sampling_timesteps(checkpoint: LoadedCheckpoint, sampler: Sampler, steps: in
 
 
 def build_denoiser(checkpoint: LoadedCheckpoint, timesteps: Sequence[OriginalStep], *, precision: Precision = "fp32",
-                   micro_batch: MicroBatch = "auto") -> Denoiser:
+                   micro_batch: MicroBatch = "auto") -> Denoiser | CldScore:
     """The :class:`Denoiser` of ``checkpoint`` for a run over ``timesteps`` (its network wrapped for inference:
-    ``precision``, ``micro_batch``; see ddpmctl.inference)."""
+    ``precision``, ``micro_batch``; see ddpmctl.inference); for a CLD checkpoint its :class:`CldScore`."""
     model_config = checkpoint.config.model
     network = inference_network(checkpoint.model, _model_device(checkpoint.model), model_config.image_size,
                                 model_config.model_channels, precision=precision, micro_batch=micro_batch)
+    if checkpoint.kind == "cld":
+        from ddpmctl.cld_method import cld_process
+        from ddpmctl.cld_score import CldScore
+
+        return CldScore(network, cld_process(checkpoint.config))
     student = checkpoint.config.student if checkpoint.kind == "student" else None
     latent = model_config.latent
     return Denoiser(network, checkpoint.config.diffusion, timesteps,

@@ -117,7 +117,7 @@ def get_sampler(name: str) -> type[Sampler]:
 # The sampler `ddpmctl sample` uses when --sampler is left out, by checkpoint kind (checkpoint.KINDS). A new kind
 # whose checkpoints only its own sampler can run adds itself here; every other kind samples with DEFAULT_SAMPLER.
 DEFAULT_SAMPLER = "ddim"
-SAMPLER_FOR_KIND: dict[str, str] = {"student": "student", "ddgan": "ddgan"}
+SAMPLER_FOR_KIND: dict[str, str] = {"student": "student", "ddgan": "ddgan", "cld": "sscs"}
 
 
 def default_sampler(kind: str) -> str:
