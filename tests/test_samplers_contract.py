@@ -23,7 +23,7 @@ from ddpmctl.samplers import Sampler, SampleRNG, StepInfo, available_samplers, g
 from ddpmctl.testing import check_sampler
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTINS = ("ancestral", "strided", "ddim", "student", "dpmpp-2m", "ddgan")
+BUILTINS = ("ancestral", "strided", "ddim", "student", "dpmpp-2m", "ddgan", "sscs", "em", "cld-ode")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def test_registry_reports_broken_plugins_and_keeps_the_rest(fake_plugins: list[i
         get_sampler("broken")
     with pytest.raises(SamplerError, match="installed but incompatible: .*written for sampler API v1"):
         get_sampler("old")
-    with pytest.raises(UnknownSamplerError, match="installed samplers: ancestral, ddgan, ddim, dpmpp-2m, fine") as info:
+    with pytest.raises(UnknownSamplerError, match="installed samplers: ancestral, cld-ode, ddgan, ddim, dpmpp-2m, em, fine") as info:
         get_sampler("ddmi")
     assert "broken" not in str(info.value)  # only usable ones are offered
     available_samplers()

@@ -70,7 +70,7 @@ def _check_kind(checkpoint: LoadedCheckpoint, sampler: Sampler, name: str) -> No
         raise SamplerError(f"{name} is a denoising diffusion GAN: sample it with --sampler ddgan")
     if checkpoint.kind == "cld" and "cld" not in kinds:
         raise SamplerError(f"{name} is a critically-damped Langevin diffusion: sample it with --sampler "
-                           f"{', '.join(CLD_SAMPLERS)}")
+                           f"{', '.join(CLD_SAMPLERS[:-1])} or {CLD_SAMPLERS[-1]}")
     if checkpoint.kind != "student" and checkpoint.kind not in kinds:
         if "cld" in kinds:
             wanted = "critically-damped Langevin diffusion (train one with `ddpmctl train --method cld`)"
