@@ -3,8 +3,8 @@ samplers of kind ``cld`` checkpoints (``sscs``, ``em``, ``cld-ode``) in place of
 
 It holds the process (:class:`~ddpmctl.cld.CldProcess`, from the checkpoint's ``cld`` section) and the network
 (wrapped for inference by the driver: precision, micro-batches), and answers one question: the mixed score
-s(x, v, t) ~ grad_v log p_t(x, v) at SDE time t (docs/cld.md "The network"). A CLD model is continuous in time, so
-there is no chain and no timestep index here: samplers choose their own times (``ddpmctl.cld.reverse_times``).
+s(x, v, t) ~ grad_v log p_t(x, v) at SDE time t (docs/cld.md "Training", "Sampling"). A CLD model is continuous in
+time, so there is no chain and no timestep index here: samplers choose their own times (``ddpmctl.cld.reverse_times``).
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from ddpmctl.config import (CLD_DIFFUSION, CheckpointConfig, CldConfig, Diffusio
 from ddpmctl.progressive import student_grid  # re-exported: the one grid k_i = round(i T / N) - 1
 from ddpmctl.samplers import API_VERSION, Sampler, SampleRNG, StepInfo, build_denoiser, sampling_timesteps
 
-__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "ExactGenerator", "ExactCldGaussianScore", "cld_gaussian_marginal",
-           "exact_checkpoint", "student_grid", "check_sampler", "gaussian_ode_error"]
+__all__ = ["ExactPointDenoiser", "ExactGaussianDenoiser", "ExactGenerator", "ExactCldGaussianScore",
+           "cld_gaussian_marginal", "exact_checkpoint", "student_grid", "check_sampler", "gaussian_ode_error"]
 
 
 class ExactPointDenoiser(torch.nn.Module):

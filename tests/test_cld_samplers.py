@@ -18,8 +18,9 @@ import torch
 
 from conftest import invoke_cli, one_error_line
 from ddpmctl.cld import CldProcess
+from ddpmctl.config import CLD_DIFFUSION
 from ddpmctl.errors import SamplerError
-from ddpmctl.samplers import SampleRNG, generate, get_sampler, sampling_timesteps
+from ddpmctl.samplers import SampleRNG, build_denoiser, generate, get_sampler, sampling_timesteps
 from ddpmctl.testing import (ExactCldGaussianScore, _cld_checkpoint, _gaussian_checkpoint, _run, check_sampler,
                              cld_gaussian_marginal, exact_checkpoint)
 
@@ -117,11 +118,9 @@ def test_sscs_half_steps_compose_to_the_exact_linear_flow(steps: int) -> None:
     # v ~ N(0, M), x(eps) is the forward law from (c, v ~ N(0, M)) over B(1 - eps) (the reverse linear part is the
     # forward dynamics with v's sign flipped): mean Phi_xx c, variance from Van Loan with gamma = 1.
     process, c, eps = CldProcess(), 2.0, 1e-3
-    ckpt = exact_checkpoint(_ScoreTermZero(process), channels=1, image_size=64, diffusion=None, kind="cld")  # type: ignore[arg-type]
+    ckpt = exact_checkpoint(_ScoreTermZero(process), channels=1, image_size=64, diffusion=CLD_DIFFUSION, kind="cld")
     sampler = get_sampler("sscs")
     timesteps = sampling_timesteps(ckpt, sampler(), steps)
-    from ddpmctl.samplers import build_denoiser
-
     score = build_denoiser(ckpt, timesteps, micro_batch=None)
     rng = SampleRNG(3, range(8))
     x_T = torch.full((8, 1, 64, 64), c)
