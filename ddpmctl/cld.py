@@ -171,8 +171,9 @@ class CldProcess:
         return -1.0 / self.hsm_covariance(t).cholesky().vv
 
     def mixed_score(self, network_output: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The "mixed score" (Sec. 3.2, the official ``mixed_score``): -v / Sigma_vv of the training kernel, the
-        v-score of data at a point, plus l_t times the network's output. In v's dtype."""
+        """The "mixed score" (Sec. 3.2, the official ``mixed_score``): -v / Sigma_vv of the training kernel (the
+        score of v's marginal N(0, Sigma_vv) when the data sit at 0; not the joint v-score given x, which also
+        depends on x), plus l_t times the network's output. In v's dtype."""
         cov = self.hsm_covariance(t)
         inv_vv = _per_sample(1.0 / cov.vv, v)
         scale = _per_sample(-1.0 / cov.cholesky().vv, v)
