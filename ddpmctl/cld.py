@@ -124,16 +124,17 @@ class CldProcess:
 
         With a = 2 g b and M = Gamma^2 / 4 the three entries of diag(1, M) + Phi (Sigma_0 - diag(1, M)) Phi^T are
             S_xx = e^{-2a} [(e^{2a} - 1 - 2a - 2a^2) + (1 + a)^2 var0_x + a^2 var0_v / M]
-            S_xv = e^{-2a} (Gamma a / 2) [(1 + a)(1 - var0_x) + (1 - a)(var0_v / M - 1)]
+            S_xv = e^{-2a} (Gamma a / 2) [(var0_v / M - var0_x) + a (2 - var0_x - var0_v / M)]
             S_vv = M [1 - e^{-2a} (1 - 2a + 2a^2)] + e^{-2a} [a^2 M var0_x + (1 - a)^2 var0_v]
-        (the first bracket of S_xx is O(a^3) and is summed as a series for small a).
+        (the first bracket of S_xx is O(a^3) and is summed as a series for small a; S_xv's bracket is grouped so
+        that a start with var0_v / M = var0_x, such as a deterministic one, takes no difference of 1 + a and 1 - a).
         """
         b = torch.as_tensor(b, dtype=torch.float64)
         m, gam = self.mass, self.damping
         a = 2.0 * b / gam
         decay = torch.exp(-2 * a)
         xx = decay * (_exp_tail3(2 * a) + (1 + a) ** 2 * var0_x + a * a * var0_v / m)
-        xv = decay * (gam * a / 2) * ((1 + a) * (1 - var0_x) + (1 - a) * (var0_v / m - 1))
+        xv = decay * (gam * a / 2) * ((var0_v / m - var0_x) + a * (2 - var0_x - var0_v / m))
         vv = m * (-torch.expm1(-2 * a) + decay * 2 * a * (1 - a)) + decay * (a * a * m * var0_x + (1 - a) ** 2 * var0_v)
         return Covariance2(xx, xv, vv)
 
@@ -170,8 +171,9 @@ class CldProcess:
         return -1.0 / self.hsm_covariance(t).cholesky().vv
 
     def mixed_score(self, network_output: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The "mixed score" (Sec. 3.2, the official ``mixed_score``): -v / Sigma_vv of the training kernel, the
-        v-score of data at a point, plus l_t times the network's output. In v's dtype."""
+        """The "mixed score" (Sec. 3.2, the official ``mixed_score``): -v / Sigma_vv of the training kernel (the
+        score of v's marginal N(0, Sigma_vv) when the data sit at 0; not the joint v-score given x, which also
+        depends on x), plus l_t times the network's output. In v's dtype."""
         cov = self.hsm_covariance(t)
         inv_vv = _per_sample(1.0 / cov.vv, v)
         scale = _per_sample(-1.0 / cov.cholesky().vv, v)

@@ -425,6 +425,8 @@ def train_command(
             raise usage_error("--resume needs --out DIR (the run folder to continue)")
         # Omitted options take the saved values; given ones must match (train() names any that differ).
         values = {**saved_train_config(Path(values["out"])), **values}
+    if values.get("method") == "cld":
+        _refuse_discrete_chain_options(from_flags)
     if values.get("data") is None:
         raise usage_error("missing DATA: an image folder or builtin:digits (or `data` in --config)")
     if values.get("out") is None:
@@ -462,6 +464,18 @@ def train_command(
         message = stop_message(result, config)
         if message:
             typer.echo(message, err=True)
+
+
+def _refuse_discrete_chain_options(given_values: dict[str, Any]) -> None:
+    """``--method cld`` with an option of the discrete chain on the command line, even at its default value: one
+    line, exit 2. (TrainConfig refuses values that differ from the default, also from --config; a run's own
+    config.json, which records every field, stays readable as --config.)"""
+    from ddpmctl.config import DISCRETE_CHAIN_FIELDS
+
+    named = [f"--{f.replace('_', '-')}" for f in DISCRETE_CHAIN_FIELDS if given_values.get(f) is not None]
+    if named:
+        raise usage_error(f"{', '.join(named)} do(es) not apply to --method cld (a continuous-time SDE whose network "
+                          "learns the velocity's score; see --cld-weighting): drop it")
 
 
 def stop_message(result: Any, config: TrainConfig) -> str | None:
