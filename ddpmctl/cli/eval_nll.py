@@ -192,10 +192,6 @@ def eval_nll_command(
     if num is not None and num_images is not None:
         raise usage_error("--num-images is the old name of --num: give one of them")
     num_images = num if num is not None else num_images
-    only_for(ctx, estimator == "mc", ("terms", "pilot_images"),
-             "--estimator mc (the exact estimator evaluates every term)")
-    if estimator == "mc" and terms is None:
-        terms = DEFAULT_MC_TERMS
     solver = solver or CLD_DEFAULT_SOLVER
     only_for(ctx, solver != "rk23", ("steps",), "the fixed-step solvers rk4 and heun (rk23 chooses its steps)")
     only_for(ctx, solver == "rk23", ("tolerance",), "--solver rk23 (the fixed-step solvers take --steps)")
@@ -217,6 +213,10 @@ def eval_nll_command(
                               "takes --solver, --steps, --tolerance, --probes, --probe)" if is_cld else
                               f"{flag} is for CLD checkpoints: {checkpoint.name} is kind {loaded.kind}")
     if not is_cld:
+        only_for(ctx, estimator == "mc", ("terms", "pilot_images"),
+                 "--estimator mc (the exact estimator evaluates every term)")
+        if estimator == "mc" and terms is None:
+            terms = DEFAULT_MC_TERMS
         check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)
 

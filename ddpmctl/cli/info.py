@@ -55,8 +55,22 @@ def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
 
 
 def checkpoint_method(kind: str) -> str:
-    """What trained the weights: a denoising diffusion GAN (kind ddgan), else a diffusion model (train's iddpm)."""
-    return "ddgan" if kind == "ddgan" else "iddpm"
+    """What trained the weights: a denoising diffusion GAN (kind ddgan), a critically-damped Langevin diffusion
+    (kind cld), else a diffusion model (train's iddpm)."""
+    return kind if kind in ("ddgan", "cld") else "iddpm"
+
+
+def cld_constants(cld: Any) -> dict[str, float]:
+    """The CLD process's constants (a ``CldConfig``), with the damping Gamma = 2 sqrt(M) it implies."""
+    return {"mass": cld.mass, "damping": 2.0 * cld.mass ** 0.5, "beta": cld.beta, "gamma": cld.gamma,
+            "numerical_eps": cld.numerical_eps, "t_min": cld.t_min}
+
+
+def cld_summary(cld: Any) -> str:
+    """'M 0.25, Gamma 1, beta 4, gamma 0.04 (v_0 ~ N(0, gamma M)), eps 1e-09, t_min 1e-05'."""
+    c = cld_constants(cld)
+    return (f"M {c['mass']:g}, Gamma {c['damping']:g}, beta {c['beta']:g}, gamma {c['gamma']:g} (v_0 ~ N(0, gamma M)), "
+            f"eps {c['numerical_eps']:g}, t_min {c['t_min']:g}")
 
 
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
@@ -75,6 +89,7 @@ def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
         "config": config.model_dump(mode="json"),
         "lineage": info.lineage,
         "weights": weights_kind(info.lineage),
+        "cld": cld_constants(config.cld) if config.cld is not None else None,
         "tensors": {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in info.tensors},
     }
 
@@ -86,10 +101,12 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     table = Table(title=Text(str(info.path)), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
+    cld = info.config.cld
+    method = (f"ddgan (denoising diffusion GAN, {diffusion.timesteps} generator steps)" if info.kind == "ddgan"
+              else "cld (critically-damped Langevin diffusion)" if cld is not None else "iddpm (diffusion model)")
     rows: list[tuple[str, str]] = [
         ("kind", info.kind),
-        ("method", f"ddgan (denoising diffusion GAN, {diffusion.timesteps} generator steps)" if info.kind == "ddgan"
-         else "iddpm (diffusion model)"),
+        ("method", method),
         ("format", info.format),
         ("created with", f"ddpmctl {info.created_with}"),
         ("sha256", sha256),
@@ -101,12 +118,19 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
                     f"{model.num_res_blocks} res blocks, attention at "
                     f"{','.join(map(str, model.attention_resolutions)) or 'none'}, {model.num_heads} heads, "
                     f"dropout {model.dropout}"),
-        ("schedule", diffusion.schedule),
-        ("T", str(diffusion.timesteps)),
-        ("mean type", diffusion.mean_type),
-        ("var type", diffusion.var_type.replace("_", "-")),  # as --var-type spells it
-        ("loss", LOSS_NAMES.get(diffusion.loss_type, diffusion.loss_type)),  # as --loss spells it
     ]
+    if cld is not None:
+        # A CLD network has no chain: its diffusion block is a placeholder that only sets the time scale.
+        rows.append(("cld process", cld_summary(cld)))
+        rows.append(("time input", f"t * {diffusion.timesteps} for t in [t_min, 1]"))
+    else:
+        rows += [
+            ("schedule", diffusion.schedule),
+            ("T", str(diffusion.timesteps)),
+            ("mean type", diffusion.mean_type),
+            ("var type", diffusion.var_type.replace("_", "-")),  # as --var-type spells it
+            ("loss", LOSS_NAMES.get(diffusion.loss_type, diffusion.loss_type)),  # as --loss spells it
+        ]
     if model.latent is not None:
         rows.append(("latent", f"nz {model.latent.dim}, PixelNorm + {model.latent.mlp_layers}-layer MLP into the "
                                "embedding, tanh output"))
