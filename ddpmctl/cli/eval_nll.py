@@ -136,6 +136,16 @@ def _same_source(source: str, trained_on: str | None) -> bool:
     return trained_on is not None and source.rstrip("/\\") == trained_on.rstrip("/\\")
 
 
+def _refuse_other_methods_options(ctx: typer.Context, name: str, kind: str) -> None:
+    """The IDDPM estimator's options for a CLD checkpoint, or the CLD ones for any other: one line, exit 2."""
+    for option in _IDDPM_ONLY if kind == "cld" else _CLD_ONLY:
+        if given(ctx, option):
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == option)
+            raise usage_error(f"{flag} is for IDDPM checkpoints: {name} is a CLD network (its bound takes --solver, "
+                              "--steps, --tolerance, --probes, --probe)" if kind == "cld" else
+                              f"{flag} is for CLD checkpoints: {name} is kind {kind}")
+
+
 @guarded
 def eval_nll_command(
     ctx: typer.Context,
@@ -206,12 +216,7 @@ def eval_nll_command(
     checkpoint = resolve_checkpoint_argument(checkpoint, quiet=quiet or json_output)
     loaded = load_checkpoint(checkpoint, device=torch_device)
     is_cld = loaded.kind == "cld"
-    for name in _IDDPM_ONLY if is_cld else _CLD_ONLY:
-        if given(ctx, name):
-            flag = next(p.opts[0] for p in ctx.command.params if p.name == name)
-            raise usage_error(f"{flag} is for IDDPM checkpoints: {checkpoint.name} is a CLD network (its bound "
-                              "takes --solver, --steps, --tolerance, --probes, --probe)" if is_cld else
-                              f"{flag} is for CLD checkpoints: {checkpoint.name} is kind {loaded.kind}")
+    _refuse_other_methods_options(ctx, checkpoint.name, loaded.kind)
     if not is_cld:
         only_for(ctx, estimator == "mc", ("terms", "pilot_images"),
                  "--estimator mc (the exact estimator evaluates every term)")

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.cli.info_run import cld_constants, cld_summary
 
 # The loss types a checkpoint stores, by the --loss name that trains them (config.LOSS_TYPES, inverted; kept here so
 # `ddpmctl --help` imports no pydantic).
@@ -58,19 +59,6 @@ def checkpoint_method(kind: str) -> str:
     """What trained the weights: a denoising diffusion GAN (kind ddgan), a critically-damped Langevin diffusion
     (kind cld), else a diffusion model (train's iddpm)."""
     return kind if kind in ("ddgan", "cld") else "iddpm"
-
-
-def cld_constants(cld: Any) -> dict[str, float]:
-    """The CLD process's constants (a ``CldConfig``), with the damping Gamma = 2 sqrt(M) it implies."""
-    return {"mass": cld.mass, "damping": 2.0 * cld.mass ** 0.5, "beta": cld.beta, "gamma": cld.gamma,
-            "numerical_eps": cld.numerical_eps, "t_min": cld.t_min}
-
-
-def cld_summary(cld: Any) -> str:
-    """'M 0.25, Gamma 1, beta 4, gamma 0.04 (v_0 ~ N(0, gamma M)), eps 1e-09, t_min 1e-05'."""
-    c = cld_constants(cld)
-    return (f"M {c['mass']:g}, Gamma {c['damping']:g}, beta {c['beta']:g}, gamma {c['gamma']:g} (v_0 ~ N(0, gamma M)), "
-            f"eps {c['numerical_eps']:g}, t_min {c['t_min']:g}")
 
 
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:

@@ -19,6 +19,19 @@ _HYPHEN_VALUES = ("var_type",)  # shown as the command line spells them (learned
 _CHAIN_FIELDS = ("schedule", "timesteps", "mean_type", "var_type", "loss", "timestep_sampler")
 
 
+def cld_constants(cld: Any) -> dict[str, float]:
+    """The CLD process's constants (a ``CldConfig``), with the damping Gamma = 2 sqrt(M) it implies."""
+    return {"mass": cld.mass, "damping": 2.0 * cld.mass ** 0.5, "beta": cld.beta, "gamma": cld.gamma,
+            "numerical_eps": cld.numerical_eps, "t_min": cld.t_min}
+
+
+def cld_summary(cld: Any) -> str:
+    """'M 0.25, Gamma 1, beta 4, gamma 0.04 (v_0 ~ N(0, gamma M)), eps 1e-09, t_min 1e-05'."""
+    c = cld_constants(cld)
+    return (f"M {c['mass']:g}, Gamma {c['damping']:g}, beta {c['beta']:g}, gamma {c['gamma']:g} (v_0 ~ N(0, gamma M)), "
+            f"eps {c['numerical_eps']:g}, t_min {c['t_min']:g}")
+
+
 def run_cld_process(run: dict[str, Any]) -> Any:
     """The CldConfig a CLD training run trains (None for the other methods and for distillation)."""
     settings = run.get("train") or {}
@@ -59,8 +72,6 @@ def settings_table(run: dict[str, Any], section: str) -> Table:
         note = " (chosen from the data)" if field in chosen else ""
         table.add_row(Text(field.replace("_", "-")), Text(_value(field, value) + note))
     if cld is not None:
-        from ddpmctl.cli.info import cld_summary
-
         table.add_row(Text("cld process"), Text(cld_summary(cld)))
     if isinstance(run.get("num_parameters"), int):
         table.add_row(Text("parameters"), Text(f"{run['num_parameters']:,}"))
@@ -96,8 +107,6 @@ def show_run(run_dir: Path, *, json_output: bool) -> None:
     run = describe_run(run_dir)
     cld = run_cld_process(run)
     if cld is not None:
-        from ddpmctl.cli.info import cld_constants
-
         run["cld"] = cld_constants(cld)
     if json_output:
         print_json(run)
