@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-__all__ = ["ChainSchedule", "CldWeighting", "Striding", "ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "Method",
-           "NanPolicy", "Precision", "PrecisionRequest", "EmaWarmup", "FeatureName", "FeatureRequest", "Schedule",
-           "Spacing", "Split", "StudentParam", "TimestepSamplerName", "VarType", "Weighting",
+__all__ = ["ChainSchedule", "CldSolver", "CldWeighting", "Striding", "ColorMode", "Estimator", "LEARNED_VARIANCES", "LossName", "LossType", "MeanType", "Method",
+           "NanPolicy", "Precision", "PrecisionRequest", "EmaWarmup", "FeatureName", "FeatureRequest", "HutchinsonProbe", "Schedule",
+           "Spacing", "Split", "StudentParam", "TraceProbe", "TimestepSamplerName", "VarType", "Weighting",
            "is_learned_variance"]
 
 Schedule = Literal["cosine", "linear"]  # (the default first: --help lists them in this order)
@@ -39,6 +39,11 @@ Spacing = Literal["even", "ddim", "logsnr"]
 # CLD's loss weightings (ddpmctl.cld.CldProcess.hsm_loss) and the time grids of its fixed-step integrators.
 CldWeighting = Literal["reweightedv2", "reweightedv1", "likelihood"]
 Striding = Literal["even", "quadratic"]  # how a sampler places its steps on the chain
+# The CLD likelihood's ODE solvers (ddpmctl.cld_nll): fixed-step Heun and RK4, adaptive Bogacki-Shampine RK23; and
+# its Hutchinson probes (exact: the whole trace, one backward pass per dimension, for small data).
+CldSolver = Literal["heun", "rk4", "rk23"]
+TraceProbe = Literal["gaussian", "rademacher", "exact"]
+HutchinsonProbe = Literal["gaussian", "rademacher"]  # eval-nll --probe
 FeatureName = Literal["digits", "inception"]  # ddpmctl.features: the networks sample quality is measured with
 FeatureRequest = Literal["auto", "digits", "inception"]  # eval-samples --features: auto picks by the images
 

@@ -413,6 +413,9 @@ def check_has_bound(checkpoint: LoadedCheckpoint) -> None:
     if checkpoint.kind == "ddgan":
         raise CheckpointError(f"{checkpoint.path.name} is a denoising diffusion GAN: its implicit generator has no "
                               "likelihood to evaluate (measure its samples with eval-samples)")
+    if checkpoint.kind == "cld":
+        raise CheckpointError(f"{checkpoint.path.name} is a CLD network: it has no discrete chain; its bound is "
+                              "ddpmctl.cld_nll.evaluate_cld_nll (what eval-nll runs for it)")
 
 
 def evaluate_nll(checkpoint: LoadedCheckpoint, images_uint8: torch.Tensor, labels: torch.Tensor | None = None, *,

@@ -180,6 +180,9 @@ def plan_stages(config: DistillConfig, parent: LoadedCheckpoint) -> tuple[int, S
     if parent.kind == "ddgan":
         raise ConfigError(f"{name} is a denoising diffusion GAN: it is already a {T}-step generator and has no "
                           "denoiser to distill (distill a diffusion model trained with --method iddpm)")
+    if parent.kind == "cld":
+        raise ConfigError(f"{name} is a CLD network: progressive distillation halves a discrete chain's eps/x/v "
+                          "denoiser, and a CLD network learns the velocity's score of a continuous-time SDE")
     if parent.kind == "student":
         student = parent.config.student
         own = len(student.steps)

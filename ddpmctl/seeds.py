@@ -5,6 +5,7 @@ The streams (keys after the run seed):
 
 - sampling: ``(image index, SAMPLE_NOISE | SAMPLE_LABEL)``: image i's noise and class label (samplers.py);
 - bits/dim: ``(purpose, image index, block)`` with nll.py's purposes (its per-term noise, pilot and Monte-Carlo draws);
+- CLD bits/dim: ``(CLD_NLL, image index, probe)``: one trajectory's dequantisation, v_0 and trace probe (cld_nll.py);
 - training: ``(TRAIN_DROPOUT, rank)``: each rank's dropout stream (the data stream is ``torch.Generator(seed)``
   itself, shared by every rank);
 - distillation: ``(DISTILL_STAGE, steps)``: a stage's data, timestep and noise draws, so a resumed stage never depends
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DISTILL_REPORT", "DISTILL_STAGE", "SAMPLE_LABEL", "SAMPLE_NOISE", "TRAIN_DROPOUT", "derive_seed"]
+__all__ = ["CLD_NLL", "DISTILL_REPORT", "DISTILL_STAGE", "SAMPLE_LABEL", "SAMPLE_NOISE", "TRAIN_DROPOUT", "derive_seed"]
 
 SAMPLE_NOISE, SAMPLE_LABEL = 0, 1
 TRAIN_DROPOUT, DISTILL_STAGE, DISTILL_REPORT = 0x7A11, 0xD157, 0x5EED
+CLD_NLL = 0xC1D
 
 
 def derive_seed(seed: int, *keys: int) -> int:

@@ -1,4 +1,5 @@
-"""`ddpmctl eval-nll CKPT`: bits/dim through the variational bound (IDDPM Table 1-2), exact or Monte-Carlo."""
+"""`ddpmctl eval-nll CKPT`: bits/dim through the variational bound (IDDPM Table 1-2), exact or Monte-Carlo; for a
+CLD checkpoint, the likelihood bound of its probability-flow ODE (ddpmctl.cld_nll, docs/cld.md "Likelihood")."""
 
 from __future__ import annotations
 
@@ -10,12 +11,17 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from ddpmctl.choices import Estimator, PrecisionRequest, Split
-from ddpmctl.cli.common import (CHECKPOINT_ARG_HELP, PRECISION_HELP, console, device_option, guarded, only_for,
-                                out_console, print_json, resolve_checkpoint_argument, resolve_device,
+from ddpmctl.choices import CldSolver, Estimator, HutchinsonProbe, PrecisionRequest, Split
+from ddpmctl.cli.common import (CHECKPOINT_ARG_HELP, PRECISION_HELP, console, device_option, given, guarded,
+                                only_for, out_console, print_json, resolve_checkpoint_argument, resolve_device,
                                 resolve_precision_option, usage_error)
 
 DEFAULT_MC_TERMS = 64
+# The CLD estimator's defaults (ddpmctl.cld_nll's, repeated so that --help imports no torch; a test compares them).
+CLD_DEFAULT_SOLVER, CLD_DEFAULT_STEPS, CLD_DEFAULT_TOLERANCE, CLD_DEFAULT_PROBE = "rk4", 50, 1e-5, "gaussian"
+_CLD = "CLD checkpoints (docs/cld.md)"
+_IDDPM_ONLY = ("estimator", "terms", "pilot_images")
+_CLD_ONLY = ("solver", "steps", "tolerance", "probes", "probe")
 
 
 def _finite(value: float) -> float | None:
@@ -30,16 +36,19 @@ def _fmt(value: float) -> str:
     return f"{value:.1e}" if 0 < abs(value) < 5e-5 else f"{value:.4f}"
 
 
-def _span(span: tuple[int, int] | None) -> str:
+def _span(span: tuple[float, float] | None) -> str:
     if span is None:
         return ""
-    return str(span[0]) if span[0] == span[1] else f"{span[0]}..{span[1]}"
+    return f"{span[0]:g}" if span[0] == span[1] else f"{span[0]:g}..{span[1]:g}"
 
 
 def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, seed: int) -> dict[str, Any]:
-    """Every number the table shows, as one JSON-ready object (``--json``)."""
-    return {
+    """Every number the table shows, as one JSON-ready object (``--json``). A CLD bound has no chain: its
+    ``num_terms``, ``mc_terms`` and ``pilot_images`` are null, ``terms_per_image`` counts network evaluations, each
+    image's ``mc_stderr`` is its error over its probes, and a ``cld`` object holds the estimator's settings."""
+    payload = {
         "checkpoint": checkpoint,
+        "method": "cld" if result.estimator == "ode" else "iddpm",
         "data": data,
         "split": split,
         "estimator": result.estimator,
@@ -63,11 +72,22 @@ def nll_payload(result: Any, *, checkpoint: str, data: str, split: str | None, s
             for name, span, mean, stderr in result.breakdown()
         ],
     }
+    if result.estimator == "ode":
+        payload["cld"] = {"solver": result.solver, "steps": result.steps, "tolerance": result.tolerance,
+                          "probes": result.probes, "probe": result.probe, "t_min": result.t_min,
+                          "network_evaluations_per_image": [int(n) for n in result.nfe.tolist()]}
+    return payload
 
 
 def result_line(result: Any, precision: str | None = None) -> str:
-    """'bits/dim: 1.2345 ± 0.0123 (N images, T terms[; precision])'."""
-    how = f"{result.num_terms} terms"
+    """'bits/dim: 1.2345 ± 0.0123 (N images, T terms[; precision])'; for CLD the solver and probes instead of T."""
+    if result.estimator == "ode":
+        solver = (f"{result.solver} {result.steps} steps" if result.steps is not None
+                  else f"{result.solver} tolerance {result.tolerance:g}")
+        how = (f"CLD bound: probability-flow ODE, {solver}, {result.probes} {result.probe} "
+               f"probe{'s' if result.probes > 1 else ''} per image")
+    else:
+        how = f"{result.num_terms} terms"
     if result.estimator == "mc":
         how += f"; mc, {result.mc_terms} sampled per image"
     if precision is not None:
@@ -76,8 +96,9 @@ def result_line(result: Any, precision: str | None = None) -> str:
 
 
 def breakdown_table(result: Any) -> Table:
-    """Prior, L_0, KL by quartile of t and the total: mean bits/dim over images, its standard error and share."""
-    table = Table(title="variational bound, bits/dim", title_justify="left")
+    """Prior, L_0, KL by quartile of t and the total: mean bits/dim over images, its standard error and share (CLD:
+    the prior, the ODE's integral by quarter of t, the velocity entropy, the dequantisation and the total)."""
+    table = Table(title=getattr(result, "title", "variational bound, bits/dim"), title_justify="left")
     table.add_column("term", style="bold")
     table.add_column("t", justify="right")
     table.add_column("bits/dim", justify="right")
@@ -115,6 +136,16 @@ def _same_source(source: str, trained_on: str | None) -> bool:
     return trained_on is not None and source.rstrip("/\\") == trained_on.rstrip("/\\")
 
 
+def _refuse_other_methods_options(ctx: typer.Context, name: str, kind: str) -> None:
+    """The IDDPM estimator's options for a CLD checkpoint, or the CLD ones for any other: one line, exit 2."""
+    for option in _IDDPM_ONLY if kind == "cld" else _CLD_ONLY:
+        if given(ctx, option):
+            flag = next(p.opts[0] for p in ctx.command.params if p.name == option)
+            raise usage_error(f"{flag} is for IDDPM checkpoints: {name} is a CLD network (its bound takes --solver, "
+                              "--steps, --tolerance, --probes, --probe)" if kind == "cld" else
+                              f"{flag} is for CLD checkpoints: {name} is kind {kind}")
+
+
 @guarded
 def eval_nll_command(
     ctx: typer.Context,
@@ -129,7 +160,8 @@ def eval_nll_command(
     num_images: Annotated[Optional[int], typer.Option(  # noqa: UP007
         "--num-images", min=1, hidden=True, help="Old name of --num.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", "-b", min=1, help="(image, timestep) pairs per network call.")] = 256,
+        "--batch-size", "-b", min=1, help="(image, timestep) pairs per network call; CLD: (image, probe) "
+        "trajectories integrated together.")] = 256,
     seed: Annotated[int, typer.Option("--seed", min=0, help="Seed of the noise (and of the mc draws).")] = 0,
     estimator: Annotated[Estimator, typer.Option(
         "--estimator", help="exact: every term of the bound; mc: importance-sampled KL terms.")] = "exact",
@@ -138,6 +170,20 @@ def eval_nll_command(
         show_default=f"{DEFAULT_MC_TERMS} with mc")] = None,
     pilot_images: Annotated[int, typer.Option(
         "--pilot-images", min=1, help="mc: images evaluated exactly to choose the sampling distribution of t.")] = 4,
+    solver: Annotated[Optional[CldSolver], typer.Option(  # noqa: UP007
+        "--solver", help="CLD: the probability-flow ODE's solver: rk4 or heun (fixed steps), rk23 (adaptive).",
+        show_default=CLD_DEFAULT_SOLVER, rich_help_panel=_CLD)] = None,
+    steps: Annotated[Optional[int], typer.Option(  # noqa: UP007
+        "--steps", min=1, help="CLD, rk4 or heun: steps from t_min to 1 (short near the data and for the rotation "
+        "of x and v).", show_default=str(CLD_DEFAULT_STEPS), rich_help_panel=_CLD)] = None,
+    tolerance: Annotated[Optional[float], typer.Option(  # noqa: UP007
+        "--tolerance", min=1e-12, help="CLD, rk23: relative and absolute error tolerance per step.",
+        show_default=f"{CLD_DEFAULT_TOLERANCE:g}", rich_help_panel=_CLD)] = None,
+    probes: Annotated[int, typer.Option(
+        "--probes", min=1, help="CLD: trajectories per image, each with its own dequantisation, v_0 and trace probe; "
+        "the image's bits/dim is their mean.", rich_help_panel=_CLD)] = 1,
+    probe: Annotated[HutchinsonProbe, typer.Option(
+        "--probe", help="CLD: the Hutchinson trace estimator's probe vectors.", rich_help_panel=_CLD)] = CLD_DEFAULT_PROBE,
     resize: Annotated[bool, typer.Option(
         "--resize/--no-resize", help="Convert images of another size or color to what the model takes (resize, "
         "crop, gray/RGB); without it such data is refused, since its bits/dim would be of other images.",
@@ -151,14 +197,14 @@ def eval_nll_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or notes.")] = False,
 ) -> None:
-    """Bits/dim of held-out images through the variational bound (prior + L_0 + KL terms), with error bars."""
+    """Bits/dim of held-out images through the variational bound (prior + L_0 + KL terms), with error bars; for a
+    CLD checkpoint, the bound of its probability-flow ODE (prior + ODE + velocity entropy + dequantisation)."""
     if num is not None and num_images is not None:
         raise usage_error("--num-images is the old name of --num: give one of them")
     num_images = num if num is not None else num_images
-    only_for(ctx, estimator == "mc", ("terms", "pilot_images"),
-             "--estimator mc (the exact estimator evaluates every term)")
-    if estimator == "mc" and terms is None:
-        terms = DEFAULT_MC_TERMS
+    solver = solver or CLD_DEFAULT_SOLVER
+    only_for(ctx, solver != "rk23", ("steps",), "the fixed-step solvers rk4 and heun (rk23 chooses its steps)")
+    only_for(ctx, solver == "rk23", ("tolerance",), "--solver rk23 (the fixed-step solvers take --steps)")
     torch_device = resolve_device(device)
     # auto is fp32 here even where bf16 is native: bits/dim is compared with papers' fp32 numbers to the third decimal.
     precision = "fp32" if precision == "auto" else resolve_precision_option(precision, torch_device)
@@ -169,7 +215,14 @@ def eval_nll_command(
 
     checkpoint = resolve_checkpoint_argument(checkpoint, quiet=quiet or json_output)
     loaded = load_checkpoint(checkpoint, device=torch_device)
-    check_has_bound(loaded)  # before any data is read
+    is_cld = loaded.kind == "cld"
+    _refuse_other_methods_options(ctx, checkpoint.name, loaded.kind)
+    if not is_cld:
+        only_for(ctx, estimator == "mc", ("terms", "pilot_images"),
+                 "--estimator mc (the exact estimator evaluates every term)")
+        if estimator == "mc" and terms is None:
+            terms = DEFAULT_MC_TERMS
+        check_has_bound(loaded)  # before any data is read
     source, data_split = _resolve_data(loaded.config, data, split)
 
     def note(message: str) -> None:
@@ -196,10 +249,23 @@ def eval_nll_command(
             tasks[event.phase] = progress.add_task(label, total=event.total)
         progress.update(tasks[event.phase], completed=event.done)
 
+    def on_cld_progress(done: int, total: int) -> None:
+        if "ode" not in tasks:
+            tasks["ode"] = progress.add_task("ODE trajectories" if solver == "rk23" else "ODE steps", total=total)
+        progress.update(tasks["ode"], completed=done)
+
     with progress:
-        result = evaluate_nll(loaded, images, labels, batch_size=batch_size, estimator=estimator, terms=terms,
-                              seed=seed, pilot_images=pilot_images, callback=on_progress,
-                              precision=precision)  # type: ignore[arg-type]
+        if is_cld:
+            from ddpmctl.cld_nll import evaluate_cld_nll
+
+            result: Any = evaluate_cld_nll(
+                loaded, images, seed=seed, probes=probes, probe=probe, solver=solver,  # type: ignore[arg-type]
+                steps=steps or CLD_DEFAULT_STEPS, tolerance=tolerance or CLD_DEFAULT_TOLERANCE,
+                batch_size=batch_size, precision=precision, callback=on_cld_progress)
+        else:
+            result = evaluate_nll(loaded, images, labels, batch_size=batch_size, estimator=estimator, terms=terms,
+                                  seed=seed, pilot_images=pilot_images, callback=on_progress,
+                                  precision=precision)  # type: ignore[arg-type]
 
     if json_output:
         print_json({**nll_payload(result, checkpoint=str(checkpoint), data=source, split=data_split, seed=seed),

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ddpmctl.cli.common import device_option, guarded, out_console, print_json, resolve_device, usage_error
+from ddpmctl.cli.info_run import cld_constants, cld_summary
 
 # The loss types a checkpoint stores, by the --loss name that trains them (config.LOSS_TYPES, inverted; kept here so
 # `ddpmctl --help` imports no pydantic).
@@ -55,8 +56,9 @@ def weights_kind(lineage: list[dict[str, Any]]) -> str | None:
 
 
 def checkpoint_method(kind: str) -> str:
-    """What trained the weights: a denoising diffusion GAN (kind ddgan), else a diffusion model (train's iddpm)."""
-    return "ddgan" if kind == "ddgan" else "iddpm"
+    """What trained the weights: a denoising diffusion GAN (kind ddgan), a critically-damped Langevin diffusion
+    (kind cld), else a diffusion model (train's iddpm)."""
+    return kind if kind in ("ddgan", "cld") else "iddpm"
 
 
 def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
@@ -75,6 +77,7 @@ def info_payload(info: CheckpointInfo, sha256: str) -> dict[str, Any]:
         "config": config.model_dump(mode="json"),
         "lineage": info.lineage,
         "weights": weights_kind(info.lineage),
+        "cld": cld_constants(config.cld) if config.cld is not None else None,
         "tensors": {t.name: {"shape": list(t.shape), "dtype": t.dtype} for t in info.tensors},
     }
 
@@ -86,10 +89,12 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
     table = Table(title=Text(str(info.path)), show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
+    cld = info.config.cld
+    method = (f"ddgan (denoising diffusion GAN, {diffusion.timesteps} generator steps)" if info.kind == "ddgan"
+              else "cld (critically-damped Langevin diffusion)" if cld is not None else "iddpm (diffusion model)")
     rows: list[tuple[str, str]] = [
         ("kind", info.kind),
-        ("method", f"ddgan (denoising diffusion GAN, {diffusion.timesteps} generator steps)" if info.kind == "ddgan"
-         else "iddpm (diffusion model)"),
+        ("method", method),
         ("format", info.format),
         ("created with", f"ddpmctl {info.created_with}"),
         ("sha256", sha256),
@@ -101,12 +106,19 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
                     f"{model.num_res_blocks} res blocks, attention at "
                     f"{','.join(map(str, model.attention_resolutions)) or 'none'}, {model.num_heads} heads, "
                     f"dropout {model.dropout}"),
-        ("schedule", diffusion.schedule),
-        ("T", str(diffusion.timesteps)),
-        ("mean type", diffusion.mean_type),
-        ("var type", diffusion.var_type.replace("_", "-")),  # as --var-type spells it
-        ("loss", LOSS_NAMES.get(diffusion.loss_type, diffusion.loss_type)),  # as --loss spells it
     ]
+    if cld is not None:
+        # A CLD network has no chain: its diffusion block is a placeholder that only sets the time scale.
+        rows.append(("cld process", cld_summary(cld)))
+        rows.append(("time input", f"t * {diffusion.timesteps} for t in [t_min, 1]"))
+    else:
+        rows += [
+            ("schedule", diffusion.schedule),
+            ("T", str(diffusion.timesteps)),
+            ("mean type", diffusion.mean_type),
+            ("var type", diffusion.var_type.replace("_", "-")),  # as --var-type spells it
+            ("loss", LOSS_NAMES.get(diffusion.loss_type, diffusion.loss_type)),  # as --loss spells it
+        ]
     if model.latent is not None:
         rows.append(("latent", f"nz {model.latent.dim}, PixelNorm + {model.latent.mlp_layers}-layer MLP into the "
                                "embedding, tanh output"))

@@ -57,6 +57,9 @@ def respace_command(
     if info.kind == "ddgan":
         raise SamplerError(f"{checkpoint.name} is a denoising diffusion GAN: its generator was trained for its own "
                            f"{info.config.diffusion.timesteps} steps, there is no longer chain to respace")
+    if info.kind == "cld":
+        raise SamplerError(f"{checkpoint.name} is a CLD network: a continuous-time SDE has no discrete chain to "
+                           "respace (sample it in fewer steps with --sampler sscs, em or cld-ode and --steps)")
     with option_errors(SamplerError):  # --steps beyond the parent's chain, or no DDIM stride gives K steps
         config = respaced_config(info.config, steps, spacing)
     out_path = output_file(out, checkpoint, f"{checkpoint.stem}_respaced{steps}.safetensors", force=force)
