@@ -101,7 +101,8 @@ def info_table(info: CheckpointInfo, sha256: str) -> Table:
         ("parameters", f"{info.num_parameters:,}"),
         ("tensors", str(info.num_tensors)),
         ("image size", f"{model.image_size}x{model.image_size}"),
-        ("channels", f"{model.in_channels} in, {info.config.out_channels} out"),
+        ("channels", f"{info.config.network_in_channels} in, {info.config.out_channels} out"
+         + (" (x and v stacked)" if info.config.cld is not None else "")),
         ("network", f"{model.model_channels} ch, mult {','.join(map(str, model.channel_mult))}, "
                     f"{model.num_res_blocks} res blocks, attention at "
                     f"{','.join(map(str, model.attention_resolutions)) or 'none'}, {model.num_heads} heads, "
