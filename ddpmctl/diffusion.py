@@ -7,6 +7,12 @@ Notation: ``t`` is an int64 tensor [N] of indices into THIS diffusion's steps (0
 always called with ``timestep_map[t]``, the original training-chain indices. Coefficient tables are float64 on
 the CPU; each call gathers them at ``t`` and casts to the input's dtype/device (float64 in -> float64 out,
 float32 in -> float32 out), using per-(device, dtype) cached copies so loops do not re-upload them.
+
+Reference-compatible public API: ``p_sample``, ``calc_bpd_loop`` and ``predict_eps_from_v`` are not called by
+ddpmctl's own commands (the sampler plugins and ``nll.py`` have their own batched, keyed versions), yet they are not
+dead code: they are part of the stable API (docs/design.md "The reference-compatible core"), kept with
+improved-diffusion's names, arguments and results for library users porting code written against the reference,
+and for checking this class against the reference and against closed forms (tests/test_diffusion.py).
 """
 
 from __future__ import annotations
@@ -316,7 +322,10 @@ class GaussianDiffusion:
         )
 
     def predict_eps_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """eps_hat = sqrt(1 - abar) x_t + sqrt(abar) v (Salimans & Ho 2022)."""
+        """eps_hat = sqrt(1 - abar) x_t + sqrt(abar) v (Salimans & Ho 2022).
+
+        Reference-compatible public API (see the module docstring), kept for users: the package's own steps
+        convert through ``pred_xstart``."""
         return (
             self._coef("sqrt_one_minus_alphas_cumprod", t, x_t) * x_t
             + self._coef("sqrt_alphas_cumprod", t, x_t) * v
@@ -419,7 +428,10 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One ancestral step x_{t-1} = mean + exp(log_var / 2) z (DDPM Alg. 2): {"sample", "pred_xstart"}."""
+        """One ancestral step x_{t-1} = mean + exp(log_var / 2) z (DDPM Alg. 2): {"sample", "pred_xstart"}.
+
+        Reference-compatible public API (see the module docstring): improved-diffusion's ``p_sample``, kept for
+        users and for checking against the reference; the ``ancestral`` sampler plugin takes its own step."""
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         if noise is None:
             noise = torch.randn_like(x)
@@ -560,6 +572,9 @@ class GaussianDiffusion:
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """The whole variational bound in bits/dim, one term per step from T-1 down to 0 (docs/conventions.md #11).
+
+        Reference-compatible public API (see the module docstring): improved-diffusion's ``calc_bpd_loop``, kept for
+        users and for checking against the reference; ``ddpmctl.nll`` computes the bound batched and keyed.
 
         Returns {"total_bpd" [N], "prior_bpd" [N], "vb" [N, T], "xstart_mse" [N, T], "mse" [N, T],
         "timesteps" [T]}. Columns are in loop order as in the reference: column j holds step
