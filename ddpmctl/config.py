@@ -392,8 +392,6 @@ CLD_FIELDS = ("cld_weighting", "cld_mass", "cld_beta", "cld_gamma")
 # The IDDPM options that describe a discrete chain: `--method cld` refuses them when given (cli.train), also at
 # their default values.
 DISCRETE_CHAIN_FIELDS = ("schedule", "timesteps", "mean_type", "var_type", "loss", "timestep_sampler")
-# The periodic work of a run that is not available to `--method cld`: the held-out loss is the discrete chain's.
-CLD_UNWATCHED_FIELDS = ("val_every",)
 # What `--method ddgan` leaves to the generator and the posterior: IDDPM-only options it refuses when given.
 IDDPM_ONLY_FIELDS = ("schedule", "var_type", "loss", "timestep_sampler", "weight_decay")
 # A DDGAN chain is short: the generator replaces thousands of small steps by a few large ones.
@@ -568,11 +566,6 @@ class TrainConfig(_OmitsUnusedExtensions):
             raise ValueError("--method cld trains an unconditional model: drop --class-cond")
         if self.init_from is not None:
             raise ValueError("--init-from fine-tunes a diffusion model: it does not apply to --method cld")
-        # (--preview-every and --eval-every sample with sscs; the held-out loss measures a discrete chain.)
-        watching = [f"--{f.replace('_', '-')}" for f in CLD_UNWATCHED_FIELDS if getattr(self, f) is not None]
-        if watching:
-            raise ValueError(f"{', '.join(watching)} does not apply to --method cld (the held-out loss is the "
-                             "discrete chain's): drop it, and measure the run's saves with `ddpmctl eval-nll`")
         return self
 
     def make_cld_config(self) -> CldConfig | None:

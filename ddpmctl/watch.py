@@ -17,7 +17,7 @@ from ddpmctl.errors import ConfigError
 from ddpmctl.loop import Periodic, PeriodicContext
 from ddpmctl.preview import write_preview
 from ddpmctl.runfolder import read_run_config
-from ddpmctl.validation import HeldOutSet, heldout_losses
+from ddpmctl.validation import CldHeldOutSet, HeldOutSet, heldout_cld_losses, heldout_losses
 
 __all__ = ["heldout_source", "training_watchers"]
 
@@ -58,12 +58,14 @@ class _Preview:
 class _HeldOut:
     def __init__(self, run_dir: Path, source: str) -> None:
         self.run_dir, self.source = run_dir, source
-        self.heldout: HeldOutSet | None = None
+        self.heldout: HeldOutSet | CldHeldOutSet | None = None
 
-    def _load(self, context: PeriodicContext) -> HeldOutSet:
+    def _load(self, context: PeriodicContext) -> HeldOutSet | CldHeldOutSet:
         config = _checkpoint_config(self.run_dir)
         split = "test" if self.source.startswith("builtin:") else "train"  # a folder is held out as a whole
         data = load_dataset_for(config.model, self.source, split=split, on_warning=context.warn)
+        if config.cld is not None:
+            return CldHeldOutSet(data.images, config.cld.t_min, seed=HELDOUT_SEED)
         return HeldOutSet(data.images, data.labels if config.model.num_classes is not None else None,
                           config.diffusion.timesteps, seed=HELDOUT_SEED)
 
@@ -71,7 +73,11 @@ class _HeldOut:
         self.heldout = self.heldout or self._load(context)
         method: Any = context.method  # the raw weights being trained: comparable with the training loss
         device = next(method.model.parameters()).device
-        context.log(heldout_losses(method.model, method.diffusion, self.heldout, device=device))
+        if isinstance(self.heldout, CldHeldOutSet):
+            context.log(heldout_cld_losses(method.model, method.process, method.weighting, self.heldout,
+                                           device=device))
+        else:
+            context.log(heldout_losses(method.model, method.diffusion, self.heldout, device=device))
 
 
 def training_watchers(config: TrainConfig) -> tuple[Periodic, ...]:

@@ -78,7 +78,6 @@ def test_defaults_are_the_official_ones_and_other_methods_are_unchanged() -> Non
     (["--timestep-sampler", "loss-second-moment"], "--timestep-sampler do(es) not apply"),
     (["--class-cond"], "unconditional"),
     (["--init-from", "/nonexistent/model.safetensors"], "does not apply to --method cld"),
-    (["--val-every", "2"], "--val-every does not apply to --method cld"),
     (["--cld-mass", "0"], "--cld-mass"),
     (["--cld-weighting", "likelihoods"], "--cld-weighting"),
 ])
@@ -185,10 +184,19 @@ def test_first_step_loss_is_the_hsm_loss_of_the_initial_network(tmp_path: Path) 
                          rank_slice=slice(0, 12), layout=torch.contiguous_format).next()
     t = torch.rand(12, generator=g, dtype=torch.float64) * (1 - 1e-5) + 1e-5
     eps_x, eps_v = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
-    # The kernel from the closed forms written out here, independently of ddpmctl.cld.
-    gam, m, beta, gamma0 = 1.0, 0.25, 3.0, 0.04
+    assert float(t.min()) > 1e-3
+    assert logged == pytest.approx(sum(_reference_hsm_losses(model, x0, t, eps_x, eps_v, beta=3.0)) / 12, rel=1e-4)
+    assert result.step == 1
+
+
+def _reference_hsm_losses(model: torch.nn.Module, x0: torch.Tensor, t: torch.Tensor, eps_x: torch.Tensor,
+                          eps_v: torch.Tensor, *, beta: float) -> list[float]:
+    """The reweightedv2 HSM loss per image of ``model`` at the given draws, with the kernel written out here from
+    its closed form (independently of ddpmctl.cld): Phi, Sigma = diag(1, M) + Phi (Sigma_0 - diag(1, M)) Phi^T and
+    torch.linalg.cholesky; M 0.25, Gamma 1, gamma 0.04."""
+    gam, m, gamma0 = 1.0, 0.25, 0.04
     losses = []
-    for i in range(12):
+    for i in range(len(t)):
         b = beta * float(t[i])
         a = 2 * b / gam
         phi_xx, phi_vx = math.exp(-a) * (1 + a), -math.exp(-a) * b
@@ -206,9 +214,31 @@ def test_first_step_loss_is_the_hsm_loss_of_the_initial_network(tmp_path: Path) 
             out = model(torch.cat([x, v]).float()[None], torch.tensor([float(t[i]) * 1000])).double()[0]
         residual = out + v * lower[1, 1] / sigma[1, 1] - eps_v[i].double()
         losses.append(float((residual**2).sum()))
-    assert float(t.min()) > 1e-3
-    assert logged == pytest.approx(sum(losses) / 12, rel=1e-4)
-    assert result.step == 1
+    return losses
+
+
+def test_heldout_loss_is_the_hsm_loss_at_fixed_draws_and_leaves_training_unchanged(tmp_path: Path) -> None:
+    """--val-every logs val_loss: the raw network's HSM loss on the held-out digits at draws fixed for the run
+    (recomputed here with the written-out kernel), and the run's files equal a run without it."""
+    from ddpmctl.data import load_dataset
+    from ddpmctl.validation import CldHeldOutSet
+    from ddpmctl.watch import HELDOUT_SEED
+
+    watched, plain = tmp_path / "watched", tmp_path / "plain"
+    changes = dict(max_steps=4, save_every=2, dropout=0.0)
+    train(_config(watched, val_every=2, **changes), device=torch.device("cpu"))
+    train(_config(plain, **changes), device=torch.device("cpu"))
+    assert_same_files(plain, watched, ["model_000004.safetensors", "ema_0.9999_000004.safetensors",
+                                       "state_000004.safetensors"])
+    held = [r for r in map(json.loads, (watched / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert [r["step"] for r in held] == [2, 4]
+    model = load_checkpoint(watched / "model_000002.safetensors").model.cpu()
+    images = load_dataset("builtin:digits", image_size=None, color="auto", class_cond=False, split="test").images
+    draws = CldHeldOutSet(images, 1e-5, seed=HELDOUT_SEED)
+    assert draws.t.min() >= 1e-5 and draws.t.max() <= 1.0
+    x0 = images.float() / 127.5 - 1.0
+    expected = _reference_hsm_losses(model, x0, draws.t, draws.noise_x, draws.noise_v, beta=4.0)
+    assert held[0]["val_loss"] == pytest.approx(sum(expected) / len(expected), rel=1e-4)
 
 
 def test_stopped_and_resumed_run_ends_bit_identical(tmp_path: Path) -> None:
