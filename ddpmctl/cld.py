@@ -109,6 +109,13 @@ class CldProcess:
         """The velocity's noise variance rate 2 Gamma beta (the position has none)."""
         return 2.0 * self.damping * beta
 
+    def probability_flow(self, x: torch.Tensor, v: torch.Tensor, beta: torch.Tensor | float,
+                         score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(dx/dt, dv/dt) of the probability-flow ODE: the drift less (0, Gamma beta s_v), half the velocity's
+        noise rate times its score (Song et al. 2021 eq. 13 for this SDE)."""
+        drift_x, drift_v = self.drift(x, v, beta)
+        return drift_x, drift_v - 0.5 * self.diffusion_squared(beta) * score
+
     # ----------------------------------------------------------------------------------- the kernel
     def transition(self, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Phi(b) = exp(b A) for integrated beta ``b`` (float64): (Phi_xx, Phi_xv, Phi_vx, Phi_vv)."""

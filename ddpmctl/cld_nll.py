@@ -112,10 +112,7 @@ def probability_flow(process: CldProcess, network: ScoreNetwork, x: torch.Tensor
     svv, lvv = cov.vv, cov.cholesky().vv
     out, trace = _network_trace(network, x, v, t, probe, micro_batch)
     m, gam = process.mass, process.damping
-    # The mixed score s_v = -v / S_vv + l_t n with l_t = -1 / L_vv (ddpmctl.cld.CldProcess.mixed_score).
-    score = -v / _column(svv, v) - out / _column(lvv, v)
-    dx = beta * v / m
-    dv = beta * (-x - gam * v / m) - gam * beta * score
+    dx, dv = process.probability_flow(x, v, beta, process.mixed_score(out, v, t))
     dims = v[0].numel()
     beta_n = process.beta_at(t)
     div = dims * beta_n * gam * (1.0 / svv - 1.0 / m) + gam * beta_n * trace / lvv

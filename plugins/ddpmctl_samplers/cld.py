@@ -137,10 +137,7 @@ class CldODESampler(_CldSampler):
     def velocity(score: CldScore, x: torch.Tensor, v: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(dx/dt, dv/dt) of the probability-flow ODE at time t."""
         process = score.process
-        beta = _beta(process, t)
-        drift_x, drift_v = process.drift(x, v, beta)
-        half_g2 = 0.5 * float(process.diffusion_squared(torch.tensor(beta, dtype=torch.float64)))
-        return drift_x, drift_v - half_g2 * score.score(x, v, t)
+        return process.probability_flow(x, v, _beta(process, t), score.score(x, v, t))
 
     def step(self, score: CldScore, x: torch.Tensor, v: torch.Tensor, t: float, s: float,
              noise: SampleRNG) -> tuple[torch.Tensor, torch.Tensor]:
