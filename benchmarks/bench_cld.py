@@ -28,48 +28,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import interleaved_medians  # noqa: E402
-from ddpmctl import distributed as dist_utils  # noqa: E402
-from ddpmctl.cld_method import CldMethod, network_time  # noqa: E402
-from ddpmctl.config import CheckpointConfig, TrainConfig  # noqa: E402
-from ddpmctl.data import load_dataset  # noqa: E402
-from ddpmctl.ema import EMA  # noqa: E402
+from bench_ddgan import NETWORK, build_trainer  # noqa: E402
+from ddpmctl.cld_method import network_time  # noqa: E402
 from ddpmctl.hardware import cpu_capability, resolve_precision  # noqa: E402
 from ddpmctl.inference import AutocastModel  # noqa: E402
-from ddpmctl.method import Runtime  # noqa: E402
-from ddpmctl.train import IDDPMMethod  # noqa: E402
-
-# The U-Net of examples/configs/digits.toml and digits_cld.toml, batch 64.
-NETWORK = dict(model_channels=32, channel_mult=(1, 2), res_blocks=1, attention_resolutions=(4,), dropout=0.0,
-               batch_size=64, flip=False)
 
 
 def build(method: str, precision: str) -> tuple[Callable[[], object], Callable[[], object]]:
-    """(one full training iteration as the loop runs it, one sampling-step network call) for ``method``."""
-    config = TrainConfig(data="builtin:digits", method=method, precision=precision,  # type: ignore[arg-type]
-                         **NETWORK)
-    dataset = load_dataset("builtin:digits", image_size=None, color="auto", class_cond=False, split="train")
-    config = config.with_data_defaults(image_size=dataset.image_size, num_images=len(dataset.images))
-    model = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels, num_classes=None)
-    ckpt = CheckpointConfig(model=model, diffusion=config.make_diffusion_config(), data=dataset.info(),
-                            cld=config.make_cld_config())
-    dist = dist_utils.DistInfo()
-    method_class = CldMethod if method == "cld" else IDDPMMethod
-    trainer = method_class(config, dist, config.batch_size or 64, ckpt, dataset)
+    """(one full training iteration as the loop runs it, one sampling-step network call) for ``method``, on the
+    digits recipes' U-Net (bench_ddgan's NETWORK), batch 64."""
+    train_step, sampled, ckpt, batch = build_trainer(method, precision)
     dtype = torch.bfloat16 if precision == "bf16" else None
-    trainer.prepare(Runtime(device=dist.device, dist=dist, precision=precision,
-                            wrap=lambda module: AutocastModel(module, dtype)))
-    sampled = next(iter(trainer.networks().values()))
-    ema = EMA(sampled, config.ema, config.ema_warmup)
-    step = [0]
-
-    def train_step() -> None:
-        out = trainer.forward_backward(step[0])
-        trainer.apply(out)
-        ema.update(sampled)
-        step[0] += 1
-
-    batch = config.batch_size or 64
-    size, channels = dataset.image_size, ckpt.network_in_channels
+    size, channels = ckpt.model.image_size, ckpt.network_in_channels
     network = AutocastModel(sampled, dtype)  # (the EMA copy has the same shape and cost; dropout is 0)
     g = torch.Generator().manual_seed(0)
     inputs = torch.randn(batch, channels, size, size, generator=g)

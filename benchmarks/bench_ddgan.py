@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import interleaved_medians  # noqa: E402
 from ddpmctl import distributed as dist_utils  # noqa: E402
+from ddpmctl.cld_method import CldMethod  # noqa: E402
 from ddpmctl.config import CheckpointConfig, TrainConfig  # noqa: E402
 from ddpmctl.data import load_dataset  # noqa: E402
 from ddpmctl.ddgan_method import DdganMethod  # noqa: E402
@@ -42,16 +43,19 @@ NETWORK = dict(model_channels=32, channel_mult=(1, 2), res_blocks=1, attention_r
                batch_size=64, flip=False)
 
 
-def build_step(method: str, precision: str, **options: object) -> Callable[[], object]:
-    """One full training iteration of ``method`` (forward/backward, update, EMA) as the loop runs it."""
+def build_trainer(method: str, precision: str, **options: object) -> tuple[Callable[[], object], torch.nn.Module,
+                                                                          CheckpointConfig, int]:
+    """One full training iteration of ``method`` (forward/backward, update, EMA) as the loop runs it, with the
+    method's sampled network, its checkpoint config and the batch size (train's own method classes)."""
     config = TrainConfig(data="builtin:digits", method=method, precision=precision,  # type: ignore[arg-type]
                          **NETWORK, **options)
     dataset = load_dataset("builtin:digits", image_size=None, color="auto", class_cond=False, split="train")
     config = config.with_data_defaults(image_size=dataset.image_size, num_images=len(dataset.images))
     model = config.make_model_config(image_size=dataset.image_size, channels=dataset.channels, num_classes=None)
-    ckpt = CheckpointConfig(model=model, diffusion=config.make_diffusion_config(), data=dataset.info())
+    ckpt = CheckpointConfig(model=model, diffusion=config.make_diffusion_config(), data=dataset.info(),
+                            cld=config.make_cld_config())
     dist = dist_utils.DistInfo()
-    method_class = DdganMethod if method == "ddgan" else IDDPMMethod
+    method_class = {"ddgan": DdganMethod, "cld": CldMethod}.get(method, IDDPMMethod)
     trainer = method_class(config, dist, config.batch_size or 64, ckpt, dataset)
     dtype = torch.bfloat16 if precision == "bf16" else None
     trainer.prepare(Runtime(device=dist.device, dist=dist, precision=precision,
@@ -67,7 +71,12 @@ def build_step(method: str, precision: str, **options: object) -> Callable[[], o
         ema.update(sampled)
         step[0] += 1
 
-    return run
+    return run, sampled, ckpt, config.batch_size or 64
+
+
+def build_step(method: str, precision: str, **options: object) -> Callable[[], object]:
+    """One full training iteration of ``method`` as the loop runs it (:func:`build_trainer`)."""
+    return build_trainer(method, precision, **options)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
