@@ -27,7 +27,7 @@ from ddpmctl.cld import CldProcess
 from ddpmctl.config import CheckpointConfig, TrainConfig
 from ddpmctl.data import ImageDataset
 from ddpmctl.hardware import memory_format
-from ddpmctl.method import Method, Runtime, StepOutput
+from ddpmctl.method import Method, QuartileSums, Runtime, StepOutput
 from ddpmctl.optim import adamw, clip_gradients, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.seeds import TRAIN_DROPOUT, derive_seed
 
@@ -76,9 +76,7 @@ class CldMethod(Method):
                                  layout=self.layout)
         self.model_call: Callable[..., torch.Tensor] = self.model
         self.grads_set_to_none = True
-        # On-device sums: [loss, steps, grad norm, loss by t-quartile (4), counts (4)].
-        self.acc = torch.zeros(11, device=self.device)
-        self.ones = torch.ones(local_batch, device=self.device)
+        self.sums = QuartileSums(self.device, local_batch)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -122,30 +120,14 @@ class CldMethod(Method):
     def discard(self) -> None:
         self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
 
-    @torch.no_grad()
     def accumulate(self, out: StepOutput) -> None:
         per_sample, t = out.extra
-        acc = self.acc
-        quartile = torch.clamp((t * 4).long(), max=3)
-        acc[0] += out.loss
-        acc[1] += 1
-        acc[2] += out.grad_norm.detach()
-        acc[3:7].index_add_(0, quartile, per_sample.float())
-        acc[7:11].index_add_(0, quartile, self.ones)
+        self.sums.add(out.loss, out.grad_norm, per_sample, torch.clamp((t * 4).long(), max=3))
 
     def log_record(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
         """The loss (summed over dimensions, as the official code reports it) and by quarter of [0, 1] that t is
         in (q1 nearest the data), the gradient norm and the learning rate."""
-        acc = reduce_sum(self.acc).cpu().double()
-        self.acc.zero_()
-        n = max(float(acc[1]), 1.0)
-        record: dict[str, Any] = {"loss": float(acc[0]) / n}
-        for q in range(4):
-            count = float(acc[7 + q])
-            record[f"q{q + 1}"] = float(acc[3 + q]) / count if count else None
-        record["grad_norm"] = float(acc[2]) / n
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
-        return record
+        return {**self.sums.record(reduce_sum), "lr": self.optimizer.param_groups[0]["lr"]}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = optimizer_state_tensors(self.optimizer)

@@ -41,7 +41,7 @@ from ddpmctl.ddgan import (cosine_lr, ddgan_diffusion, discriminator_loss, gener
                            q_sample_pair, r1_due, r1_penalty)
 from ddpmctl.discriminator import PairDiscriminator
 from ddpmctl.hardware import memory_format
-from ddpmctl.method import Method, Runtime, StepOutput
+from ddpmctl.method import Method, QuartileSums, Runtime, StepOutput
 from ddpmctl.optim import clip_gradients, load_optimizer_state, optimizer_state_tensors
 from ddpmctl.seeds import derive_seed
 
@@ -124,9 +124,8 @@ class DdganMethod(Method):
         self.generator_call: Callable[..., torch.Tensor] = self.generator
         self.autocast: torch.dtype | None = None
         self.grads_set_to_none = True
-        # On-device sums: [L_G, steps, G's grad norm, L_G by t-quartile (4), counts (4), *D_METRICS].
-        self.acc = torch.zeros(11 + len(D_METRICS), device=self.device)
-        self.ones = torch.ones(local_batch, device=self.device)
+        # On-device sums: L_G, G's grad norm, L_G by t-quartile, and D's metrics.
+        self.sums = QuartileSums(self.device, local_batch, D_METRICS)
 
     def networks(self) -> dict[str, nn.Module]:
         return {"generator": self.generator, "discriminator": self.discriminator}
@@ -214,33 +213,16 @@ class DdganMethod(Method):
         self.optimizer.zero_grad(set_to_none=self.grads_set_to_none)
 
     # ---------------------------------------------------------------------------------------------- metrics
-    @torch.no_grad()
     def accumulate(self, out: StepOutput) -> None:
         per_sample, t, d_metrics = out.extra
-        acc = self.acc
         quartile = torch.clamp(t * 4 // self.diffusion.num_timesteps, max=3)
-        acc[0] += out.loss
-        acc[1] += 1
-        acc[2] += out.grad_norm.detach()
-        acc[3:7].index_add_(0, quartile, per_sample.float())
-        acc[7:11].index_add_(0, quartile, self.ones)
-        for i, name in enumerate(D_METRICS):
-            acc[11 + i] += d_metrics[name].float()
+        self.sums.add(out.loss, out.grad_norm, per_sample, quartile, d_metrics)
 
     def log_record(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
-        """L_G (``loss``, and ``q0``..``q3`` by the quarter of the chain t is in), D's terms, norms and rates."""
-        acc = reduce_sum(self.acc).cpu().double()
-        self.acc.zero_()
-        n = max(float(acc[1]), 1.0)  # steps x ranks: the mean of the ranks' means
-        record: dict[str, Any] = {"loss": float(acc[0]) / n}
-        record.update({name: float(acc[11 + i]) / n for i, name in enumerate(D_METRICS)})
-        for q in range(4):  # quartiles of t numbered q1..q4, as IDDPM training and eval-nll number them
-            count = float(acc[7 + q])
-            record[f"q{q + 1}"] = float(acc[3 + q]) / count if count else None
-        record["grad_norm"] = float(acc[2]) / n
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
-        record["lr_d"] = self.d_optimizer.param_groups[0]["lr"]
-        return record
+        """L_G (``loss``, and ``q1``..``q4`` by the quarter of the chain t is in, numbered as IDDPM training and
+        eval-nll number them), D's terms, norms and rates."""
+        return {**self.sums.record(reduce_sum), "lr": self.optimizer.param_groups[0]["lr"],
+                "lr_d": self.d_optimizer.param_groups[0]["lr"]}
 
     # ------------------------------------------------------------------------------------------------ state
     def state_tensors(self) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from torch import nn
 
 from ddpmctl.distributed import DistInfo
 
-__all__ = ["Method", "Runtime", "StepOutput"]
+__all__ = ["Method", "QuartileSums", "Runtime", "StepOutput"]
 
 
 @dataclass
@@ -124,3 +124,41 @@ class Method(ABC):
     def describe_step(self, step: int) -> str:
         """How messages name step ``step`` (a distillation stage says which stage and iteration)."""
         return f"step {step}"
+
+
+class QuartileSums:
+    """A method's on-device metric sums between two log steps, read back only at log steps (no per-step sync):
+    the loss, the gradient norm and the step count; the per-sample loss and count by quarter of the time range
+    (``quartile`` 0..3, reported as q1..q4); and any ``extra`` named scalars, averaged per step."""
+
+    def __init__(self, device: torch.device, local_batch: int, extra: tuple[str, ...] = ()) -> None:
+        self.extra = extra
+        # [loss, steps, grad norm, loss by quartile (4), counts (4), *extra].
+        self.acc = torch.zeros(11 + len(extra), device=device)
+        self.ones = torch.ones(local_batch, device=device)
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, per_sample: torch.Tensor, quartile: torch.Tensor,
+            extra: dict[str, torch.Tensor] | None = None) -> None:
+        acc = self.acc
+        acc[0] += loss
+        acc[1] += 1
+        acc[2] += grad_norm.detach()
+        acc[3:7].index_add_(0, quartile, per_sample.float())
+        acc[7:11].index_add_(0, quartile, self.ones)
+        for i, name in enumerate(self.extra):
+            acc[11 + i] += (extra or {})[name].float()
+
+    def record(self, reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """loss, the extras, q1..q4 and grad_norm, as means over the steps (and ranks) since the last call; then
+        zero the sums. The step count is summed over the ranks too, so the means are the global batch's."""
+        acc = reduce_sum(self.acc).cpu().double()
+        self.acc.zero_()
+        n = max(float(acc[1]), 1.0)
+        record: dict[str, Any] = {"loss": float(acc[0]) / n}
+        record.update({name: float(acc[11 + i]) / n for i, name in enumerate(self.extra)})
+        for q in range(4):
+            count = float(acc[7 + q])
+            record[f"q{q + 1}"] = float(acc[3 + q]) / count if count else None
+        record["grad_norm"] = float(acc[2]) / n
+        return record
